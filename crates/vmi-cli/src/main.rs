@@ -1,0 +1,2 @@
+//! The `vmi` command.
+fn main() {}

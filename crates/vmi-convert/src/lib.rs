@@ -1,0 +1,20 @@
+//! vmi-convert: the copy engine over image mappings — convert, compare, map, measure.
+//!
+//! Everything here walks [`vmi_disk::Image::block_status`] / mappings, so unallocated and zero
+//! ranges are skipped without being read, for every format at once.
+//!
+//! API sketch (implemented in the modules below):
+//! - [`convert`]: copy guest data from one open image to another, parallel, bounded memory.
+//! - [`convert_to_path`]: create the destination under a temporary name, convert, rename.
+//! - [`compare`]: qemu-img compare semantics.
+//! - [`map_entries`]: qemu-img map's merged ranges.
+
+mod compare;
+mod convert;
+mod map;
+mod progress;
+
+pub use compare::{compare, CompareOptions, CompareOutcome};
+pub use convert::{convert, convert_to_path, ConvertOptions, ConvertStats, Target};
+pub use map::{map_entries, MapEntry};
+pub use progress::{Progress, ProgressFn};
