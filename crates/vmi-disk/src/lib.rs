@@ -12,6 +12,8 @@ pub mod check;
 pub mod driver;
 pub mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod image;
 pub mod options;
