@@ -72,7 +72,7 @@ fn vdi_dynamic_conforms() {
         "",
         Caps {
             random_writes: true,
-            grow: false,
+            grow: true,
         },
     );
 }
@@ -86,7 +86,7 @@ fn vdi_static_conforms() {
         "static=on",
         Caps {
             random_writes: true,
-            grow: false,
+            grow: true,
         },
     );
 }
@@ -148,10 +148,46 @@ fn vmi_writes_into_a_qemu_created_image_stay_consistent() {
         let more = pattern(4, 4096);
         img.write_at(&more, MIB + 4096).expect("write");
         expect.write_all_at(&more, MIB + 4096).unwrap();
+        // qemu pads its block map sector with zero bytes: growing must not read them as entries.
+        img.resize(20 * MIB).expect("grow");
+        expect.set_len(20 * MIB).unwrap();
+        img.write_at(&more, 19 * MIB).expect("write");
+        expect.write_all_at(&more, 19 * MIB).unwrap();
         img.close().expect("close");
     }
     assert_qemu_check_clean(&vdi, "vdi");
     assert_qemu_identical(&vdi, "vdi", &raw, "raw");
+}
+
+#[test]
+fn grown_images_are_clean_and_identical_for_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    // 8 MiB to 200 MiB: the block map outgrows its sector and the first data block moves.
+    for (name, o) in [("dyn.vdi", ""), ("static.vdi", "static=on")] {
+        let vdi = dir.path().join(name);
+        let raw = dir.path().join(format!("{name}.raw"));
+        let expect = fs::File::create(&raw).unwrap();
+        expect.set_len(200 * MIB).unwrap();
+        {
+            let img = Image::create(&vdi, Format::Vdi, &opts(o, 8 * MIB)).expect("create");
+            for (seed, off) in [(1, 0), (2, 5 * MIB + 3), (3, 2 * MIB)] {
+                let data = pattern(seed, 70_000);
+                img.write_at(&data, off).expect("write");
+                expect.write_all_at(&data, off).unwrap();
+            }
+            img.resize(200 * MIB).expect("grow");
+            let data = pattern(4, 5000);
+            img.write_at(&data, 150 * MIB).expect("write grown area");
+            expect.write_all_at(&data, 150 * MIB).unwrap();
+            img.close().expect("close");
+        }
+        assert_qemu_check_clean(&vdi, "vdi");
+        assert_qemu_identical(&vdi, "vdi", &raw, "raw");
+        assert_eq!(
+            qemu_info(&vdi, "vdi")["virtual-size"].as_u64(),
+            Some(200 * MIB)
+        );
+    }
 }
 
 #[test]

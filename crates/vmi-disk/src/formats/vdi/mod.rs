@@ -64,6 +64,8 @@ pub(crate) fn probe(input: &ProbeInput) -> Option<Confidence> {
 /// Mutable metadata, behind the driver's lock.
 #[derive(Debug)]
 struct State {
+    /// The header's facts (the disk size, data offset and block count change on resize).
+    layout: Layout,
     /// The block map, one entry per guest block.
     bmap: Vec<u32>,
     /// Data blocks stored (the next allocation's index).
@@ -76,7 +78,8 @@ struct State {
 #[derive(Debug)]
 pub struct VdiDriver {
     storage: Box<dyn Storage>,
-    layout: Layout,
+    /// Bytes per block (fixed for the image's life).
+    block_size: u64,
     writable: bool,
     state: Mutex<State>,
 }
@@ -98,13 +101,14 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     let bmap = read_bmap(storage.as_ref(), &layout)?;
     let driver = VdiDriver {
         storage,
+        block_size: layout.block_size,
         writable: ctx.writable,
         state: Mutex::new(State {
+            layout,
             bmap,
             blocks_allocated: layout.blocks_allocated,
             file_len,
         }),
-        layout,
     };
     if ctx.writable {
         let report = driver.scan(&driver.lock());
@@ -152,6 +156,17 @@ pub(crate) fn create(
         return Err(Error::usage("vdi images cannot have a backing file"));
     }
     let is_static = opts.options.bool("static")?.unwrap_or(false);
+    // qemu accepts this key for the host file only; vmi takes `off` and points elsewhere.
+    if let Some(p) = opts
+        .options
+        .choice("preallocation", &["off", "metadata", "falloc", "full"])?
+    {
+        if p != "off" {
+            return Err(Error::usage(format!(
+                "vdi preallocation={p} is not supported: use static=on for a fully allocated image"
+            )));
+        }
+    }
     opts.options.finish("vdi")?;
     if opts.size > VDI_DISK_SIZE_MAX {
         return Err(Error::usage(format!(
@@ -221,13 +236,14 @@ pub(crate) fn create(
         .collect();
     Ok(Box::new(VdiDriver {
         storage,
+        block_size,
         writable: true,
         state: Mutex::new(State {
+            layout,
             bmap,
             blocks_allocated: layout.blocks_allocated,
             file_len,
         }),
-        layout,
     }))
 }
 
@@ -238,17 +254,17 @@ impl VdiDriver {
 
     /// Host offset of data block `index`, validated against the block count and the file.
     fn data_block(&self, st: &State, guest_block: u64, index: u32) -> Result<u64> {
-        let bs = self.layout.block_size;
+        let bs = self.block_size;
         let host = u64::from(index)
             .checked_mul(bs)
-            .and_then(|o| o.checked_add(self.layout.offset_data))
-            .filter(|_| index < self.layout.blocks_in_image);
+            .and_then(|o| o.checked_add(st.layout.offset_data))
+            .filter(|_| index < st.layout.blocks_in_image);
         match host {
             Some(host) if host.checked_add(bs).is_some_and(|end| end <= st.file_len) => Ok(host),
             _ => Err(Error::invalid(format!(
                 "VDI block map entry for guest block {guest_block} names data block {index}, \
                  beyond the {} blocks or the end of the file ({} bytes)",
-                self.layout.blocks_in_image, st.file_len
+                st.layout.blocks_in_image, st.file_len
             ))),
         }
     }
@@ -274,7 +290,7 @@ impl VdiDriver {
     /// allocated count) plus entries beyond the allocated blocks or the file, and leaked blocks.
     fn scan(&self, st: &State) -> CheckReport {
         let mut r = CheckReport::default();
-        let n = self.layout.blocks_in_image;
+        let n = st.layout.blocks_in_image;
         let mut used = vec![0u64; (n as usize).div_ceil(64)];
         let mut allocated = 0u64;
         for (block, &entry) in st.bmap.iter().enumerate() {
@@ -347,7 +363,7 @@ impl VdiDriver {
 
     /// Write one block map entry and record it.
     fn set_entry(&self, st: &mut State, block: u64, entry: u32) -> Result<()> {
-        let at = self.layout.offset_bmap + block * 4;
+        let at = st.layout.offset_bmap + block * 4;
         self.storage
             .write_at(&entry.to_le_bytes(), at)
             .map_err(|e| Error::io(format!("writing VDI block map entry at {at:#x}"), e))?;
@@ -368,15 +384,15 @@ impl VdiDriver {
         data: &[u8],
         backing: Option<&Image>,
     ) -> Result<()> {
-        let bs = self.layout.block_size;
+        let bs = self.block_size;
         let index = st.blocks_allocated;
-        if index >= self.layout.blocks_in_image {
+        if index >= st.layout.blocks_in_image {
             return Err(Error::invalid(format!(
                 "VDI image has no free data block: {index} of {} allocated",
-                self.layout.blocks_in_image
+                st.layout.blocks_in_image
             )));
         }
-        let host = self.layout.offset_data + u64::from(index) * bs;
+        let host = st.layout.offset_data + u64::from(index) * bs;
         let whole = within == 0 && data.len() as u64 == bs;
         let entry = usize::try_from(block)
             .ok()
@@ -414,9 +430,98 @@ impl VdiDriver {
             .map_err(|e| Error::io("writing VDI blocks-allocated count", e))
     }
 
+    /// Rewrite the header fields resizing changes, keeping everything else as stored.
+    fn write_layout(&self, st: &State) -> Result<()> {
+        let mut sector = [0u8; HEADER_LEN];
+        self.storage
+            .read_at(&mut sector, 0)
+            .map_err(|e| Error::io("reading VDI header", e))?;
+        let mut h = RawHeader::parse(&sector)?;
+        let offset_data = u32::try_from(st.layout.offset_data).map_err(|_| {
+            Error::limit(format!(
+                "VDI data offset {} does not fit in 32 bits",
+                st.layout.offset_data
+            ))
+        })?;
+        h.offset_data.set(offset_data);
+        h.disk_size.set(st.layout.disk_size);
+        h.blocks_in_image.set(st.layout.blocks_in_image);
+        h.blocks_allocated.set(st.blocks_allocated);
+        self.storage
+            .write_at(h.as_bytes(), 0)
+            .map_err(|e| Error::io("writing VDI header", e))
+    }
+
+    /// Write the whole block map.
+    fn write_bmap(&self, st: &State) -> Result<()> {
+        for (i, entries) in st.bmap.chunks(BMAP_CHUNK / 4).enumerate() {
+            let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+            let at = st.layout.offset_bmap + (i * BMAP_CHUNK) as u64;
+            self.storage
+                .write_at(&bytes, at)
+                .map_err(|e| Error::io(format!("writing VDI block map at {at:#x}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Make room for a longer block map: move the first `k` data blocks to the end of the data
+    /// area and start the data area `k` blocks later. Data is copied (holes stay holes) and synced
+    /// before the block map is rewritten; the caller writes the map and header.
+    fn relocate(&self, st: &mut State, k: u64) -> Result<()> {
+        let bs = self.block_size;
+        let old_data = st.layout.offset_data;
+        let new_data = old_data + k * bs;
+        if u32::try_from(new_data).is_err() {
+            return Err(Error::limit(format!(
+                "growing needs the VDI data offset at {new_data}, beyond 32 bits"
+            )));
+        }
+        let allocated = u64::from(st.blocks_allocated);
+        let base = allocated.max(k);
+        let moved = allocated.min(k);
+        let tail = old_data + base * bs;
+        // Nothing valid lies at or after `tail` (every entry is below the allocated count).
+        self.storage
+            .set_len(tail)
+            .and_then(|()| self.storage.set_len(tail + moved * bs))
+            .map_err(|e| Error::io("extending VDI image for relocated blocks", e))?;
+        let mut buf = vec![0u8; BMAP_CHUNK.min(bs as usize)];
+        for i in 0..moved {
+            let mut done = 0;
+            while done < bs {
+                let n = (bs - done).min(buf.len() as u64);
+                let chunk = &mut buf[..n as usize];
+                let src = old_data + i * bs + done;
+                self.storage
+                    .read_at(chunk, src)
+                    .map_err(|e| Error::io(format!("reading VDI data at {src:#x}"), e))?;
+                if !crate::storage::is_zero(chunk) {
+                    let dst = tail + i * bs + done;
+                    self.storage
+                        .write_at(chunk, dst)
+                        .map_err(|e| Error::io(format!("writing VDI data at {dst:#x}"), e))?;
+                }
+                done += n;
+            }
+        }
+        self.storage
+            .sync()
+            .map_err(|e| Error::io("syncing relocated VDI blocks", e))?;
+        for e in st.bmap.iter_mut().filter(|e| is_allocated(**e)) {
+            // Entries are below the allocated count (writable images passed the check), so the
+            // new indices are below it too.
+            let i = u64::from(*e);
+            let new = if i < k { base - k + i } else { i - k };
+            *e = new as u32;
+        }
+        st.layout.offset_data = new_data;
+        st.file_len = tail + moved * bs;
+        Ok(())
+    }
+
     /// Split `[offset, offset + len)` into per-block pieces: (block, offset within, length, done).
     fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> {
-        let bs = self.layout.block_size;
+        let bs = self.block_size;
         let mut done = 0u64;
         std::iter::from_fn(move || {
             if done >= len {
@@ -438,18 +543,18 @@ impl Driver for VdiDriver {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.layout.disk_size
+        self.lock().layout.disk_size
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
-        let len = len.min(self.layout.disk_size.saturating_sub(offset));
+        let st = self.lock();
+        let len = len.min(st.layout.disk_size.saturating_sub(offset));
         if len == 0 {
             return Err(Error::usage(format!(
                 "offset {offset} is beyond the end of the image"
             )));
         }
-        let st = self.lock();
-        let bs = self.layout.block_size;
+        let bs = self.block_size;
         let block = offset / bs;
         let within = offset % bs;
         let first = self.block_kind(&st, block)?;
@@ -494,7 +599,7 @@ impl Driver for VdiDriver {
     fn info(&self) -> FormatInfo {
         // qemu prints no format-specific data for vdi.
         FormatInfo {
-            cluster_size: Some(self.layout.block_size),
+            cluster_size: Some(self.block_size),
             ..FormatInfo::default()
         }
     }
@@ -521,7 +626,7 @@ impl Driver for VdiDriver {
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
         self.ensure_writable()?;
-        let bs = self.layout.block_size;
+        let bs = self.block_size;
         let mut st = self.lock();
         for (block, within, n, _) in self.pieces(offset, len) {
             match self.block_kind(&st, block)? {
@@ -543,6 +648,71 @@ impl Driver for VdiDriver {
             }
         }
         Ok(())
+    }
+
+    /// Grow the image (qemu cannot resize vdi images; vmi grows them). The block map grows in
+    /// place when its sector padding has room, otherwise the first data blocks move to the end.
+    /// Static images get their new blocks allocated. Shrinking is not supported.
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.ensure_writable()?;
+        if new_size > VDI_DISK_SIZE_MAX {
+            return Err(Error::usage(format!(
+                "vdi images are at most {VDI_DISK_SIZE_MAX} bytes, {new_size} requested"
+            )));
+        }
+        let new_size = new_size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let mut st = self.lock();
+        if new_size < st.layout.disk_size {
+            return Err(Error::unsupported("shrinking vdi images"));
+        }
+        let bs = self.block_size;
+        let new_blocks = u32::try_from(new_size.div_ceil(bs))
+            .ok()
+            .filter(|&b| b <= MAX_BLOCKS)
+            .ok_or_else(|| {
+                Error::limit(format!(
+                    "a {new_size}-byte vdi image needs more than {MAX_BLOCKS} blocks"
+                ))
+            })?;
+        let old_blocks = st.layout.blocks_in_image;
+        if new_blocks > old_blocks {
+            let bmap_end = st.layout.offset_bmap + u64::from(new_blocks) * 4;
+            if bmap_end > st.layout.offset_data {
+                let k = (bmap_end - st.layout.offset_data).div_ceil(bs);
+                self.relocate(&mut st, k)?;
+                // Clear what is left of the moved blocks between the map and the data.
+                let start = bmap_end.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+                if start < st.layout.offset_data {
+                    self.storage
+                        .write_zeroes(start, st.layout.offset_data - start)
+                        .map_err(|e| Error::io("clearing VDI block map padding", e))?;
+                }
+            }
+            st.bmap.resize(new_blocks as usize, VDI_UNALLOCATED);
+            st.layout.blocks_in_image = new_blocks;
+            if st.layout.image_type == VDI_TYPE_STATIC {
+                for b in old_blocks..new_blocks {
+                    let index = st.blocks_allocated;
+                    if let Some(e) = st.bmap.get_mut(b as usize) {
+                        *e = index;
+                    }
+                    st.blocks_allocated = index + 1;
+                }
+                let end = st.layout.offset_data + u64::from(st.blocks_allocated) * bs;
+                if end > st.file_len {
+                    self.storage
+                        .set_len(end)
+                        .map_err(|e| Error::io("allocating VDI blocks", e))?;
+                    st.file_len = end;
+                }
+            }
+            self.write_bmap(&st)?;
+        }
+        st.layout.disk_size = new_size;
+        self.write_layout(&st)?;
+        self.storage
+            .sync()
+            .map_err(|e| Error::io("syncing resized VDI image", e))
     }
 
     fn flush(&self) -> Result<()> {
@@ -695,6 +865,52 @@ mod tests {
         let e = d.map(1 << 20, 1).unwrap_err();
         assert!(e.to_string().contains("guest block 1"), "{e}");
         assert!(d.check(CheckMode::ReadOnly).unwrap().corruptions >= 1);
+    }
+
+    #[test]
+    fn growing_past_the_map_padding_moves_data_blocks_to_the_end() {
+        let d = new_image(4 << 20, "");
+        d.write_at(&[7; 4096], 3 << 20, None).unwrap();
+        // 300 GiB needs a 1.2 MB block map: two data blocks' worth, more than are allocated.
+        d.resize(300 << 30).unwrap();
+        let d = reopen(bytes_of(d.as_ref()), true).unwrap();
+        assert_eq!(d.virtual_size(), 300 << 30);
+        assert_eq!(
+            d.check(CheckMode::ReadOnly).unwrap(),
+            CheckReport::default()
+        );
+        let Ok(MapKind::Data { offset, .. }) = d.map(3 << 20, 4096).map(|m| m.kind) else {
+            panic!("block 3 stays allocated");
+        };
+        let mut buf = [0u8; 4096];
+        d.file(0).unwrap().read_at(&mut buf, offset).unwrap();
+        assert_eq!(buf, [7; 4096]);
+        assert_eq!(d.map(299 << 30, 1).unwrap().kind, MapKind::Unallocated);
+    }
+
+    #[test]
+    fn shrinking_is_refused() {
+        let d = new_image(4 << 20, "");
+        assert_eq!(
+            d.resize(1 << 20).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+    }
+
+    #[test]
+    fn preallocation_other_than_off_points_to_static() {
+        let mut fo = FormatOptions::new();
+        fo.parse("preallocation=full").unwrap();
+        let ctx = CreateContext {
+            path: PathBuf::from("t.vdi"),
+        };
+        let e = create(
+            Box::new(MemStorage::new()),
+            &ctx,
+            &CreateOptions::new(1 << 20).options(fo),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("static=on"), "{e}");
     }
 
     #[test]
