@@ -6,12 +6,14 @@ use rand::{Rng, SeedableRng};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vmi_disk::{CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Image, OpenOptions};
+use vmi_disk::{
+    BlockKind, CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Image, OpenOptions,
+};
 use vmi_testkit::conformance::{run, Caps};
 use vmi_testkit::fixtures::{assert_image_matches_raw, pattern, read_file, scattered_raw};
 use vmi_testkit::qemu::{
     assert_qemu_check_clean, assert_qemu_identical, qemu_check, qemu_convert, qemu_create,
-    qemu_info, qemu_io,
+    qemu_info, qemu_io, qemu_map,
 };
 
 const MIB: u64 = 1 << 20;
@@ -114,6 +116,30 @@ fn qemu_written_vdi_reads_the_same_bytes() {
         assert_image_matches_raw(&img, &raw);
         let report = img.driver().check(CheckMode::ReadOnly).expect("check");
         assert_eq!(report.exit_code(), 0, "{name}: {report:?}");
+    }
+}
+
+#[test]
+fn block_status_agrees_with_qemu_map_on_host_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 16 * MIB, 12, 13);
+    let vdi = dir.path().join("m.vdi");
+    qemu_convert(&raw, "raw", &vdi, "vdi", "", &[]);
+    let img = open_ro(&vdi).unwrap();
+    let map = qemu_map(&vdi, "vdi");
+    for e in map.as_array().expect("qemu-img map prints a list") {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        for at in [start, start + len - 1] {
+            let st = img.block_status(at, 1).unwrap();
+            if e["data"] == true {
+                let host = e["offset"].as_u64().unwrap() + (at - start);
+                assert_eq!(st.kind, BlockKind::Data, "at {at}");
+                assert_eq!(st.offset, Some(host), "at {at}");
+            } else {
+                assert_ne!(st.kind, BlockKind::Data, "at {at}");
+            }
+        }
     }
 }
 
