@@ -216,6 +216,84 @@ fn grown_images_are_clean_and_identical_for_qemu() {
     }
 }
 
+/// A dynamic image laid out as VirtualBox writes them (its text, the 0x190-byte header with LCHS
+/// geometry, block map at 1 MiB, data at 2 MiB), with out-of-order data blocks and a discarded
+/// block: guest block 0 is data block 1, block 2 is data block 0, block 3 is discarded.
+fn virtualbox_style_image(path: &Path) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    let text = b"<<< Oracle VM VirtualBox Disk Image >>>\n";
+    h[..text.len()].copy_from_slice(text);
+    u32_at(&mut h, SIGNATURE, 0xbeda_107f);
+    u32_at(&mut h, VERSION, 0x0001_0001);
+    u32_at(&mut h, 0x48, 0x190);
+    u32_at(&mut h, 0x4c, 1);
+    h[0x54..0x5d].copy_from_slice(b"vbox disk");
+    u32_at(&mut h, 0x154, 0x10_0000);
+    u32_at(&mut h, 0x158, 0x20_0000);
+    u32_at(&mut h, 0x15c, 8);
+    u32_at(&mut h, 0x160, 16);
+    u32_at(&mut h, 0x164, 63);
+    u32_at(&mut h, 0x168, 512);
+    h[DISK_SIZE..DISK_SIZE + 8].copy_from_slice(&(4 * MIB).to_le_bytes());
+    u32_at(&mut h, BLOCK_SIZE, MIB as u32);
+    u32_at(&mut h, 0x180, 4);
+    u32_at(&mut h, BLOCKS_ALLOCATED, 2);
+    h[0x188..0x1a8].copy_from_slice(&pattern(9, 32));
+    // LCHS geometry of VDIHEADER1PLUS.
+    u32_at(&mut h, 0x1c8, 8);
+    u32_at(&mut h, 0x1cc, 16);
+    u32_at(&mut h, 0x1d0, 63);
+    u32_at(&mut h, 0x1d4, 512);
+    let f = fs::File::create(path).unwrap();
+    f.write_all_at(&h, 0).unwrap();
+    let map: Vec<u8> = [1u32, 0xffff_ffff, 0, 0xffff_fffe]
+        .iter()
+        .flat_map(|e| e.to_le_bytes())
+        .collect();
+    f.write_all_at(&map, MIB).unwrap();
+    let (a, b) = (pattern(21, MIB as usize), pattern(22, MIB as usize));
+    f.write_all_at(&a, 2 * MIB).unwrap();
+    f.write_all_at(&b, 3 * MIB).unwrap();
+    let mut guest = vec![0u8; 4 * MIB as usize];
+    guest[..MIB as usize].copy_from_slice(&b);
+    guest[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&a);
+    guest
+}
+
+#[test]
+fn virtualbox_layout_reads_and_writes_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let vdi = dir.path().join("vbox.vdi");
+    let raw = dir.path().join("vbox.raw");
+    let mut guest = virtualbox_style_image(&vdi);
+    fs::write(&raw, &guest).unwrap();
+    assert_qemu_identical(&vdi, "vdi", &raw, "raw");
+    {
+        let img = open_ro(&vdi).expect("open");
+        assert_image_matches_raw(&img, &raw);
+        let report = img.driver().check(CheckMode::ReadOnly).unwrap();
+        assert_eq!(report.exit_code(), 0, "{report:?}");
+        assert_eq!(
+            img.block_status(3 * MIB, MIB).unwrap().kind,
+            BlockKind::Zero
+        );
+    }
+    {
+        let img = Image::open(&vdi, &OpenOptions::new().write(true)).expect("open rw");
+        let data = pattern(23, 10_000);
+        img.write_at(&data, MIB + 5).expect("write");
+        guest[MIB as usize + 5..MIB as usize + 5 + data.len()].copy_from_slice(&data);
+        img.write_at(&data, 3 * MIB + 5)
+            .expect("write discarded block");
+        guest[3 * MIB as usize + 5..3 * MIB as usize + 5 + data.len()].copy_from_slice(&data);
+        img.close().unwrap();
+    }
+    fs::write(&raw, &guest).unwrap();
+    assert_qemu_check_clean(&vdi, "vdi");
+    assert_qemu_identical(&vdi, "vdi", &raw, "raw");
+    assert_image_matches_raw(&open_ro(&vdi).unwrap(), &raw);
+}
+
 #[test]
 fn truncated_image_is_refused() {
     let dir = tempfile::tempdir().unwrap();
