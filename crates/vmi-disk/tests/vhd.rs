@@ -187,6 +187,7 @@ fn qemu_reads_what_vmi_writes_identically() {
 fn vmi_sizes_match_qemu_to_the_byte() {
     let dir = tempfile::tempdir().unwrap();
     let sizes = [
+        0,
         512,
         1_000_000,
         10 * MIB,
@@ -519,4 +520,39 @@ fn vmi_reads_qemu_fixed_images_through_the_probe_and_matches_raw() {
     let img = open(&vhd);
     assert_eq!(img.format(), Format::Vpc);
     assert_image_matches_raw(&img, &raw);
+}
+
+#[test]
+fn qemu_reads_vmi_images_after_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    for o in [
+        "subformat=dynamic,force_size=on",
+        "subformat=fixed,force_size=on",
+    ] {
+        let vhd = dir.path().join("g.vhd");
+        let raw = dir.path().join("g.raw");
+        let _ = std::fs::remove_file(&vhd);
+        let (small, big) = (4 * MIB, 300 * MIB);
+        let head = pattern(21, 100_000);
+        let tail = pattern(22, 70_000);
+        {
+            let img = Image::create(&vhd, Format::Vpc, &opts(o, small)).unwrap();
+            img.write_at(&head, small - 100_000).unwrap();
+            img.close().unwrap();
+        }
+        {
+            let img = Image::open(&vhd, &OpenOptions::new().write(true)).unwrap();
+            // 150 BAT entries no longer fit before the first block: the BAT moves.
+            img.resize(big).unwrap();
+            img.write_at(&tail, big - 70_000).unwrap();
+            img.close().unwrap();
+        }
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(big).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &head, small - 100_000).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &tail, big - 70_000).unwrap();
+        assert_eq!(qemu_size(&vhd), big, "{o}");
+        assert_qemu_identical(&vhd, "vpc", &raw, "raw");
+        assert_image_matches_raw(&open(&vhd), &raw);
+    }
 }

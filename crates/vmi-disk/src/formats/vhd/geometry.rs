@@ -102,18 +102,13 @@ pub struct SizePlan {
     pub creator_app: [u8; 4],
 }
 
-/// Plan a new disk of `requested` bytes, as qemu-img does: the size is rounded up to whole
+/// Plan a new disk of `requested` bytes (zero allowed, as qemu allows it), as qemu-img does: the size is rounded up to whole
 /// sectors; without `force_size` it is then rounded up to the next CHS-expressible size (and the
 /// creator is `qemu`, read by geometry); with `force_size` it is kept, the geometry is the maximum
 /// and the creator is `qem2` (read by current size). Above the maximum geometry (about 127 GiB)
 /// the current size is used either way.
 pub fn plan(requested: u64, force_size: bool) -> Result<SizePlan> {
     let sectors = requested.div_ceil(512);
-    if sectors == 0 {
-        return Err(Error::usage(
-            "a VHD image needs a size of at least one sector",
-        ));
-    }
     let too_large = || {
         Error::usage(format!(
             "VHD size {requested} is larger than the {MAX_VIRTUAL_SIZE}-byte (2040 GiB) maximum"
@@ -194,8 +189,8 @@ mod tests {
     }
 
     #[test]
-    fn plan_refuses_zero_and_more_than_2040_gib() {
-        assert!(plan(0, false).is_err());
+    fn plan_accepts_zero_like_qemu_and_refuses_more_than_2040_gib() {
+        assert_eq!(plan(0, false).unwrap().size, 0);
         assert!(plan(MAX_VIRTUAL_SIZE + 1, true).is_err());
         assert!(plan(MAX_VIRTUAL_SIZE, true).is_ok());
     }

@@ -583,6 +583,20 @@ impl VhdDriver {
             .map_or(&[][..], |(_, b)| b.as_slice()))
     }
 
+    /// The host offset of `len` guest bytes at `offset` (inside one block) when the block is
+    /// allocated and all their sectors are present.
+    fn present_range(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+        let mut st = self.lock();
+        let Some(sp) = st.sparse.as_mut() else {
+            return Ok(None);
+        };
+        let m = self.map_sparse(sp, offset, len)?;
+        Ok(match m.kind {
+            MapKind::Data { offset: at, .. } if m.len == len => Some(at),
+            _ => None,
+        })
+    }
+
     /// Map within a sparse disk.
     fn map_sparse(&self, sp: &mut Sparse, offset: u64, len: u64) -> Result<Mapping> {
         let bs = sp.block_size();
@@ -742,7 +756,7 @@ impl VhdDriver {
         let old_len = self.storage.len().map_err(io("reading size"))?;
         let s = self.storage.as_ref();
         if self.disk_type == DiskType::Differencing && buf.len() as u64 != bs {
-            // Copy the parent's view of the block, then overlay the write.
+            // Copy the parent's view of the block, overlaid with the write, in bounded pieces.
             if backing.is_none() {
                 return Err(Error::usage(
                     "writing part of a block of a differencing VHD needs its parent opened",
@@ -750,11 +764,24 @@ impl VhdDriver {
             }
             let base = index * bs;
             let guest = size.saturating_sub(base).min(bs);
-            let mut block = vec![0u8; bs as usize];
-            read_parent(&mut block[..guest as usize], base, backing, self.disk_type)?;
-            block[in_block as usize..in_block as usize + buf.len()].copy_from_slice(buf);
-            s.write_at(&block, data_at)
-                .map_err(io(format!("writing block at {data_at}")))?;
+            let (wstart, wend) = (in_block, in_block + buf.len() as u64);
+            let mut piece = vec![0u8; bs.min(COPY_CHUNK) as usize];
+            let mut pos = 0;
+            while pos < bs {
+                let n = (bs - pos).min(COPY_CHUNK);
+                let chunk = &mut piece[..n as usize];
+                let readable = guest.saturating_sub(pos).min(n) as usize;
+                read_parent(&mut chunk[..readable], base + pos, backing, self.disk_type)?;
+                chunk[readable..].fill(0);
+                let (a, b) = (wstart.max(pos), wend.min(pos + n));
+                if a < b {
+                    chunk[(a - pos) as usize..(b - pos) as usize]
+                        .copy_from_slice(&buf[(a - wstart) as usize..(b - wstart) as usize]);
+                }
+                s.write_at(chunk, data_at + pos)
+                    .map_err(io(format!("writing block at {}", data_at + pos)))?;
+                pos += n;
+            }
         } else {
             // Bytes of the block not written must read as zero: only the part of the block below
             // the old end of file can hold anything else.
@@ -795,8 +822,9 @@ impl VhdDriver {
                 s.write_at(&fb, 0).map_err(io("writing footer copy"))?;
             }
             None => {
-                let size = self.virtual_size();
-                s.write_at(&fb, size).map_err(io("writing footer"))?;
+                let len = s.len().map_err(io("reading size"))?;
+                s.write_at(&fb, len.saturating_sub(FOOTER_SIZE))
+                    .map_err(io("writing footer"))?;
             }
         }
         Ok(())
@@ -958,10 +986,25 @@ impl Driver for VhdDriver {
                     .and_then(|sp| sp.block_offset(pos / bs))
                     .is_some()
             };
-            // An unallocated block of a dynamic disk already reads as zeroes.
+            // An unallocated block of a dynamic disk already reads as zeroes; allocated ranges
+            // whose sectors are all present are zeroed (or punched) in place.
+            if allocated {
+                if let Some(at) = self.present_range(pos, n)? {
+                    self.storage
+                        .write_zeroes(at, n)
+                        .map_err(io(format!("zeroing at {at}")))?;
+                    done += n;
+                    continue;
+                }
+            }
             if allocated || self.disk_type == DiskType::Differencing {
-                let zero = vec![0u8; usize::try_from(n).unwrap_or(0)];
-                self.write_at(&zero, pos, backing)?;
+                let zero = vec![0u8; n.min(COPY_CHUNK) as usize];
+                let mut z = 0;
+                while z < n {
+                    let m = (n - z).min(COPY_CHUNK);
+                    self.write_at(&zero[..m as usize], pos + z, backing)?;
+                    z += m;
+                }
             }
             done += n;
         }
@@ -988,10 +1031,14 @@ impl Driver for VhdDriver {
             None => {
                 let len = s.len().map_err(io("reading size"))?;
                 let old_footer_at = len.saturating_sub(FOOTER_SIZE);
+                // New footer first, then the file cut to end with it, then the old footer (now
+                // guest data) cleared.
                 s.write_at(&footer.to_bytes(), new_size)
                     .map_err(io("writing footer"))?;
-                if old_footer_at + FOOTER_SIZE <= new_size {
-                    s.write_at(&[0u8; FOOTER_SIZE as usize], old_footer_at)
+                s.set_len(new_size + FOOTER_SIZE).map_err(io("sizing"))?;
+                let clear_to = len.min(new_size);
+                if old_footer_at < clear_to {
+                    crate::storage::write_zero_bytes(s, old_footer_at, clear_to - old_footer_at)
                         .map_err(io("clearing the old footer"))?;
                 }
                 st.footer = footer;
