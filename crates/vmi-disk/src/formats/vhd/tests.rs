@@ -230,3 +230,67 @@ fn unknown_options_are_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("cluster_size"), "{e}");
 }
+
+#[test]
+fn creating_a_child_refuses_protocol_prefixes_and_non_vhd_parents() {
+    for (name, format) in [
+        ("nbd:127.0.0.1:10809", None),
+        ("json:{}", None),
+        ("base.qcow2", Some(Format::Qcow2)),
+    ] {
+        let o = opts("", 1 << 20).backing(BackingSpec {
+            name: name.into(),
+            format,
+        });
+        let e = Image::create_on(
+            Box::new(MemStorage::new()),
+            Path::new("/tmp/child.vhd"),
+            Format::Vpc,
+            &o,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                crate::ErrorKind::Refused | crate::ErrorKind::Usage
+            ),
+            "{name}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_child_without_usable_locators_names_its_parent_by_unicode_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("base.vhd");
+    Image::create(&parent, Format::Vpc, &opts("", 4 << 20))
+        .unwrap()
+        .close()
+        .unwrap();
+    let child = dir.path().join("child.vhd");
+    let o = opts("", 4 << 20).backing(BackingSpec {
+        name: "base.vhd".into(),
+        format: None,
+    });
+    Image::create(&child, Format::Vpc, &o)
+        .unwrap()
+        .close()
+        .unwrap();
+    let mut bytes = std::fs::read(&child).unwrap();
+    // Wipe the platform codes of all locators (header at 512, locators at +576, 24 bytes each).
+    for i in 0..LOCATOR_COUNT {
+        let at = 512 + 576 + 24 * i;
+        bytes[at..at + 4].fill(0);
+    }
+    let sum = !bytes[512..1536]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(36..40).contains(i))
+        .fold(0u32, |a, (_, &b)| a.wrapping_add(u32::from(b)));
+    bytes[548..552].copy_from_slice(&sum.to_be_bytes());
+    // The child records the parent's unique id (footer offset 68, header offset 40).
+    let pbytes = std::fs::read(&parent).unwrap();
+    assert_eq!(bytes[512 + 40..512 + 56], pbytes[68..84]);
+    let img = open_bytes(bytes).unwrap();
+    assert_eq!(img.driver().backing().unwrap().name, "base.vhd");
+}
