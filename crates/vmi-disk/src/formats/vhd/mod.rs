@@ -695,6 +695,15 @@ impl VhdDriver {
                 }
                 // Some touched sectors are not present yet: write whole sectors, completed from
                 // what lies below, then mark them present.
+                let partial_sectors =
+                    in_block % SECTOR != 0 || (in_block + buf.len() as u64) % SECTOR != 0;
+                if self.disk_type == DiskType::Differencing && backing.is_none() && partial_sectors
+                {
+                    return Err(Error::usage(
+                        "writing sectors a differencing VHD leaves to its parent needs the parent \
+                         opened",
+                    ));
+                }
                 let start = first * SECTOR;
                 let end = ((last + 1) * SECTOR).min(bs);
                 let mut merged = vec![0u8; (end - start) as usize];
