@@ -558,6 +558,26 @@ fn create_sparse(
 }
 
 impl VhdDriver {
+    /// The disk type.
+    pub fn disk_type(&self) -> DiskType {
+        self.disk_type
+    }
+
+    /// The footer's unique id (spec "Unique Id").
+    pub fn unique_id(&self) -> [u8; 16] {
+        self.lock().footer.raw.unique_id
+    }
+
+    /// The unique id a differencing disk records for its parent (spec "Parent Unique ID"); a
+    /// caller that opened the parent compares it with the parent's [`VhdDriver::unique_id`].
+    pub fn parent_unique_id(&self) -> Option<[u8; 16]> {
+        if self.disk_type != DiskType::Differencing {
+            return None;
+        }
+        let st = self.lock();
+        st.sparse.as_ref().map(|sp| sp.header.raw.parent_unique_id)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -293,4 +293,16 @@ fn a_child_without_usable_locators_names_its_parent_by_unicode_name() {
     assert_eq!(bytes[512 + 40..512 + 56], pbytes[68..84]);
     let img = open_bytes(bytes).unwrap();
     assert_eq!(img.driver().backing().unwrap().name, "base.vhd");
+    let child_driver = img.driver().as_any().downcast_ref::<VhdDriver>().unwrap();
+    let parent_img = Image::open(&parent, &crate::OpenOptions::new()).unwrap();
+    let parent_driver = parent_img
+        .driver()
+        .as_any()
+        .downcast_ref::<VhdDriver>()
+        .unwrap();
+    assert_eq!(child_driver.disk_type(), DiskType::Differencing);
+    assert_eq!(
+        child_driver.parent_unique_id(),
+        Some(parent_driver.unique_id())
+    );
 }
