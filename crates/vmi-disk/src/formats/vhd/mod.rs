@@ -1119,7 +1119,7 @@ impl Driver for VhdDriver {
             report.allocated_clusters = Some(blocks.len() as u64);
             report.image_end_offset = Some(sp.next_free + FOOTER_SIZE);
         }
-        if mode != CheckMode::ReadOnly && !self.notes.is_empty() && self.writable {
+        if mode == CheckMode::RepairAll && !self.notes.is_empty() && self.writable {
             // The footer in use passed its checks: write it back to both places.
             self.write_footers(&st)?;
             report.corruptions_fixed = self.notes.len() as u64;

@@ -306,3 +306,45 @@ fn a_child_without_usable_locators_names_its_parent_by_unicode_name() {
         Some(parent_driver.unique_id())
     );
 }
+
+#[test]
+fn check_reports_blocks_that_overlap() {
+    let mut bytes = build("force_size=on", 8 << 20, |img| {
+        img.write_at(&[1], 0).unwrap();
+        img.write_at(&[2], 2 << 20).unwrap();
+    });
+    let first: [u8; 4] = bytes[1536..1540].try_into().unwrap();
+    bytes[1540..1544].copy_from_slice(&first);
+    let img = open_bytes(bytes).unwrap();
+    let r = img.driver().check(CheckMode::ReadOnly).unwrap();
+    assert_eq!(r.corruptions, 1, "{:?}", r.messages);
+    assert_eq!(r.allocated_clusters, Some(2));
+    assert_eq!(r.total_clusters, Some(4));
+}
+
+#[test]
+fn check_repair_all_rewrites_a_damaged_footer_copy() {
+    let mut bytes = build("", 8 << 20, |_| {});
+    bytes[70] ^= 0xff;
+    let storage = MemStorage::from_bytes(bytes);
+    let img = Image::from_storage(
+        Box::new(storage),
+        Path::new("t.vhd"),
+        Some(Format::Vpc),
+        true,
+        &Gate::new(),
+    )
+    .unwrap();
+    let r = img.driver().check(CheckMode::ReadOnly).unwrap();
+    assert_eq!(r.corruptions, 1);
+    let r = img.driver().check(CheckMode::RepairAll).unwrap();
+    assert_eq!((r.corruptions, r.corruptions_fixed), (0, 1));
+    let s = img.driver().file(0).unwrap();
+    let mut fixed = vec![0u8; s.len().unwrap() as usize];
+    s.read_at(&mut fixed, 0).unwrap();
+    let n = fixed.len();
+    assert_eq!(fixed[..512], fixed[n - 512..]);
+    let again = open_bytes(fixed).unwrap();
+    let r = again.driver().check(CheckMode::ReadOnly).unwrap();
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+}
