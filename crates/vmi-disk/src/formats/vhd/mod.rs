@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-/// Largest write buffer used when filling a block from the parent (one block at most).
+/// Largest buffer used for bulk writes (copying a block up from the parent, zeroing, the BAT),
+/// so a hostile 256 MiB block size never means a 256 MiB allocation.
 const COPY_CHUNK: u64 = 4 << 20;
 
 /// Probe: a dynamic or differencing disk starts with a footer copy and has a `cxsparse` header;
@@ -166,6 +167,8 @@ fn read_footers(s: &dyn Storage, len: u64) -> Result<(Footer, bool, Vec<String>)
     }
 }
 
+/// Open a VHD of any type: footers (spec "Hard Disk Footer Format"), then for sparse disks the
+/// dynamic disk header, the BAT and, for differencing disks, the parent's name.
 pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn Driver>> {
     let len = storage.len().map_err(io("reading size"))?;
     let (footer, tail_ok, mut notes) = read_footers(storage.as_ref(), len)?;
@@ -347,6 +350,8 @@ fn looks_like_drive_path(name: &str) -> bool {
     b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':'
 }
 
+/// Create a VHD: `subformat=dynamic` (default) or `fixed`, `force_size=on|off`; a backing file
+/// makes a differencing disk over it.
 pub(crate) fn create(
     storage: Box<dyn Storage>,
     ctx: &CreateContext,
