@@ -245,13 +245,12 @@ pub fn plan_replay(storage: &dyn Storage, header: &Header) -> Result<Option<Repl
     let mut found: Vec<Entry> = Vec::new();
     let mut at = 0;
     while at < log.len {
-        match parse_entry(&log, at, header.log_guid)? {
-            Some(e) => found.push(e),
-            None => {}
+        if let Some(e) = parse_entry(&log, at, header.log_guid)? {
+            found.push(e);
         }
         at += LOG_SECTOR;
     }
-    found.sort_by(|a, b| b.seq.cmp(&a.seq));
+    found.sort_by_key(|e| std::cmp::Reverse(e.seq));
     for head in &found {
         // Walk from the head's tail to the head; every step must be the next sequence number.
         let mut chain: Vec<&Entry> = Vec::new();

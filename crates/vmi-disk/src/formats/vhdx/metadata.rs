@@ -369,8 +369,8 @@ pub fn read_metadata(storage: &dyn Storage, offset: u64, length: u64) -> Result<
 /// Encode the metadata region contents (table then items), at most 1 MiB.
 pub fn encode_metadata(m: &Metadata) -> Vec<u8> {
     let mut params = m.block_size.to_le_bytes().to_vec();
-    let flags = u32::from(m.leave_allocated) * PARAM_LEAVE_ALLOCATED
-        | u32::from(m.has_parent) * PARAM_HAS_PARENT;
+    let flags = (u32::from(m.leave_allocated) * PARAM_LEAVE_ALLOCATED)
+        | (u32::from(m.has_parent) * PARAM_HAS_PARENT);
     params.extend_from_slice(&flags.to_le_bytes());
     let mut items: Vec<(Uuid, Vec<u8>, u32)> = vec![
         (FILE_PARAMETERS, params, FLAG_IS_REQUIRED),

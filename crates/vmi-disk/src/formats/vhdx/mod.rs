@@ -194,7 +194,7 @@ impl VhdxDriver {
                     geo.block_size
                 };
                 let off = bat::offset(e);
-                let end = off.checked_add(size).unwrap_or(u64::MAX);
+                let end = off.saturating_add(size);
                 if off < header::HEADER_SECTION_END || end > file_len {
                     invalid!(
                         "vhdx BAT entry {i} points at {off}+{size}, outside the file ({file_len} bytes)"
