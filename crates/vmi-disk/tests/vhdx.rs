@@ -238,17 +238,24 @@ fn pending_log_is_replayed_on_writable_open_and_refused_read_only() {
     hdr[48..64].copy_from_slice(&guid.to_bytes_le());
     rewrite_with_crc(&img, hoff, hdr);
 
-    let e = open_ro(&img).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
-    assert!(e.to_string().contains("read-write"), "{e}");
-
-    open_rw(&img).unwrap().close().unwrap();
     let mut expect = read_file(&raw);
     expect[(2 * MIB + 8192) as usize..(2 * MIB + 12288) as usize].copy_from_slice(&new_sector);
     expect[(5 * MIB) as usize..(5 * MIB + 4096) as usize].fill(0);
     std::fs::write(&raw, &expect).unwrap();
-    let i = open_ro(&img).expect("the log is clear after replay");
-    assert_image_matches_raw(&i, &raw);
+
+    // Read-only: replayed in memory, the file is left as it was.
+    let before = read_file(&img);
+    assert_image_matches_raw(&open_ro(&img).unwrap(), &raw);
+    assert!(
+        read_file(&img) == before,
+        "a read-only open modified the file"
+    );
+
+    // Read-write: replayed into the file and the log GUID cleared.
+    open_rw(&img).unwrap().close().unwrap();
+    let (_, hdr) = current_header(&img);
+    assert_eq!(&hdr[48..64], &[0u8; 16], "log GUID cleared");
+    assert_image_matches_raw(&open_ro(&img).unwrap(), &raw);
     assert_qemu_check_clean(&img, "vhdx");
     assert_qemu_identical(&img, "vhdx", &raw, "raw");
 }
@@ -521,4 +528,31 @@ fn mutated_images_never_panic() {
     }
     // Enough mutants must get past the checksums for the test to mean anything.
     assert!(opened > 100, "only {opened} mutants opened");
+}
+
+#[test]
+fn log_written_for_a_longer_file_is_rejected_as_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = hostile_base(dir.path());
+    let (hoff, mut hdr) = current_header(&img);
+    let log_offset = u64::from_le_bytes(hdr[72..80].try_into().unwrap());
+    let guid = Uuid::new_v4();
+    let file_len = std::fs::metadata(&img).unwrap().len();
+    let entry = encode_entry(
+        guid,
+        1,
+        0,
+        file_len + MIB,
+        &[LogWrite::Zero {
+            offset: 2 * MIB,
+            len: 4096,
+        }],
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&entry, log_offset).unwrap();
+    hdr[48..64].copy_from_slice(&guid.to_bytes_le());
+    rewrite_with_crc(&img, hoff, hdr);
+    for e in [open_ro(&img).unwrap_err(), open_rw(&img).unwrap_err()] {
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
 }

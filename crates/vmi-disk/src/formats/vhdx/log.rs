@@ -97,8 +97,10 @@ pub enum LogWrite {
 pub struct Replay {
     /// Writes in order.
     pub writes: Vec<LogWrite>,
-    /// The file must be at least this long afterwards.
+    /// The file must be at least this long afterwards (`LastFileOffset`).
     pub min_file_len: u64,
+    /// The file must already be this long, or it was truncated (`FlushedFileOffset`).
+    pub flushed_file_len: u64,
     /// Entries in the active sequence.
     pub entries: usize,
 }
@@ -110,6 +112,7 @@ struct Entry {
     len: u64,
     tail: u64,
     seq: u64,
+    flushed_file_offset: u64,
     last_file_offset: u64,
     writes: Vec<LogWrite>,
 }
@@ -219,6 +222,7 @@ fn parse_entry(log: &LogBuf, at: u64, guid: Uuid) -> Result<Option<Entry>> {
         len,
         tail,
         seq,
+        flushed_file_offset: h.flushed_file_offset.get(),
         last_file_offset,
         writes,
     }))
@@ -281,11 +285,97 @@ pub fn plan_replay(storage: &dyn Storage, header: &Header) -> Result<Option<Repl
             for e in chain {
                 r.writes.extend(e.writes.iter().cloned());
                 r.min_file_len = r.min_file_len.max(e.last_file_offset);
+                r.flushed_file_len = r.flushed_file_len.max(e.flushed_file_offset);
             }
             return Ok(Some(r));
         }
     }
     Ok(None)
+}
+
+/// Most log writes replayed in memory for a read-only open: every read scans them, so a hostile
+/// log of millions of descriptors is refused instead.
+pub const MAX_OVERLAY_WRITES: usize = 4096;
+
+/// A read-only view of the file with a replay applied in memory (§2.3.3 without modifying the file).
+#[derive(Debug)]
+pub struct ReplayedStorage {
+    inner: Box<dyn Storage>,
+    writes: Vec<LogWrite>,
+    len: u64,
+}
+
+impl ReplayedStorage {
+    /// Overlay `replay` on `inner`.
+    pub fn new(inner: Box<dyn Storage>, replay: Replay) -> std::io::Result<ReplayedStorage> {
+        let len = inner.len()?.max(replay.min_file_len);
+        Ok(ReplayedStorage {
+            inner,
+            writes: replay.writes,
+            len,
+        })
+    }
+}
+
+fn read_only() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "image with a replayed log is open read-only",
+    )
+}
+
+impl Storage for ReplayedStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        let inner_len = self.inner.len()?;
+        let n = inner_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.inner.read_at(&mut buf[..n], offset)?;
+        buf[n..].fill(0);
+        for w in &self.writes {
+            let (woff, wlen, data) = match w {
+                LogWrite::Zero { offset, len } => (*offset, *len, None),
+                LogWrite::Data { offset, sector } => (*offset, sector.len() as u64, Some(sector)),
+            };
+            let s = woff.max(offset);
+            let e = woff.saturating_add(wlen).min(end);
+            if s >= e {
+                continue;
+            }
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match data {
+                Some(d) => dst.copy_from_slice(&d[(s - woff) as usize..(e - woff) as usize]),
+                None => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(read_only())
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn set_len(&self, _len: u64) -> std::io::Result<()> {
+        Err(read_only())
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn allocated_size(&self) -> std::io::Result<u64> {
+        self.inner.allocated_size()
+    }
+
+    fn path(&self) -> Option<&std::path::Path> {
+        self.inner.path()
+    }
 }
 
 /// Build one log entry holding `writes` (data sectors of exactly 4 KiB, zero ranges), as another
@@ -404,6 +494,35 @@ mod tests {
         let r = plan_replay(&s, &h).unwrap().unwrap();
         assert_eq!(r.writes, w);
         assert_eq!(r.min_file_len, 8 * MIB);
+    }
+
+    #[test]
+    fn replayed_storage_overlays_writes_in_order() {
+        let inner = MemStorage::from_bytes(vec![7u8; 3 * 4096]);
+        let replay = Replay {
+            writes: vec![
+                LogWrite::Zero {
+                    offset: 0,
+                    len: 8192,
+                },
+                LogWrite::Data {
+                    offset: 4096,
+                    sector: sector(9),
+                },
+            ],
+            min_file_len: 4 * 4096,
+            flushed_file_len: 0,
+            entries: 1,
+        };
+        let s = ReplayedStorage::new(Box::new(inner), replay).unwrap();
+        assert_eq!(s.len().unwrap(), 4 * 4096);
+        let mut b = vec![1u8; 4 * 4096];
+        s.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0));
+        assert!(b[4096..8192].iter().all(|&x| x == 9));
+        assert!(b[8192..12288].iter().all(|&x| x == 7));
+        assert!(b[12288..].iter().all(|&x| x == 0));
+        assert!(s.write_at(&[1], 0).is_err());
     }
 
     #[test]

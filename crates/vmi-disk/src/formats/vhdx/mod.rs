@@ -1,6 +1,7 @@
 //! VHDX ([MS-VHDX] v20160714): Hyper-V's virtual hard disk v2. Dynamic, fixed and differencing
-//! disks are read and written; a log left by another implementation is replayed when the image is
-//! opened for writing (§2.3.3) and refused read-only.
+//! disks are read and written. A log left by another implementation (§2.3) is replayed into the
+//! file when the image is opened for writing, and in memory (the file untouched) when it is opened
+//! read-only.
 //!
 //! Layout written by vmi (as qemu): header section (1 MiB: file identifier, two headers, two region
 //! tables), the log, the BAT, the metadata region, then 1 MiB-aligned payload and sector bitmap
@@ -115,14 +116,28 @@ impl VhdxDriver {
             )));
         }
         let (mut hdr, mut slot) = header::read_current_header(storage.as_ref(), file_len)?;
+        let mut storage = storage;
         if let Some(replay) = log::plan_replay(storage.as_ref(), &hdr)? {
-            if !writable {
-                return Err(Error::unsupported(format!(
-                    "vhdx log holds {} unreplayed entries; open the image read-write (or run `vmi check -r all`) to replay it",
-                    replay.entries
+            if file_len < replay.flushed_file_len {
+                invalid!(
+                    "vhdx file is {file_len} bytes but its log was written when it had {}: the file is truncated",
+                    replay.flushed_file_len
+                );
+            }
+            if writable {
+                apply_replay(storage.as_ref(), &replay)?;
+            } else if replay.writes.len() <= log::MAX_OVERLAY_WRITES {
+                // Read-only: replay in memory, leave the file untouched.
+                storage = Box::new(
+                    log::ReplayedStorage::new(storage, replay).map_err(io("reading size"))?,
+                );
+            } else {
+                return Err(Error::limit(format!(
+                    "vhdx log holds {} writes to replay (at most {} in memory); open the image read-write (or run `vmi check -r all`) to replay it into the file",
+                    replay.writes.len(),
+                    log::MAX_OVERLAY_WRITES
                 )));
             }
-            apply_replay(storage.as_ref(), &replay)?;
         }
         let file_len = storage.len().map_err(io("reading size"))?;
         if writable && !hdr.log_guid.is_nil() {
