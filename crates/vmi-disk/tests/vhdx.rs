@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 use vmi_disk::formats::vhdx::log::{encode_entry, LogWrite};
+use vmi_disk::formats::vhdx::VhdxDriver;
 use vmi_disk::{
     BackingSpec, BlockKind, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, MapKind,
     OpenOptions,
@@ -322,6 +323,48 @@ fn differencing_child_reads_flattened_content() {
     // The default gate refuses to open the parent.
     let e = Image::open(&child, &OpenOptions::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+}
+
+#[test]
+fn child_records_the_parent_data_write_guid_and_detects_a_changed_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    qemu_create(&base, "vhdx", "", 4 * MIB);
+    let child = dir.path().join("sub").join("child.vhdx");
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    // An absolute parent name is stored relative to the child's folder.
+    let copts = opts("", 4 * MIB).backing(BackingSpec {
+        name: base.to_str().unwrap().into(),
+        format: Some(Format::Vhdx),
+    });
+    Image::create(&child, Format::Vhdx, &copts)
+        .unwrap()
+        .close()
+        .unwrap();
+    let gate = || backing_gate().confine_to(dir.path());
+    let parent_guid = {
+        let p = open_ro(&base).unwrap();
+        p.driver()
+            .as_any()
+            .downcast_ref::<VhdxDriver>()
+            .unwrap()
+            .data_write_guid()
+    };
+    {
+        let c = Image::open(&child, &OpenOptions::new().gate(gate())).unwrap();
+        assert_eq!(
+            c.driver().backing().map(|b| b.name.as_str()),
+            Some("../base.vhdx")
+        );
+        let d = c.driver().as_any().downcast_ref::<VhdxDriver>().unwrap();
+        assert_eq!(d.linkages().unwrap(), vec![parent_guid]);
+    }
+    // Writing to the parent renews its DataWriteGuid: the child no longer matches.
+    let p = open_rw(&base).unwrap();
+    p.write_at(b"changed", 0).unwrap();
+    p.close().unwrap();
+    let e = Image::open(&child, &OpenOptions::new().gate(gate())).unwrap_err();
+    assert!(e.to_string().contains("parent changed"), "{e}");
 }
 
 #[test]

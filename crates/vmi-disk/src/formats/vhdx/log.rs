@@ -160,6 +160,10 @@ fn parse_entry(log: &LogBuf, at: u64, guid: Uuid) -> Result<Option<Entry>> {
         return Ok(None);
     }
     let seq = h.sequence_number.get();
+    if seq == 0 {
+        // §2.3.1.1: sequence numbers are larger than zero.
+        return Ok(None);
+    }
     let tail = u64::from(h.tail.get());
     if tail % LOG_SECTOR != 0 || tail >= log.len {
         return Ok(None);
@@ -278,14 +282,15 @@ pub fn plan_replay(storage: &dyn Storage, header: &Header) -> Result<Option<Repl
             pos = (e.at + e.len) % log.len;
         };
         if ok {
+            // §2.3.3: file sizes come from the head entry.
             let mut r = Replay {
                 entries: chain.len(),
+                min_file_len: head.last_file_offset,
+                flushed_file_len: head.flushed_file_offset,
                 ..Replay::default()
             };
             for e in chain {
                 r.writes.extend(e.writes.iter().cloned());
-                r.min_file_len = r.min_file_len.max(e.last_file_offset);
-                r.flushed_file_len = r.flushed_file_len.max(e.flushed_file_offset);
             }
             return Ok(Some(r));
         }

@@ -399,7 +399,8 @@ pub fn encode_metadata(m: &Metadata) -> Vec<u8> {
         items.push((
             PARENT_LOCATOR,
             encode_locator(&m.parent_locator),
-            FLAG_IS_REQUIRED | FLAG_IS_VIRTUAL_DISK,
+            // §2.6.2: the parent locator is file metadata, not virtual disk metadata.
+            FLAG_IS_REQUIRED,
         ));
     }
     let mut out = vec![0u8; METADATA_TABLE_SIZE as usize];

@@ -95,10 +95,138 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn Driver>> {
-    Ok(Box::new(VhdxDriver::open(storage, ctx.writable)?))
+    let d = VhdxDriver::open(storage, ctx.writable)?;
+    if let Some(spec) = &d.backing {
+        // §2.6.2.6.3: the parent's DataWriteGuid must match the linkage recorded in the child.
+        // Only when the gate lets the parent be opened; otherwise the access layer refuses it.
+        if ctx.gate.backing_allowed() {
+            if let Ok(path) = ctx.gate.resolve(Referral::Backing, &ctx.path, &spec.name) {
+                let guid = parent_data_write_guid(&path)?;
+                if !d.linkages()?.contains(&guid) {
+                    return Err(Error::invalid(format!(
+                        "vhdx parent {} has DataWriteGuid {guid}, not the parent_linkage the child recorded: the parent changed after the child was created",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(Box::new(d))
+}
+
+/// The current header's `DataWriteGuid` of the vhdx file at `path` (a parent being linked).
+fn parent_data_write_guid(path: &std::path::Path) -> Result<Uuid> {
+    let parent = FileStorage::open(path, false)
+        .map_err(|e| Error::io(format!("opening parent {}", path.display()), e))?;
+    let len = parent.len().map_err(io("reading parent size"))?;
+    let mut sig = [0u8; 8];
+    if len >= header::HEADER_SECTION_END {
+        parent
+            .read_at(&mut sig, 0)
+            .map_err(io("reading parent file identifier"))?;
+    }
+    if &sig != FILE_SIGNATURE {
+        return Err(Error::usage(format!(
+            "the parent of a vhdx differencing disk must be a vhdx image; {} is not",
+            path.display()
+        )));
+    }
+    let (h, _) = header::read_current_header(&parent, len)
+        .map_err(|e| e.context(format!("parent {}", path.display())))?;
+    Ok(h.data_write_guid)
+}
+
+/// Check that the log, regions and allocated blocks lie after the header section without
+/// overlapping (§2.5.1: "must not overlap any other structure", offsets unique).
+fn check_layout(
+    hdr: &Header,
+    regions: &Regions,
+    geo: &Geometry,
+    mut blocks: Vec<u64>,
+) -> Result<()> {
+    blocks.sort_unstable();
+    let mut spans: Vec<(u64, u64, &str)> = vec![
+        (regions.bat.offset, regions.bat.length, "BAT"),
+        (
+            regions.metadata.offset,
+            regions.metadata.length,
+            "metadata region",
+        ),
+    ];
+    if hdr.log_length > 0 {
+        spans.push((hdr.log_offset, hdr.log_length, "log"));
+    }
+    spans.sort_unstable();
+    let mut fixed = spans.into_iter().peekable();
+    let mut prev: Option<(u64, u64, &str)> = None;
+    let mut it = blocks.into_iter().map(|b| {
+        let size = if b & 1 == 1 {
+            bat::BITMAP_BLOCK_SIZE
+        } else {
+            geo.block_size
+        };
+        (
+            b & !1,
+            size,
+            if b & 1 == 1 {
+                "sector bitmap block"
+            } else {
+                "payload block"
+            },
+        )
+    });
+    let mut next_block = it.next();
+    loop {
+        // Merge the two sorted lists.
+        let cur = match (fixed.peek().copied(), next_block) {
+            (Some(f), Some(b)) if f.0 <= b.0 => fixed.next(),
+            (_, Some(b)) => {
+                next_block = it.next();
+                Some(b)
+            }
+            (Some(_), None) => fixed.next(),
+            (None, None) => None,
+        };
+        let Some(cur) = cur else { break };
+        if let Some(p) = prev {
+            if p.0.saturating_add(p.1) > cur.0 {
+                invalid!(
+                    "vhdx {} at {}+{} overlaps the {} at {}",
+                    cur.2,
+                    cur.0,
+                    cur.1,
+                    p.2,
+                    p.0
+                );
+            }
+        }
+        prev = Some(cur);
+    }
+    Ok(())
 }
 
 impl VhdxDriver {
+    /// The parent identities a differencing disk accepts (`parent_linkage`, `parent_linkage2`).
+    pub fn linkages(&self) -> Result<Vec<Uuid>> {
+        let mut out = Vec::new();
+        for key in ["parent_linkage", "parent_linkage2"] {
+            if let Some(v) = self.meta.locator(key) {
+                out.push(Uuid::parse_str(v).map_err(|_| {
+                    Error::invalid(format!(
+                        "vhdx parent locator {key} '{}' is not a GUID",
+                        v.escape_debug()
+                    ))
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current header's `DataWriteGuid` (what a child records as its `parent_linkage`).
+    pub fn data_write_guid(&self) -> Uuid {
+        self.read_state().header.data_write_guid
+    }
+
     fn open(storage: Box<dyn Storage>, writable: bool) -> Result<VhdxDriver> {
         let file_len = storage.len().map_err(io("reading size"))?;
         let mut sig = [0u8; 8];
@@ -183,6 +311,9 @@ impl VhdxDriver {
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
         let mut file_end = file_len.div_ceil(MIB) * MIB;
+        // Allocated blocks, as (offset | 1 for a sector bitmap): at most one per MiB of file once
+        // they are known not to overlap, so this stays bounded by the file size.
+        let mut allocated: Vec<u64> = Vec::new();
         for (i, &e) in bat.iter().enumerate() {
             let st = bat::state(e);
             let present = if geo.is_bitmap_index(i as u64) {
@@ -216,17 +347,28 @@ impl VhdxDriver {
                     );
                 }
                 file_end = file_end.max(end.div_ceil(MIB) * MIB);
+                if allocated.len() as u64 >= file_len / MIB {
+                    invalid!(
+                        "vhdx BAT allocates more blocks than a {file_len}-byte file holds: blocks overlap"
+                    );
+                }
+                allocated.push(off | u64::from(geo.is_bitmap_index(i as u64)));
             }
         }
+        check_layout(&hdr, &regions, &geo, allocated)?;
+        if meta.has_parent && meta.locator("parent_linkage").is_none() {
+            invalid!("vhdx parent locator lacks parent_linkage");
+        }
         let backing = if meta.has_parent {
+            // §2.6.2.6.3: relative_path first, then volume_path, then absolute_win32_path.
             let name = meta
                 .locator("relative_path")
                 .map(|p| {
                     let p = p.replace('\\', "/");
                     p.strip_prefix("./").map(str::to_string).unwrap_or(p)
                 })
-                .or_else(|| meta.locator("absolute_win32_path").map(str::to_string))
                 .or_else(|| meta.locator("volume_path").map(str::to_string))
+                .or_else(|| meta.locator("absolute_win32_path").map(str::to_string))
                 .ok_or_else(|| Error::invalid("vhdx parent locator names no parent path"))?;
             Some(BackingSpec {
                 name,
@@ -840,7 +982,8 @@ fn auto_block_size(size: u64) -> u64 {
     }
 }
 
-/// The parent locator of a new differencing disk: the parent's `DataWriteGuid` and its path.
+/// The parent locator of a new differencing disk: the parent's `DataWriteGuid` and its path
+/// relative to the child's folder (§2.6.2.6.3).
 fn parent_locator(ctx: &CreateContext, name: &str) -> Result<Vec<(String, String)>> {
     check_reference_syntax(Referral::Backing, name)?;
     // The name comes from the user creating the image, not from an image: it is resolved through
@@ -850,31 +993,37 @@ fn parent_locator(ctx: &CreateContext, name: &str) -> Result<Vec<(String, String
         &ctx.path,
         name,
     )?;
-    let parent = FileStorage::open(&path, false)
-        .map_err(|e| Error::io(format!("opening parent {}", path.display()), e))?;
-    let len = parent.len().map_err(io("reading parent size"))?;
-    let mut sig = [0u8; 8];
-    if len >= header::HEADER_SECTION_END {
-        parent
-            .read_at(&mut sig, 0)
-            .map_err(io("reading parent file identifier"))?;
-    }
-    if &sig != FILE_SIGNATURE {
-        return Err(Error::usage(format!(
-            "the parent of a vhdx differencing disk must be a vhdx image; {} is not",
-            path.display()
-        )));
-    }
-    let (h, _) = header::read_current_header(&parent, len)
-        .map_err(|e| e.context(format!("parent {}", path.display())))?;
-    let linkage = format!("{{{}}}", h.data_write_guid);
-    let mut out = vec![("parent_linkage".to_string(), linkage)];
-    if std::path::Path::new(name).is_absolute() {
-        out.push(("absolute_win32_path".to_string(), name.to_string()));
+    let guid = parent_data_write_guid(&path)?;
+    let relative = if std::path::Path::new(name).is_absolute() {
+        let dir = match ctx.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| Error::io(format!("resolving {}", dir.display()), e))?;
+        relative_path(&dir, &path)
     } else {
-        out.push(("relative_path".to_string(), name.replace('/', "\\")));
-    }
-    Ok(out)
+        name.to_string()
+    };
+    Ok(vec![
+        ("parent_linkage".to_string(), format!("{{{guid}}}")),
+        ("relative_path".to_string(), relative.replace('/', "\\")),
+    ])
+}
+
+/// `target` relative to directory `dir` (both absolute and canonical), with `..` where needed.
+fn relative_path(dir: &std::path::Path, target: &std::path::Path) -> String {
+    let d: Vec<_> = dir.components().collect();
+    let t: Vec<_> = target.components().collect();
+    let common = d.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".to_string(); d.len() - common];
+    parts.extend(
+        t[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("/")
 }
 
 pub(crate) fn create(
@@ -1055,6 +1204,20 @@ mod tests {
             path: PathBuf::from("t.vhdx"),
         };
         assert!(create(Box::new(MemStorage::new()), &ctx, &opts).is_err());
+    }
+
+    #[test]
+    fn relative_path_climbs_out_of_the_child_folder() {
+        let p = relative_path(
+            std::path::Path::new("/a/b/c"),
+            std::path::Path::new("/a/d/p.vhdx"),
+        );
+        assert_eq!(p, "../../d/p.vhdx");
+        let p = relative_path(
+            std::path::Path::new("/a"),
+            std::path::Path::new("/a/p.vhdx"),
+        );
+        assert_eq!(p, "p.vhdx");
     }
 
     #[test]
