@@ -11,8 +11,7 @@
 //! the end of the file and their data written there; the BAT entries that make them visible are held
 //! in memory and written at [`Driver::flush`] only after the data has been synced. A crash before a
 //! flush leaves the old BAT (unreferenced space at the end of the file, no corruption). Sector
-//! bitmap bits of a differencing disk are written after the sectors' data, but without a sync in
-//! between (see `docs/formats/vhdx.md`).
+//! bitmap bits of a differencing disk are held back the same way (see `docs/formats/vhdx.md`).
 
 mod bat;
 mod header;
@@ -33,7 +32,7 @@ use bat::Geometry;
 use header::{Header, Region, Regions, HEADER_OFFSETS, MIB, REGION_OFFSETS};
 use metadata::Metadata;
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use uuid::Uuid;
@@ -44,6 +43,9 @@ pub use header::FILE_SIGNATURE;
 pub const DEFAULT_LOG_SIZE: u64 = MIB;
 /// Largest log vmi creates or replays.
 pub const MAX_LOG_SIZE: u64 = log::MAX_LOG_SIZE;
+/// Sector bitmap bytes held in memory before they are written early (bounded memory between
+/// flushes: 64 Ki bytes describe 256 MiB of 512-byte sectors).
+const MAX_PENDING_BITMAP_BYTES: usize = 64 * 1024;
 /// Creator string written in the file type identifier.
 const CREATOR: &str = "vmi";
 
@@ -70,6 +72,9 @@ struct State {
     header_slot: usize,
     bat: Vec<u64>,
     dirty: BTreeSet<usize>,
+    /// Sector bitmap bytes changed but not yet written (host offset → byte): they are written at
+    /// flush, after the data they describe has been synced.
+    bitmap_pending: BTreeMap<u64, u8>,
     /// Next allocation offset (1 MiB aligned, past everything).
     file_end: u64,
     /// The write GUIDs have been renewed for this session (§2.2.2).
@@ -389,6 +394,7 @@ impl VhdxDriver {
                 header_slot: slot,
                 bat,
                 dirty: BTreeSet::new(),
+                bitmap_pending: BTreeMap::new(),
                 file_end,
                 guids_renewed: false,
                 geo,
@@ -413,13 +419,11 @@ impl VhdxDriver {
 
     /// Read the bitmap bits for `count` sectors starting at bit `first` of the bitmap block at
     /// `host`; return the value of the first bit and how many consecutive bits share it.
-    fn bitmap_run(&self, host: u64, first: u64, count: u64) -> Result<(bool, u64)> {
+    fn bitmap_run(&self, st: &State, host: u64, first: u64, count: u64) -> Result<(bool, u64)> {
         let b0 = first / 8;
         let b1 = (first + count).div_ceil(8);
         let mut buf = vec![0u8; (b1 - b0) as usize];
-        self.storage
-            .read_at(&mut buf, host + b0)
-            .map_err(io(format!("reading vhdx sector bitmap at {host}")))?;
+        self.read_bitmap(st, host + b0, &mut buf)?;
         let bit = |i: u64| {
             let rel = i - b0 * 8;
             buf.get((rel / 8) as usize)
@@ -431,6 +435,41 @@ impl VhdxDriver {
             n += 1;
         }
         Ok((v, n))
+    }
+
+    /// Read sector bitmap bytes at host offset `at`, with the changes not yet written.
+    fn read_bitmap(&self, st: &State, at: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage
+            .read_at(buf, at)
+            .map_err(io(format!("reading vhdx sector bitmap at {at}")))?;
+        for (&a, &v) in st.bitmap_pending.range(at..at + buf.len() as u64) {
+            if let Some(b) = buf.get_mut((a - at) as usize) {
+                *b = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Set `n` bits from bit `first` of the bitmap block at `host`, in memory until the next flush
+    /// (which happens early when [`MAX_PENDING_BITMAP_BYTES`] is reached).
+    fn set_bits(&self, st: &mut State, host: u64, first: u64, n: u64) -> Result<()> {
+        let b0 = first / 8;
+        let b1 = (first + n).div_ceil(8);
+        let mut buf = vec![0u8; (b1 - b0) as usize];
+        self.read_bitmap(st, host + b0, &mut buf)?;
+        for i in first..first + n {
+            let rel = i - b0 * 8;
+            if let Some(b) = buf.get_mut((rel / 8) as usize) {
+                *b |= 1 << (rel % 8);
+            }
+        }
+        for (k, v) in buf.into_iter().enumerate() {
+            st.bitmap_pending.insert(host + b0 + k as u64, v);
+        }
+        if st.bitmap_pending.len() > MAX_PENDING_BITMAP_BYTES {
+            self.flush_bat(st)?;
+        }
+        Ok(())
     }
 
     /// Renew `FileWriteGuid` and `DataWriteGuid` before the first change of this session (§2.2.2).
@@ -524,6 +563,14 @@ impl VhdxDriver {
                 let n = geo.sectors_per_block() / 8;
                 crate::storage::write_zero_bytes(self.storage.as_ref(), bhost + first, n)
                     .map_err(io("clearing vhdx sector bitmap"))?;
+                let stale: Vec<u64> = st
+                    .bitmap_pending
+                    .range(bhost + first..bhost + first + n)
+                    .map(|(&a, _)| a)
+                    .collect();
+                for a in stale {
+                    st.bitmap_pending.remove(&a);
+                }
                 let host = self.allocate(st, geo.block_size)?;
                 Self::set_entry(st, idx, bat::entry(host, bat::PAYLOAD_PARTIALLY_PRESENT))?;
             }
@@ -561,15 +608,36 @@ impl VhdxDriver {
         }
         let first_bit = geo.bitmap_bit(block) + (a % geo.block_size) / sector;
         let nbits = (b - a) / sector;
-        set_bits(self.storage.as_ref(), bat::offset(be), first_bit, nbits)
+        self.set_bits(st, bat::offset(be), first_bit, nbits)
     }
 
+    /// Write pending sector bitmap bytes and BAT entries, after syncing the data they describe.
     fn flush_bat(&self, st: &mut State) -> Result<()> {
-        if st.dirty.is_empty() {
+        if st.dirty.is_empty() && st.bitmap_pending.is_empty() {
             return Ok(());
         }
-        // Data first: the BAT entries below make newly written blocks visible.
+        // Data first: the bitmap bits and BAT entries below make newly written data visible.
         self.storage.sync().map_err(io("syncing vhdx data"))?;
+        let pending = std::mem::take(&mut st.bitmap_pending);
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_at = 0;
+        for (a, v) in pending {
+            if !run.is_empty() && run_at + run.len() as u64 != a {
+                self.storage
+                    .write_at(&run, run_at)
+                    .map_err(io(format!("writing vhdx sector bitmap at {run_at}")))?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_at = a;
+            }
+            run.push(v);
+        }
+        if !run.is_empty() {
+            self.storage
+                .write_at(&run, run_at)
+                .map_err(io(format!("writing vhdx sector bitmap at {run_at}")))?;
+        }
         let dirty: Vec<usize> = std::mem::take(&mut st.dirty).into_iter().collect();
         let mut i = 0;
         while i < dirty.len() {
@@ -627,25 +695,6 @@ fn read_current(
         done += m.len as usize;
     }
     Ok(())
-}
-
-/// Set `n` bits from bit `first` in the bitmap block at `host` (read-modify-write of the bytes).
-fn set_bits(storage: &dyn Storage, host: u64, first: u64, n: u64) -> Result<()> {
-    let b0 = first / 8;
-    let b1 = (first + n).div_ceil(8);
-    let mut buf = vec![0u8; (b1 - b0) as usize];
-    storage
-        .read_at(&mut buf, host + b0)
-        .map_err(io("reading vhdx sector bitmap"))?;
-    for i in first..first + n {
-        let rel = i - b0 * 8;
-        if let Some(b) = buf.get_mut((rel / 8) as usize) {
-            *b |= 1 << (rel % 8);
-        }
-    }
-    storage
-        .write_at(&buf, host + b0)
-        .map_err(io("writing vhdx sector bitmap"))
 }
 
 /// Apply a planned log replay to the file and make it durable.
@@ -724,6 +773,7 @@ impl VhdxDriver {
                 let first_sector = in_block / sector;
                 let end_sector = (in_block + len).div_ceil(sector);
                 let (present, n) = self.bitmap_run(
+                    st,
                     bat::offset(be),
                     geo.bitmap_bit(block) + first_sector,
                     end_sector - first_sector,
