@@ -599,3 +599,35 @@ fn log_written_for_a_longer_file_is_rejected_as_truncated() {
         assert!(e.to_string().contains("truncated"), "{e}");
     }
 }
+
+#[test]
+fn grown_images_pass_qemu_check_and_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 6 * MIB + 512, 12, 41);
+    for (i, o) in ["block_size=1M", "subformat=fixed,block_size=1M"]
+        .iter()
+        .enumerate()
+    {
+        let img = dir.path().join(format!("g{i}.vhdx"));
+        vmi_convert(&raw, &img, o);
+        let im = open_rw(&img).unwrap();
+        im.resize(40 * MIB).unwrap();
+        im.write_at(b"tail", 40 * MIB - 4).unwrap();
+        im.close().unwrap();
+        let grown = dir.path().join(format!("g{i}.raw"));
+        std::fs::copy(&raw, &grown).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&grown)
+            .unwrap();
+        f.set_len(40 * MIB).unwrap();
+        f.write_all_at(b"tail", 40 * MIB - 4).unwrap();
+        assert_eq!(
+            qemu_info(&img, "vhdx")["virtual-size"].as_u64(),
+            Some(40 * MIB)
+        );
+        assert_qemu_check_clean(&img, "vhdx");
+        assert_qemu_identical(&img, "vhdx", &grown, "raw");
+    }
+}

@@ -618,7 +618,8 @@ impl VhdxDriver {
         }
         // Data first: the bitmap bits and BAT entries below make newly written data visible.
         self.storage.sync().map_err(io("syncing vhdx data"))?;
-        let pending = std::mem::take(&mut st.bitmap_pending);
+        // Cleared only once written, so that a failed flush can be retried.
+        let pending = st.bitmap_pending.clone();
         let mut run: Vec<u8> = Vec::new();
         let mut run_at = 0;
         for (a, v) in pending {
@@ -638,7 +639,8 @@ impl VhdxDriver {
                 .write_at(&run, run_at)
                 .map_err(io(format!("writing vhdx sector bitmap at {run_at}")))?;
         }
-        let dirty: Vec<usize> = std::mem::take(&mut st.dirty).into_iter().collect();
+        st.bitmap_pending.clear();
+        let dirty: Vec<usize> = st.dirty.iter().copied().collect();
         let mut i = 0;
         while i < dirty.len() {
             let start = dirty[i];
@@ -657,6 +659,7 @@ impl VhdxDriver {
                 .write_at(&bytes, at)
                 .map_err(io(format!("writing vhdx BAT at {at}")))?;
         }
+        st.dirty.clear();
         self.storage.sync().map_err(io("syncing vhdx BAT"))
     }
 }
@@ -1254,6 +1257,59 @@ mod tests {
             path: PathBuf::from("t.vhdx"),
         };
         assert!(create(Box::new(MemStorage::new()), &ctx, &opts).is_err());
+    }
+
+    /// A storage shared with the test, so faults can be armed and the bytes taken after a crash.
+    #[derive(Debug)]
+    struct Shared(std::sync::Arc<MemStorage>);
+
+    impl Storage for Shared {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.0.sync()
+        }
+    }
+
+    #[test]
+    fn crash_before_the_data_is_synced_leaves_the_old_bat() {
+        let mem = std::sync::Arc::new(MemStorage::new());
+        let mut fo = crate::options::FormatOptions::new();
+        fo.parse("block_size=1M").unwrap();
+        let ctx = CreateContext {
+            path: PathBuf::from("t.vhdx"),
+        };
+        let d = create(
+            Box::new(Shared(mem.clone())),
+            &ctx,
+            &CreateOptions::new(16 << 20).options(fo),
+        )
+        .unwrap();
+        d.write_at(&[0xab; 4096], 3 << 20, None).unwrap();
+        mem.fail(crate::storage::FailPoint::Sync);
+        assert!(d.flush().is_err());
+        let crashed =
+            VhdxDriver::open(Box::new(MemStorage::from_bytes(mem.to_vec())), false).unwrap();
+        assert_eq!(crashed.map(3 << 20, 4096).unwrap().kind, MapKind::Zero);
+        // The flush can be retried once the storage recovers.
+        mem.clear_faults();
+        d.flush().unwrap();
+        let after =
+            VhdxDriver::open(Box::new(MemStorage::from_bytes(mem.to_vec())), false).unwrap();
+        assert!(matches!(
+            after.map(3 << 20, 4096).unwrap().kind,
+            MapKind::Data { .. }
+        ));
     }
 
     #[test]
