@@ -9,6 +9,7 @@
 use super::header::{crc_with_zero_field, guid_from, Header, HEADER_SECTION_END};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use std::collections::BTreeMap;
 use uuid::Uuid;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -141,7 +142,7 @@ impl LogBuf<'_> {
     }
 }
 
-fn parse_entry(log: &LogBuf, at: u64, guid: Uuid) -> Result<Option<Entry>> {
+fn parse_entry(log: &LogBuf, at: u64, guid: Uuid, budget: &mut u64) -> Result<Option<Entry>> {
     let first = log.read(at, LOG_SECTOR)?;
     let Ok((h, _)) = RawEntryHeader::read_from_prefix(&first[..]) else {
         return Ok(None);
@@ -155,6 +156,11 @@ fn parse_entry(log: &LogBuf, at: u64, guid: Uuid) -> Result<Option<Entry>> {
     if len == 0 || len % LOG_SECTOR != 0 || len > log.len || desc_sectors * LOG_SECTOR > len {
         return Ok(None);
     }
+    *budget = budget.checked_sub(len).ok_or_else(|| {
+        Error::limit(
+            "vhdx log entries overlap beyond twice the log's size; refusing to scan further",
+        )
+    })?;
     let buf = log.read(at, len)?;
     if crc_with_zero_field(&buf, 4) != h.checksum.get() {
         return Ok(None);
@@ -250,52 +256,72 @@ pub fn plan_replay(storage: &dyn Storage, header: &Header) -> Result<Option<Repl
         offset: header.log_offset,
         len: header.log_length,
     };
-    let mut found: Vec<Entry> = Vec::new();
+    // Every candidate entry is read whole to check its CRC. Valid entries of one log do not
+    // overlap, so twice the log's size is plenty; a hostile log of nested entries hits the limit.
+    let mut budget = log.len.saturating_mul(2);
+    let mut found: BTreeMap<u64, Entry> = BTreeMap::new();
     let mut at = 0;
     while at < log.len {
-        if let Some(e) = parse_entry(&log, at, header.log_guid)? {
-            found.push(e);
+        if let Some(e) = parse_entry(&log, at, header.log_guid, &mut budget)? {
+            found.insert(at, e);
         }
         at += LOG_SECTOR;
     }
-    found.sort_by_key(|e| std::cmp::Reverse(e.seq));
-    for head in &found {
-        // Walk from the head's tail to the head; every step must be the next sequence number.
-        let mut chain: Vec<&Entry> = Vec::new();
-        let mut pos = head.tail;
-        let ok = loop {
-            let Some(e) = found.iter().find(|e| e.at == pos) else {
-                break false;
-            };
-            if let Some(prev) = chain.last() {
-                if prev.seq.checked_add(1) != Some(e.seq) {
-                    break false;
-                }
+    // §2.3.3: scan for runs of consecutive sequence numbers; a run is a valid sequence when its
+    // head's tail lies within it; the valid sequence with the highest head wins.
+    let mut best: Option<(u64, Vec<u64>)> = None;
+    let (mut tail, mut old_tail) = (0u64, 0u64);
+    loop {
+        let mut run: Vec<&Entry> = Vec::new();
+        let mut pos = tail;
+        while let Some(e) = found.get(&pos) {
+            if run.len() >= found.len()
+                || run
+                    .last()
+                    .is_some_and(|p| p.seq.checked_add(1) != Some(e.seq))
+            {
+                break;
             }
-            chain.push(e);
-            if e.at == head.at {
-                break e.seq == head.seq;
-            }
-            if chain.len() > found.len() {
-                break false;
-            }
+            run.push(e);
             pos = (e.at + e.len) % log.len;
-        };
-        if ok {
-            // §2.3.3: file sizes come from the head entry.
-            let mut r = Replay {
-                entries: chain.len(),
-                min_file_len: head.last_file_offset,
-                flushed_file_len: head.flushed_file_offset,
-                ..Replay::default()
-            };
-            for e in chain {
-                r.writes.extend(e.writes.iter().cloned());
-            }
-            return Ok(Some(r));
         }
+        let valid = run.last().and_then(|head| {
+            run.iter()
+                .position(|e| e.at == head.tail)
+                .map(|t| (head.seq, run[t..].iter().map(|e| e.at).collect::<Vec<_>>()))
+        });
+        tail = match valid {
+            Some((seq, chain)) => {
+                if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+                    best = Some((seq, chain));
+                }
+                pos
+            }
+            None => (tail + LOG_SECTOR) % log.len,
+        };
+        if tail <= old_tail {
+            break;
+        }
+        old_tail = tail;
     }
-    Ok(None)
+    let Some((_, chain)) = best else {
+        return Ok(None);
+    };
+    let entries: Vec<&Entry> = chain.iter().filter_map(|at| found.get(at)).collect();
+    let Some(head) = entries.last() else {
+        return Ok(None);
+    };
+    // §2.3.3: file sizes come from the head entry.
+    let mut r = Replay {
+        entries: entries.len(),
+        min_file_len: head.last_file_offset,
+        flushed_file_len: head.flushed_file_offset,
+        ..Replay::default()
+    };
+    for e in &entries {
+        r.writes.extend(e.writes.iter().cloned());
+    }
+    Ok(Some(r))
 }
 
 /// Most log writes replayed in memory for a read-only open: every read scans them, so a hostile
@@ -572,6 +598,51 @@ mod tests {
         let r = plan_replay(&s, &h).unwrap().unwrap();
         assert_eq!(r.entries, 2);
         assert_eq!(r.writes.last(), Some(&b[0]));
+    }
+
+    #[test]
+    fn entry_wrapping_around_the_end_of_the_log_is_read_whole() {
+        let g = Uuid::from_u128(7);
+        let w = [LogWrite::Data {
+            offset: 5 * MIB,
+            sector: sector(3),
+        }];
+        let e = encode_entry(g, 10, (MIB - 4096) as u32, 8 * MIB, &w);
+        assert_eq!(e.len(), 8192);
+        let (s, h) = setup(
+            &[(MIB - 4096, e[..4096].to_vec()), (0, e[4096..].to_vec())],
+            g,
+        );
+        let r = plan_replay(&s, &h).unwrap().unwrap();
+        assert_eq!(r.writes, w);
+    }
+
+    #[test]
+    fn newest_valid_sequence_wins_over_a_stale_one() {
+        let g = Uuid::from_u128(7);
+        let old = [LogWrite::Data {
+            offset: 5 * MIB,
+            sector: sector(1),
+        }];
+        let new = [LogWrite::Data {
+            offset: 5 * MIB,
+            sector: sector(2),
+        }];
+        let e_old = encode_entry(g, 3, 0, 8 * MIB, &old);
+        let e_new = encode_entry(g, 9, 64 * 1024, 8 * MIB, &new);
+        let (s, h) = setup(&[(0, e_old), (64 * 1024, e_new)], g);
+        let r = plan_replay(&s, &h).unwrap().unwrap();
+        assert_eq!((r.entries, r.writes), (1, new.to_vec()));
+    }
+
+    #[test]
+    fn log_of_nested_oversized_entries_hits_the_scan_limit() {
+        let g = Uuid::from_u128(7);
+        let mut e = encode_entry(g, 10, 0, 8 * MIB, &[]);
+        e[8..12].copy_from_slice(&(MIB as u32).to_le_bytes());
+        let (s, h) = setup(&[(0, e.clone()), (4096, e.clone()), (8192, e)], g);
+        let err = plan_replay(&s, &h).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Limit, "{err}");
     }
 
     #[test]
