@@ -700,24 +700,28 @@ fn read_current(
     Ok(())
 }
 
-/// Apply a planned log replay to the file and make it durable.
+/// Apply a planned log replay to the file and make it durable (§2.3.3).
 fn apply_replay(storage: &dyn Storage, r: &log::Replay) -> Result<()> {
+    // Extend first: the structures the log describes fit within `LastFileOffset`.
+    if storage.len().map_err(io("reading size"))? < r.min_file_len {
+        storage
+            .set_len(r.min_file_len)
+            .map_err(io("extending vhdx file for log replay"))?;
+    }
     for w in &r.writes {
         match w {
             log::LogWrite::Zero { offset, len } => {
-                crate::storage::write_zero_bytes(storage, *offset, *len)
+                // Past the end of the file there is nothing to zero; punch holes where possible.
+                let file_len = storage.len().map_err(io("reading size"))?;
+                let len = (*len).min(file_len.saturating_sub(*offset));
+                storage
+                    .write_zeroes(*offset, len)
                     .map_err(io(format!("replaying vhdx log: zeroing {offset}+{len}")))?
             }
             log::LogWrite::Data { offset, sector } => storage
                 .write_at(sector, *offset)
                 .map_err(io(format!("replaying vhdx log: writing at {offset}")))?,
         }
-    }
-    let len = storage.len().map_err(io("reading size"))?;
-    if len < r.min_file_len {
-        storage
-            .set_len(r.min_file_len)
-            .map_err(io("extending vhdx file after log replay"))?;
     }
     storage.sync().map_err(io("syncing vhdx log replay"))
 }
