@@ -106,7 +106,14 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         // Only when the gate lets the parent be opened; otherwise the access layer refuses it.
         if ctx.gate.backing_allowed() {
             if let Ok(path) = ctx.gate.resolve(Referral::Backing, &ctx.path, &spec.name) {
-                let guid = parent_data_write_guid(&path)?;
+                let (guid, sector) = parent_facts(&path)?;
+                if sector != d.meta.logical_sector {
+                    return Err(Error::invalid(format!(
+                        "vhdx parent {} has {sector}-byte sectors, the child {}-byte ones",
+                        path.display(),
+                        d.meta.logical_sector
+                    )));
+                }
                 if !d.linkages()?.contains(&guid) {
                     return Err(Error::invalid(format!(
                         "vhdx parent {} has DataWriteGuid {guid}, not the parent_linkage the child recorded: the parent changed after the child was created",
@@ -119,8 +126,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     Ok(Box::new(d))
 }
 
-/// The current header's `DataWriteGuid` of the vhdx file at `path` (a parent being linked).
-fn parent_data_write_guid(path: &std::path::Path) -> Result<Uuid> {
+/// What a child needs from its parent: the current header's `DataWriteGuid` and the logical
+/// sector size, which parent and child share (§2.6.2.4).
+fn parent_facts(path: &std::path::Path) -> Result<(Uuid, u32)> {
     let parent = FileStorage::open(path, false)
         .map_err(|e| Error::io(format!("opening parent {}", path.display()), e))?;
     let len = parent.len().map_err(io("reading parent size"))?;
@@ -136,9 +144,12 @@ fn parent_data_write_guid(path: &std::path::Path) -> Result<Uuid> {
             path.display()
         )));
     }
-    let (h, _) = header::read_current_header(&parent, len)
-        .map_err(|e| e.context(format!("parent {}", path.display())))?;
-    Ok(h.data_write_guid)
+    let ctx = |e: Error| e.context(format!("parent {}", path.display()));
+    let (h, _) = header::read_current_header(&parent, len).map_err(ctx)?;
+    let regions = header::read_regions(&parent, len).map_err(ctx)?;
+    let meta = metadata::read_metadata(&parent, regions.metadata.offset, regions.metadata.length)
+        .map_err(ctx)?;
+    Ok((h.data_write_guid, meta.logical_sector))
 }
 
 /// Check that the log, regions and allocated blocks lie after the header section without
@@ -1041,7 +1052,7 @@ fn auto_block_size(size: u64) -> u64 {
 
 /// The parent locator of a new differencing disk: the parent's `DataWriteGuid` and its path
 /// relative to the child's folder (§2.6.2.6.3).
-fn parent_locator(ctx: &CreateContext, name: &str) -> Result<Vec<(String, String)>> {
+fn parent_locator(ctx: &CreateContext, name: &str) -> Result<(Vec<(String, String)>, u32)> {
     check_reference_syntax(Referral::Backing, name)?;
     // The name comes from the user creating the image, not from an image: it is resolved through
     // the gate (relative to the new file's folder) without confinement.
@@ -1050,7 +1061,7 @@ fn parent_locator(ctx: &CreateContext, name: &str) -> Result<Vec<(String, String
         &ctx.path,
         name,
     )?;
-    let guid = parent_data_write_guid(&path)?;
+    let (guid, sector) = parent_facts(&path)?;
     let relative = if std::path::Path::new(name).is_absolute() {
         let dir = match ctx.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -1063,10 +1074,11 @@ fn parent_locator(ctx: &CreateContext, name: &str) -> Result<Vec<(String, String
     } else {
         name.to_string()
     };
-    Ok(vec![
+    let locator = vec![
         ("parent_linkage".to_string(), format!("{{{guid}}}")),
         ("relative_path".to_string(), relative.replace('/', "\\")),
-    ])
+    ];
+    Ok((locator, sector))
 }
 
 /// `target` relative to directory `dir` (both absolute and canonical), with `..` where needed.
@@ -1132,15 +1144,22 @@ pub(crate) fn create(
         }
         None => None,
     };
+    let logical_sector = parent.as_ref().map_or(512, |p| p.1);
+    if opts.size % u64::from(logical_sector) != 0 {
+        return Err(Error::usage(format!(
+            "vhdx size {} must be a multiple of the parent's {logical_sector}-byte sectors",
+            opts.size
+        )));
+    }
     let meta = Metadata {
         block_size: block_size as u32,
         leave_allocated: fixed,
         has_parent: parent.is_some(),
         virtual_size: opts.size,
-        logical_sector: 512,
+        logical_sector,
         physical_sector: 4096,
         page83: Uuid::new_v4(),
-        parent_locator: parent.unwrap_or_default(),
+        parent_locator: parent.map(|p| p.0).unwrap_or_default(),
     };
     let geo = Geometry::new(&meta, opts.size)?;
     let log_offset = header::HEADER_SECTION_END;
