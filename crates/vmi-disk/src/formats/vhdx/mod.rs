@@ -1335,6 +1335,56 @@ mod tests {
         ));
     }
 
+    /// A differencing disk with 4 KiB logical sectors, made by rewriting the metadata of a new
+    /// dynamic disk (vmi creates 512-byte sectors, as qemu does).
+    fn diff_4k_image() -> Vec<u8> {
+        let d = new_image(16 << 20, "block_size=1M,block_state_zero=off");
+        let meta = Metadata {
+            has_parent: true,
+            logical_sector: 4096,
+            parent_locator: vec![
+                (
+                    "parent_linkage".into(),
+                    format!("{{{}}}", Uuid::from_u128(1)),
+                ),
+                ("relative_path".into(), ".\\base.vhdx".into()),
+            ],
+            ..d.meta.clone()
+        };
+        d.storage
+            .write_at(&metadata::encode_metadata(&meta), d.regions.metadata.offset)
+            .unwrap();
+        let mut all = vec![0u8; d.storage.len().unwrap() as usize];
+        d.storage.read_at(&mut all, 0).unwrap();
+        all
+    }
+
+    #[test]
+    fn sector_bitmap_of_a_4k_sector_differencing_disk_tracks_written_sectors() {
+        let d = VhdxDriver::open(Box::new(MemStorage::from_bytes(diff_4k_image())), true).unwrap();
+        assert_eq!(d.backing().unwrap().name, "base.vhdx");
+        assert_eq!(d.read_state().geo.chunk_ratio, 32768);
+        d.write_at(&[7u8; 4096], (2 << 20) + 8192, None).unwrap();
+        let check = |d: &VhdxDriver| {
+            let m = d.map(2 << 20, 1 << 20).unwrap();
+            assert_eq!((m.kind, m.len), (MapKind::Unallocated, 8192));
+            let m = d.map((2 << 20) + 8192, 1 << 20).unwrap();
+            assert!(
+                matches!(m.kind, MapKind::Data { .. }) && m.len == 4096,
+                "{m:?}"
+            );
+            let m = d.map((2 << 20) + 12288, 1 << 20).unwrap();
+            assert_eq!(m.kind, MapKind::Unallocated);
+        };
+        check(&d);
+        // A partial sector needs the parent to complete it.
+        assert!(d.write_at(&[1], 5 << 20, None).is_err());
+        d.flush().unwrap();
+        let mut all = vec![0u8; d.storage.len().unwrap() as usize];
+        d.storage.read_at(&mut all, 0).unwrap();
+        check(&VhdxDriver::open(Box::new(MemStorage::from_bytes(all)), false).unwrap());
+    }
+
     #[test]
     fn relative_path_climbs_out_of_the_child_folder() {
         let p = relative_path(
