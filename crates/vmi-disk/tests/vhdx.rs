@@ -568,6 +568,26 @@ fn mutated_images_never_panic() {
             b.truncate(rng.gen_range(0..b.len()));
         }
         opened += usize::from(vmi_disk::fuzzing::exercise(Some(Format::Vhdx), &b));
+        if round % 10 == 3 {
+            // Writable opens replay logs and allocate: they must not panic either.
+            let storage = Box::new(vmi_disk::storage::MemStorage::from_bytes(b));
+            let img = Image::from_storage(
+                storage,
+                Path::new("m.vhdx"),
+                Some(Format::Vhdx),
+                true,
+                &Gate::deny_all(),
+            );
+            if let Ok(img) = img {
+                let size = img.virtual_size();
+                for off in [0, size / 3, size.saturating_sub(4096)] {
+                    let n = 4096.min(size - off.min(size));
+                    let _ = img.write_at(&vec![0x5a; n as usize], off);
+                }
+                let _ = img.write_zeroes(0, size.min(2 * MIB));
+                let _ = img.close();
+            }
+        }
     }
     // Enough mutants must get past the checksums for the test to mean anything.
     assert!(opened > 100, "only {opened} mutants opened");
