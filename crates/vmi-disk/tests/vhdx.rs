@@ -651,3 +651,46 @@ fn grown_images_pass_qemu_check_and_compare() {
         assert_qemu_identical(&img, "vhdx", &grown, "raw");
     }
 }
+
+#[test]
+fn log_entries_written_by_qemu_replay() {
+    // qemu updates the BAT through its log and clears the LogGuid once the entry is applied; the
+    // entry stays in the log. Point the header back at it and lose the BAT sector it rewrote: only
+    // a correct replay of qemu's own entry brings the data back.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("qlog.vhdx");
+    qemu_create(&img, "vhdx", "block_size=1M", 16 * MIB);
+    vmi_testkit::qemu::qemu_io(&img, "vhdx", "write -P 0xab 1M 64k");
+    vmi_testkit::qemu::qemu_io(&img, "vhdx", "write -P 0xcd 5M 4k");
+    let raw = dir.path().join("expect.raw");
+    let mut expect = vec![0u8; 16 * MIB as usize];
+    expect[MIB as usize..(MIB + 65536) as usize].fill(0xab);
+    expect[5 * MIB as usize..(5 * MIB + 4096) as usize].fill(0xcd);
+    std::fs::write(&raw, &expect).unwrap();
+
+    let (hoff, mut hdr) = current_header(&img);
+    let log_offset = u64::from_le_bytes(hdr[72..80].try_into().unwrap());
+    let log_len = u64::from(u32::from_le_bytes(hdr[68..72].try_into().unwrap()));
+    let bytes = read_file(&img);
+    let (mut best_seq, mut guid, mut target) = (0u64, [0u8; 16], 0u64);
+    for at in (log_offset..log_offset + log_len).step_by(4096) {
+        let e = &bytes[at as usize..at as usize + 4096];
+        let seq = u64::from_le_bytes(e[16..24].try_into().unwrap());
+        if &e[..4] == b"loge" && seq > best_seq {
+            best_seq = seq;
+            guid.copy_from_slice(&e[32..48]);
+            // The first descriptor's file offset: the BAT sector qemu rewrote.
+            target = u64::from_le_bytes(e[80..88].try_into().unwrap());
+        }
+    }
+    assert!(best_seq > 0, "qemu left no log entry");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&[0u8; 4096], target).unwrap();
+    hdr[48..64].copy_from_slice(&guid);
+    rewrite_with_crc(&img, hoff, hdr);
+
+    assert_image_matches_raw(&open_ro(&img).unwrap(), &raw);
+    open_rw(&img).unwrap().close().unwrap();
+    assert_qemu_check_clean(&img, "vhdx");
+    assert_qemu_identical(&img, "vhdx", &raw, "raw");
+}
