@@ -42,7 +42,7 @@ pub const BAT_REGION: Uuid = uuid::uuid!("2DC27766-F623-4200-9D64-115E9BFD4A08")
 /// Region GUID of the metadata region (§2.2.3.2).
 pub const METADATA_REGION: Uuid = uuid::uuid!("8B7CA206-4790-4B9A-B8FE-575F050F886E");
 
-/// Read a GUID in the on-disk (mixed-endian, Windows `GUID`) layout (§2.1.1 of [MS-DTYP]).
+/// Read a GUID in the on-disk (mixed-endian, Windows `GUID`) layout ([MS-DTYP] §2.3.4.2).
 pub fn guid_from(b: &[u8; 16]) -> Uuid {
     Uuid::from_bytes_le(*b)
 }
