@@ -285,9 +285,11 @@ impl VhdxDriver {
         }
         let file_len = storage.len().map_err(io("reading size"))?;
         if writable && !hdr.log_guid.is_nil() {
-            // The log is replayed (or held nothing valid): clear it (§2.3.3).
+            // The log is replayed (or held nothing valid): clear it (§2.3.3). Replaying modified
+            // the file, so it gets a new FileWriteGuid (§2.2.2).
             let new = Header {
                 log_guid: Uuid::nil(),
+                file_write_guid: Uuid::new_v4(),
                 ..hdr
             };
             slot = write_header_pair(storage.as_ref(), new, slot)?;
