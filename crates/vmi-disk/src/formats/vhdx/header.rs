@@ -125,7 +125,11 @@ impl Header {
                 raw.checksum.get()
             )));
         }
-        if raw.version.get() != HEADER_VERSION || raw.log_version.get() != LOG_VERSION {
+        // §2.2.2: an unknown log version only matters when there is a log to replay.
+        let log_guid = guid_from(&raw.log_guid);
+        if raw.version.get() != HEADER_VERSION
+            || (raw.log_version.get() != LOG_VERSION && !log_guid.is_nil())
+        {
             return Err(Error::unsupported(format!(
                 "vhdx header version {} (log version {})",
                 raw.version.get(),
@@ -151,7 +155,7 @@ impl Header {
             sequence: raw.sequence_number.get(),
             file_write_guid: guid_from(&raw.file_write_guid),
             data_write_guid: guid_from(&raw.data_write_guid),
-            log_guid: guid_from(&raw.log_guid),
+            log_guid,
             log_length,
             log_offset,
         })

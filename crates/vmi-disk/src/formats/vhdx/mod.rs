@@ -269,6 +269,17 @@ impl VhdxDriver {
                 );
             }
             if writable {
+                // §2.2.2: a new FileWriteGuid before the first modification, log playback
+                // included; the LogGuid stays until the replay is durable.
+                let new = Header {
+                    file_write_guid: Uuid::new_v4(),
+                    ..hdr
+                };
+                slot = write_header_pair(storage.as_ref(), new, slot)?;
+                hdr = Header {
+                    sequence: hdr.sequence + 2,
+                    ..new
+                };
                 apply_replay(storage.as_ref(), &replay)?;
             } else if replay.writes.len() <= log::MAX_OVERLAY_WRITES {
                 // Read-only: replay in memory, leave the file untouched.
@@ -285,11 +296,9 @@ impl VhdxDriver {
         }
         let file_len = storage.len().map_err(io("reading size"))?;
         if writable && !hdr.log_guid.is_nil() {
-            // The log is replayed (or held nothing valid): clear it (§2.3.3). Replaying modified
-            // the file, so it gets a new FileWriteGuid (§2.2.2).
+            // The log is replayed (or held nothing valid): clear it (§2.3.3).
             let new = Header {
                 log_guid: Uuid::nil(),
-                file_write_guid: Uuid::new_v4(),
                 ..hdr
             };
             slot = write_header_pair(storage.as_ref(), new, slot)?;
