@@ -98,8 +98,9 @@ impl Serialize for Format {
     }
 }
 
-/// Bytes probes see from the start of the file.
-pub const PROBE_HEAD: usize = 64 * 1024;
+/// Bytes probes see from the start of the file: 192 KiB, so that the VHDX probe sees both headers
+/// (at 64 KiB and 128 KiB).
+pub const PROBE_HEAD: usize = 192 * 1024;
 /// Bytes probes see from the end of the file (a VHD footer).
 pub const PROBE_TAIL: usize = 512;
 
