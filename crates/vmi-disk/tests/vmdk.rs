@@ -4,9 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use vmi_disk::{
-    CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Image, OpenOptions,
-};
+use vmi_disk::{CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Image, OpenOptions};
 use vmi_testkit::conformance::{run, Caps};
 use vmi_testkit::fixtures::{assert_image_matches_raw, read_file, scattered_raw};
 use vmi_testkit::qemu::{
@@ -264,7 +262,11 @@ fn truncated_and_corrupt_sparse_images_fail_cleanly() {
     assert!(e.to_string().contains("grain directory"), "{e}");
     // A grain table entry beyond the end: reading fails, check reports it.
     let gd = u64::from_le_bytes(good[56..64].try_into().unwrap());
-    let gt = u32::from_le_bytes(good[gd as usize * 512..gd as usize * 512 + 4].try_into().unwrap());
+    let gt = u32::from_le_bytes(
+        good[gd as usize * 512..gd as usize * 512 + 4]
+            .try_into()
+            .unwrap(),
+    );
     let mut b = good.clone();
     let at = gt as usize * 512;
     b[at..at + 4].copy_from_slice(&0x00ff_ffffu32.to_le_bytes());

@@ -131,9 +131,10 @@ impl Descriptor {
                         "descriptor lists more than {MAX_EXTENTS} extents"
                     )));
                 }
-                d.extents.push(parse_extent(line).map_err(|e| {
-                    e.context(format!("descriptor line {}", lineno + 1))
-                })?);
+                d.extents.push(
+                    parse_extent(line)
+                        .map_err(|e| e.context(format!("descriptor line {}", lineno + 1)))?,
+                );
                 continue;
             }
             let Some((key, value)) = line.split_once('=') else {
@@ -175,9 +176,9 @@ impl Descriptor {
     pub fn total_bytes(&self) -> Result<u64> {
         let mut sectors = 0u64;
         for e in &self.extents {
-            sectors = sectors.checked_add(e.sectors).ok_or_else(|| {
-                Error::invalid("extent sizes in the descriptor overflow 64 bits")
-            })?;
+            sectors = sectors
+                .checked_add(e.sectors)
+                .ok_or_else(|| Error::invalid("extent sizes in the descriptor overflow 64 bits"))?;
         }
         sectors
             .checked_mul(SECTOR)
@@ -264,7 +265,9 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
     };
     let sectors_word = words.next().unwrap_or("");
     let sectors: u64 = sectors_word.parse().map_err(|_| {
-        Error::invalid(format!("extent size '{sectors_word}' is not a sector count"))
+        Error::invalid(format!(
+            "extent size '{sectors_word}' is not a sector count"
+        ))
     })?;
     let type_word = words.next().unwrap_or("");
     let kind = match type_word {
@@ -292,7 +295,10 @@ fn parse_extent(line: &str) -> Result<ExtentLine> {
                 0
             } else {
                 tail.parse::<u64>().map_err(|_| {
-                    Error::invalid(format!("extent offset '{}' is not a number", tail.escape_debug()))
+                    Error::invalid(format!(
+                        "extent offset '{}' is not a number",
+                        tail.escape_debug()
+                    ))
                 })?
             };
             (Some(name.to_string()), offset)

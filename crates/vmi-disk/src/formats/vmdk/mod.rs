@@ -22,7 +22,9 @@ use crate::gate::{check_reference_syntax, Referral};
 use crate::image::Image;
 use crate::options::CreateOptions;
 use crate::storage::{FileStorage, Storage};
-use descriptor::{Access, Descriptor, ExtentLine, ExtentType, CID_NO_PARENT, MAX_DESCRIPTOR_SIZE, SECTOR};
+use descriptor::{
+    Access, Descriptor, ExtentLine, ExtentType, CID_NO_PARENT, MAX_DESCRIPTOR_SIZE, SECTOR,
+};
 use serde_json::json;
 use sparse::{GrainMap, Header, RawHeader, SparseExtent};
 use std::any::Any;
@@ -115,7 +117,11 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             .map_err(|e| Error::io("reading magic", e))?;
     }
     if magic == sparse::SPARSE_MAGIC {
-        return Ok(Box::new(open_monolithic(storage, &file_name(&ctx.path), ctx.writable)?));
+        return Ok(Box::new(open_monolithic(
+            storage,
+            &file_name(&ctx.path),
+            ctx.writable,
+        )?));
     }
     if magic == sparse::COWD_MAGIC {
         return Err(Error::unsupported("ESX Server sparse (COWD) VMDK extents"));
@@ -138,9 +144,8 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         };
         let path = ctx.gate.resolve(Referral::Extent, &ctx.path, name)?;
         let writable = ctx.writable && line.access == Access::ReadWrite;
-        let f = FileStorage::open(&path, writable).map_err(|e| {
-            Error::io(format!("opening extent file '{}'", name.escape_debug()), e)
-        })?;
+        let f = FileStorage::open(&path, writable)
+            .map_err(|e| Error::io(format!("opening extent file '{}'", name.escape_debug()), e))?;
         files.push(Some(Box::new(f)));
     }
     Ok(Box::new(assemble(storage, files, desc, ctx.writable)?))
@@ -193,7 +198,10 @@ fn open_monolithic(storage: Box<dyn Storage>, name: &str, writable: bool) -> Res
         ..Descriptor::default()
     });
     let size = x.capacity_bytes();
-    let backing = desc.parent_hint.clone().map(|name| BackingSpec { name, format: None });
+    let backing = desc
+        .parent_hint
+        .clone()
+        .map(|name| BackingSpec { name, format: None });
     Ok(VmdkDriver {
         files: vec![storage],
         extents: vec![Extent {
@@ -317,11 +325,15 @@ pub(crate) fn create(
     }
     o.finish("vmdk")?;
     if hw.is_some() && compat6 {
-        return Err(Error::usage("hwversion and compat6 cannot be given together"));
+        return Err(Error::usage(
+            "hwversion and compat6 cannot be given together",
+        ));
     }
     if opts.backing.is_some() {
         // FIXME: record parentFileNameHint and the parent's CID; that needs the opened parent.
-        return Err(Error::unsupported("creating vmdk images with a backing file"));
+        return Err(Error::unsupported(
+            "creating vmdk images with a backing file",
+        ));
     }
     if opts.size % SECTOR != 0 {
         return Err(Error::usage(format!(
@@ -365,12 +377,14 @@ pub(crate) fn create(
     };
     match sub.as_str() {
         "monolithicSparse" => {
-            desc.extents.push(rw(sectors, ExtentType::Sparse, name.clone()));
+            desc.extents
+                .push(rw(sectors, ExtentType::Sparse, name.clone()));
             sparse::create(storage.as_ref(), sectors, zeroed, desc.render().as_bytes())?;
             Ok(Box::new(open_monolithic(storage, &name, true)?))
         }
         "streamOptimized" => {
-            desc.extents.push(rw(sectors, ExtentType::Sparse, name.clone()));
+            desc.extents
+                .push(rw(sectors, ExtentType::Sparse, name.clone()));
             create_stream(storage, &name, sectors, &desc)
         }
         _ => {
@@ -383,7 +397,11 @@ pub(crate) fn create(
                 Some(i) if i > 0 => (&name[..i], &name[i..]),
                 _ => (name.as_str(), ""),
             };
-            let chunk = if split.is_some() { SPLIT_BYTES / SECTOR } else { sectors.max(1) };
+            let chunk = if split.is_some() {
+                SPLIT_BYTES / SECTOR
+            } else {
+                sectors.max(1)
+            };
             let mut left = sectors;
             let mut i = 0;
             while left > 0 || (i == 0 && split.is_none()) {
@@ -392,7 +410,11 @@ pub(crate) fn create(
                     None => format!("{stem}-flat{ext}"),
                     Some(c) => format!("{stem}-{c}{:03}{ext}", i + 1),
                 };
-                let kind = if sparse_ext { ExtentType::Sparse } else { ExtentType::Flat };
+                let kind = if sparse_ext {
+                    ExtentType::Sparse
+                } else {
+                    ExtentType::Flat
+                };
                 desc.extents.push(rw(n, kind, file));
                 left -= n;
                 i += 1;
@@ -461,7 +483,9 @@ fn create_stream(
 ) -> Result<Box<dyn Driver>> {
     let text = desc.render();
     if text.len() as u64 > sparse::EMBEDDED_DESCRIPTOR_SECTORS * SECTOR {
-        return Err(Error::limit("descriptor does not fit the embedded descriptor area"));
+        return Err(Error::limit(
+            "descriptor does not fit the embedded descriptor area",
+        ));
     }
     let flags = sparse::FLAG_NL_DETECT | sparse::FLAG_COMPRESSED | sparse::FLAG_MARKERS;
     let mut h = RawHeader::new(3, flags, sectors, sparse::DEFAULT_GRAIN_SECTORS);
@@ -505,7 +529,9 @@ pub(crate) fn companion_files(path: &Path) -> Vec<PathBuf> {
     };
     let mut text = Vec::new();
     use std::io::Read;
-    if f.take(MAX_DESCRIPTOR_SIZE + 1).read_to_end(&mut text).is_err()
+    if f.take(MAX_DESCRIPTOR_SIZE + 1)
+        .read_to_end(&mut text)
+        .is_err()
         || text.len() as u64 > MAX_DESCRIPTOR_SIZE
         || text.starts_with(&sparse::SPARSE_MAGIC)
     {
@@ -736,11 +762,8 @@ impl Driver for VmdkDriver {
                     ExtentKind::Sparse(x) => {
                         let g = x.header.grain_bytes();
                         if local % g == 0 && in_extent >= g {
-                            let ok = x.zero_grain(
-                                self.storage(x.file)?,
-                                local / g,
-                                backing.is_some(),
-                            )?;
+                            let ok =
+                                x.zero_grain(self.storage(x.file)?, local / g, backing.is_some())?;
                             ok.then_some(g)
                         } else {
                             None
@@ -807,14 +830,19 @@ impl Driver for VmdkDriver {
                 Ok(g) => g,
                 Err(err) => {
                     r.check_errors += 1;
-                    r.messages.push(format!("ERROR: extent '{}': {err}", e.name));
+                    r.messages
+                        .push(format!("ERROR: extent '{}': {err}", e.name));
                     continue;
                 }
             };
             for (grain, sector) in grains {
                 allocated += 1;
                 let off = sector * SECTOR;
-                let span = if x.header.compressed() { stream::GRAIN_MARKER_LEN } else { g };
+                let span = if x.header.compressed() {
+                    stream::GRAIN_MARKER_LEN
+                } else {
+                    g
+                };
                 if off.saturating_add(span) > flen {
                     r.corruptions += 1;
                     r.messages.push(format!(
@@ -848,7 +876,8 @@ impl Driver for VmdkDriver {
 
 impl CompressedWrite for VmdkDriver {
     fn unit_size(&self) -> u64 {
-        self.grain_size().unwrap_or(sparse::DEFAULT_GRAIN_SECTORS * SECTOR)
+        self.grain_size()
+            .unwrap_or(sparse::DEFAULT_GRAIN_SECTORS * SECTOR)
     }
 
     fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {

@@ -283,9 +283,7 @@ impl SparseExtent {
             header = read_footer(storage, file_len)?;
         }
         if header.compressed() && header.flags & FLAG_MARKERS == 0 {
-            return Err(Error::unsupported(
-                "compressed VMDK grains without markers",
-            ));
+            return Err(Error::unsupported("compressed VMDK grains without markers"));
         }
         let entries = header.gd_entries();
         if entries > MAX_GD_ENTRIES {
@@ -293,7 +291,13 @@ impl SparseExtent {
                 "grain directory of {entries} entries is more than the {MAX_GD_ENTRIES} supported"
             )));
         }
-        let gd = read_directory(storage, "grain directory", header.gd_offset, entries, file_len)?;
+        let gd = read_directory(
+            storage,
+            "grain directory",
+            header.gd_offset,
+            entries,
+            file_len,
+        )?;
         let rgd = match header.rgd_offset {
             Some(o) => Some(read_directory(
                 storage,
@@ -350,7 +354,13 @@ impl SparseExtent {
         Ok(st.cache.get(&gdi).and_then(|gt| gt.get(gti)).copied())
     }
 
-    fn load_gt(&self, storage: &dyn Storage, file_len: u64, gdi: u64, sector: u32) -> Result<Vec<u32>> {
+    fn load_gt(
+        &self,
+        storage: &dyn Storage,
+        file_len: u64,
+        gdi: u64,
+        sector: u32,
+    ) -> Result<Vec<u32>> {
         let off = u64::from(sector) * SECTOR;
         let end = off.checked_add(self.gt_bytes());
         if end.is_none_or(|e| e > file_len) {
@@ -554,7 +564,10 @@ impl SparseExtent {
         let per = u64::from(self.header.gtes_per_gt);
         let gdi = grain / per;
         let gti = grain % per;
-        let tables = [self.gd.get(gdi as usize), self.rgd.as_ref().and_then(|r| r.get(gdi as usize))];
+        let tables = [
+            self.gd.get(gdi as usize),
+            self.rgd.as_ref().and_then(|r| r.get(gdi as usize)),
+        ];
         let mut wrote = false;
         for gt in tables.into_iter().flatten() {
             if *gt == 0 {
@@ -623,7 +636,10 @@ impl SparseExtent {
 
     /// File length as far as this extent knows.
     pub fn file_len(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).file_len
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .file_len
     }
 }
 
@@ -669,7 +685,9 @@ fn read_footer(storage: &dyn Storage, file_len: u64) -> Result<Header> {
     let (marker, rest) = buf.split_at(SECTOR as usize);
     let (footer, eos) = rest.split_at(SECTOR as usize);
     if stream::marker_type(marker) != Some(stream::MARKER_FOOTER) {
-        return Err(Error::invalid("stream-optimized extent has no footer marker"));
+        return Err(Error::invalid(
+            "stream-optimized extent has no footer marker",
+        ));
     }
     if stream::marker_type(eos) != Some(stream::MARKER_EOS) {
         return Err(Error::invalid(
@@ -678,7 +696,9 @@ fn read_footer(storage: &dyn Storage, file_len: u64) -> Result<Header> {
     }
     let h = Header::parse(footer).map_err(|e| e.context("footer"))?;
     if h.gd_offset == GD_AT_END {
-        return Err(Error::invalid("footer's grain directory offset is also GD_AT_END"));
+        return Err(Error::invalid(
+            "footer's grain directory offset is also GD_AT_END",
+        ));
     }
     Ok(h)
 }
@@ -724,14 +744,21 @@ pub fn layout(capacity: u64) -> Layout {
 }
 
 /// Write a new, empty hosted sparse extent of `capacity` sectors with `descriptor` embedded.
-pub fn create(storage: &dyn Storage, capacity: u64, zeroed_grain: bool, descriptor: &[u8]) -> Result<()> {
+pub fn create(
+    storage: &dyn Storage,
+    capacity: u64,
+    zeroed_grain: bool,
+    descriptor: &[u8],
+) -> Result<()> {
     if capacity > MAX_CAPACITY_SECTORS {
         return Err(Error::limit(format!(
             "{capacity} sectors is more than the {MAX_CAPACITY_SECTORS} a VMDK extent supports"
         )));
     }
     if descriptor.len() as u64 > EMBEDDED_DESCRIPTOR_SECTORS * SECTOR {
-        return Err(Error::limit("descriptor does not fit the embedded descriptor area"));
+        return Err(Error::limit(
+            "descriptor does not fit the embedded descriptor area",
+        ));
     }
     let l = layout(capacity);
     let (version, flags) = if zeroed_grain {
@@ -820,14 +847,19 @@ mod tests {
         let s = MemStorage::from_bytes(Vec::new());
         create(&s, 4096, false, b"").unwrap();
         let x = SparseExtent::open(&s, 0).unwrap();
-        assert_eq!(x.map(&s, 0, 1 << 20).unwrap(), (GrainMap::Unallocated, 1 << 20));
+        assert_eq!(
+            x.map(&s, 0, 1 << 20).unwrap(),
+            (GrainMap::Unallocated, 1 << 20)
+        );
         x.write(&s, &[7u8; 100], 65536 + 10, 0, None).unwrap();
         let (k, n) = x.map(&s, 65536, 1 << 20).unwrap();
         assert!(matches!(k, GrainMap::Data(_)));
         assert_eq!(n, 65536);
         let x = SparseExtent::open(&s, 0).unwrap();
         let (k, _) = x.map(&s, 65536 + 10, 1).unwrap();
-        let GrainMap::Data(off) = k else { panic!("{k:?}") };
+        let GrainMap::Data(off) = k else {
+            panic!("{k:?}")
+        };
         let mut b = [0u8; 1];
         s.read_at(&mut b, off).unwrap();
         assert_eq!(b[0], 7);

@@ -58,7 +58,9 @@ pub fn read_grain(
         .map_err(|e| Error::io(format!("reading grain marker at sector {sector}"), e))?;
     let (lba_bytes, size_bytes) = m.split_at(8);
     let got_lba = u64::from_le_bytes(lba_bytes.try_into().unwrap_or_default());
-    let size = u64::from(u32::from_le_bytes(size_bytes.try_into().unwrap_or_default()));
+    let size = u64::from(u32::from_le_bytes(
+        size_bytes.try_into().unwrap_or_default(),
+    ));
     if got_lba != lba {
         return Err(Error::invalid(format!(
             "grain marker at sector {sector} is for guest sector {got_lba}, expected {lba}"
@@ -85,7 +87,10 @@ pub fn read_grain(
         .take(grain + 1)
         .read_to_end(out)
         .map_err(|e| {
-            Error::invalid(format!("compressed grain at sector {sector} does not inflate")).with_source(e)
+            Error::invalid(format!(
+                "compressed grain at sector {sector} does not inflate"
+            ))
+            .with_source(e)
         })?;
     if out.len() as u64 > grain {
         return Err(Error::invalid(format!(
@@ -155,7 +160,9 @@ impl StreamWriter {
 
     fn check_order(&self, grain: u64) -> Result<()> {
         if self.finished {
-            return Err(Error::usage("the streamOptimized image is already finished"));
+            return Err(Error::usage(
+                "the streamOptimized image is already finished",
+            ));
         }
         if grain >= self.grains {
             return Err(Error::usage(format!("grain {grain} is beyond the image")));
@@ -170,7 +177,12 @@ impl StreamWriter {
     }
 
     /// Append grain `grain`, already compressed.
-    pub fn write_compressed(&mut self, storage: &dyn Storage, grain: u64, comp: &[u8]) -> Result<()> {
+    pub fn write_compressed(
+        &mut self,
+        storage: &dyn Storage,
+        grain: u64,
+        comp: &[u8],
+    ) -> Result<()> {
         if let Some((p, _)) = &self.pending {
             if *p < grain {
                 self.flush_pending(storage)?;
@@ -189,15 +201,21 @@ impl StreamWriter {
         let size = u32::try_from(comp.len())
             .ok()
             .filter(|&s| u64::from(s) <= max_compressed(self.grain))
-            .ok_or_else(|| Error::usage(format!("compressed grain of {} bytes is too big", comp.len())))?;
+            .ok_or_else(|| {
+                Error::usage(format!(
+                    "compressed grain of {} bytes is too big",
+                    comp.len()
+                ))
+            })?;
         let per = u64::from(GTES_PER_GT);
         let gdi = grain / per;
         if self.gt.as_ref().is_some_and(|(i, _)| *i != gdi) {
             self.flush_gt(storage)?;
         }
         let sector = self.next_sector;
-        let sector32 = u32::try_from(sector)
-            .map_err(|_| Error::limit("streamOptimized extent grows beyond 32-bit sector numbers"))?;
+        let sector32 = u32::try_from(sector).map_err(|_| {
+            Error::limit("streamOptimized extent grows beyond 32-bit sector numbers")
+        })?;
         let lba = grain * self.header.grain_size.get();
         let total = (GRAIN_MARKER_LEN + comp.len() as u64).next_multiple_of(SECTOR);
         let mut buf = Vec::with_capacity(total as usize);
@@ -209,7 +227,10 @@ impl StreamWriter {
             .write_at(&buf, sector * SECTOR)
             .map_err(|e| Error::io(format!("writing grain {grain}"), e))?;
         self.next_sector += total / SECTOR;
-        let gt = &mut self.gt.get_or_insert_with(|| (gdi, vec![0; GTES_PER_GT as usize])).1;
+        let gt = &mut self
+            .gt
+            .get_or_insert_with(|| (gdi, vec![0; GTES_PER_GT as usize]))
+            .1;
         if let Some(e) = gt.get_mut((grain % per) as usize) {
             *e = sector32;
         }
@@ -277,8 +298,9 @@ impl StreamWriter {
         storage
             .write_at(&le_bytes(&gt), (at + 1) * SECTOR)
             .map_err(|e| Error::io(format!("writing grain table {gdi}"), e))?;
-        let sector = u32::try_from(at + 1)
-            .map_err(|_| Error::limit("streamOptimized extent grows beyond 32-bit sector numbers"))?;
+        let sector = u32::try_from(at + 1).map_err(|_| {
+            Error::limit("streamOptimized extent grows beyond 32-bit sector numbers")
+        })?;
         if let Some(e) = self.gd.get_mut(gdi as usize) {
             *e = sector;
         }
