@@ -323,3 +323,35 @@ fn mutated_images_never_panic() {
         }
     }
 }
+
+#[test]
+fn writes_across_the_2_gib_extent_boundary_reach_both_extents() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
+        let path = dir.path().join(format!("{sub}.vmdk"));
+        let size = (4 << 30) + (1 << 20);
+        let img = Image::create(
+            &path,
+            Format::Vmdk,
+            &opts(&format!("subformat={sub}"), size),
+        )
+        .unwrap();
+        let at = (2 << 30) - 1000;
+        img.write_at(&[0x3cu8; 3000], at).unwrap();
+        img.write_at(&[0x7eu8; 512], size - 512).unwrap();
+        img.close().unwrap();
+        assert_eq!(
+            vmi_disk::formats::companion_files(Format::Vmdk, &path).len(),
+            3,
+            "{sub}"
+        );
+        assert_qemu_check_clean(&path, "vmdk");
+        vmi_testkit::qemu::qemu_io(&path, "vmdk", &format!("read -P 0x3c {at} 3000"));
+        vmi_testkit::qemu::qemu_io(&path, "vmdk", &format!("read -P 0x7e {} 512", size - 512));
+        vmi_testkit::qemu::qemu_io(&path, "vmdk", &format!("read -P 0 {} 4096", at + 3000));
+        let img = open(&path);
+        let mut buf = vec![0u8; 3000];
+        img.read_at(&mut buf, at).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x3c), "{sub}");
+    }
+}

@@ -249,6 +249,10 @@ struct State {
     next_sector: u64,
     /// File length in bytes as far as this driver knows.
     file_len: u64,
+    /// The grain directory.
+    gd: Vec<u32>,
+    /// The redundant grain directory, when used.
+    rgd: Option<Vec<u32>>,
 }
 
 /// An opened hosted sparse extent.
@@ -258,8 +262,6 @@ pub struct SparseExtent {
     pub file: usize,
     /// The validated header (from the footer when the directory is at the end).
     pub header: Header,
-    gd: Vec<u32>,
-    rgd: Option<Vec<u32>>,
     state: Mutex<State>,
 }
 
@@ -311,12 +313,12 @@ impl SparseExtent {
         Ok(SparseExtent {
             file,
             header,
-            gd,
-            rgd,
             state: Mutex::new(State {
                 cache: HashMap::new(),
                 next_sector: file_len.div_ceil(SECTOR),
                 file_len,
+                gd,
+                rgd,
             }),
         })
     }
@@ -335,10 +337,10 @@ impl SparseExtent {
         let per = u64::from(self.header.gtes_per_gt);
         let gdi = grain / per;
         let gti = (grain % per) as usize;
-        let Some(&gt_sector) = self.gd.get(gdi as usize) else {
+        let Some(&gt_sector) = st.gd.get(gdi as usize) else {
             return Err(Error::invalid(format!(
                 "grain {grain} is beyond the grain directory ({} entries)",
-                self.gd.len()
+                st.gd.len()
             )));
         };
         if gt_sector == 0 {
@@ -559,33 +561,61 @@ impl SparseExtent {
         self.set_gte(storage, &mut st, grain, sector32)
     }
 
+    /// Allocate grain table `gdi` at the end of the file, zeroed, in every directory that lacks
+    /// it (the table first, then the directory entry that makes it reachable).
+    fn ensure_gt(&self, storage: &dyn Storage, st: &mut State, gdi: u64) -> Result<()> {
+        let gt_sectors = self.gt_bytes().div_ceil(SECTOR);
+        let dirs = [Some(self.header.gd_offset), self.header.rgd_offset];
+        for (which, dir) in dirs.into_iter().enumerate() {
+            let Some(dir) = dir else { continue };
+            let table = if which == 0 {
+                Some(&mut st.gd)
+            } else {
+                st.rgd.as_mut()
+            };
+            let Some(entry) = table.and_then(|t| t.get_mut(gdi as usize)) else {
+                continue;
+            };
+            if *entry != 0 {
+                continue;
+            }
+            let sector = st.next_sector;
+            let sector32 = u32::try_from(sector).map_err(|_| {
+                Error::limit(format!(
+                    "sparse extent would grow past sector {sector}, beyond 32-bit directory entries"
+                ))
+            })?;
+            crate::storage::write_zero_bytes(storage, sector * SECTOR, gt_sectors * SECTOR)
+                .map_err(|e| Error::io(format!("allocating grain table {gdi}"), e))?;
+            storage
+                .write_at(&sector32.to_le_bytes(), dir * SECTOR + gdi * 4)
+                .map_err(|e| Error::io(format!("recording grain table {gdi}"), e))?;
+            *entry = sector32;
+            st.next_sector = sector + gt_sectors;
+            st.file_len = st.file_len.max(st.next_sector * SECTOR);
+        }
+        st.cache.remove(&gdi);
+        Ok(())
+    }
+
     /// Record `value` as grain `grain`'s entry in the grain table and its redundant copy.
     fn set_gte(&self, storage: &dyn Storage, st: &mut State, grain: u64, value: u32) -> Result<()> {
         let per = u64::from(self.header.gtes_per_gt);
         let gdi = grain / per;
         let gti = grain % per;
+        let missing = |t: Option<&Vec<u32>>| t.and_then(|t| t.get(gdi as usize)) == Some(&0);
+        if missing(Some(&st.gd)) || missing(st.rgd.as_ref()) {
+            self.ensure_gt(storage, st, gdi)?;
+        }
         let tables = [
-            self.gd.get(gdi as usize),
-            self.rgd.as_ref().and_then(|r| r.get(gdi as usize)),
+            st.gd.get(gdi as usize).copied(),
+            st.rgd.as_ref().and_then(|r| r.get(gdi as usize)).copied(),
         ];
-        let mut wrote = false;
         for gt in tables.into_iter().flatten() {
-            if *gt == 0 {
-                continue;
-            }
-            let at = u64::from(*gt) * SECTOR + gti * 4;
+            let at = u64::from(gt) * SECTOR + gti * 4;
             storage
                 .write_at(&value.to_le_bytes(), at)
                 .map_err(|e| Error::io(format!("updating grain table {gdi}"), e))?;
-            wrote = true;
-        }
-        if !wrote {
-            // FIXME: allocate the missing grain table (and its redundant copy) at the end of the
-            // file and record it in both directories; images vmi and qemu create always have
-            // every table preallocated.
-            return Err(Error::unsupported(format!(
-                "writing grain {grain}: its grain table is not allocated"
-            )));
         }
         if let Some(gt) = st.cache.get_mut(&gdi) {
             if let Some(e) = gt.get_mut(gti as usize) {
@@ -606,7 +636,7 @@ impl SparseExtent {
         match kind {
             GrainMap::Zero => Ok(true),
             GrainMap::Unallocated if !has_backing => Ok(true),
-            _ if self.header.zeroed_grains() && gte.is_some() => {
+            _ if self.header.zeroed_grains() => {
                 self.set_gte(storage, &mut st, grain, GTE_ZEROED)?;
                 Ok(true)
             }
@@ -840,6 +870,31 @@ mod tests {
         let s = MemStorage::from_bytes(header_bytes(|h| h.gd_offset = 1000.into()));
         let e = SparseExtent::open(&s, 0).unwrap_err();
         assert!(e.to_string().contains("grain directory"), "{e}");
+    }
+
+    #[test]
+    fn writing_under_a_missing_grain_table_allocates_it_in_both_directories() {
+        let s = MemStorage::from_bytes(Vec::new());
+        create(&s, 4096, false, b"").unwrap();
+        let l = layout(4096);
+        s.write_at(&[0u8; 4], l.gd * SECTOR).unwrap();
+        s.write_at(&[0u8; 4], l.rgd * SECTOR).unwrap();
+        let x = SparseExtent::open(&s, 0).unwrap();
+        x.write(&s, &[9u8; 512], 0, 0, None).unwrap();
+        let x = SparseExtent::open(&s, 0).unwrap();
+        let (k, _) = x.map(&s, 0, 512).unwrap();
+        let GrainMap::Data(off) = k else {
+            panic!("{k:?}")
+        };
+        let mut b = [0u8; 1];
+        s.read_at(&mut b, off).unwrap();
+        assert_eq!(b[0], 9);
+        let st = x.state.lock().unwrap();
+        assert!(
+            st.gd[0] != 0
+                && st.rgd.as_ref().unwrap()[0] != 0
+                && st.gd[0] != st.rgd.as_ref().unwrap()[0]
+        );
     }
 
     #[test]
