@@ -4,6 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
+use vmi_disk::formats::vmdk::VmdkDriver;
 use vmi_disk::{CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Image, OpenOptions};
 use vmi_testkit::conformance::{run, Caps};
 use vmi_testkit::fixtures::{assert_image_matches_raw, read_file, scattered_raw};
@@ -180,6 +181,18 @@ fn adapter_type_and_hwversion_are_written_like_qemu() {
     assert!(text.contains("ddb.adapterType = \"lsilogic\""), "{text}");
     assert!(text.contains("ddb.virtualHWVersion = \"7\""), "{text}");
     assert!(text.contains("ddb.geometry.heads = \"255\""), "{text}");
+    for p in [&ours, &theirs] {
+        let img = open(p);
+        let d = img
+            .driver()
+            .as_any()
+            .downcast_ref::<VmdkDriver>()
+            .unwrap()
+            .descriptor();
+        assert_eq!(d.adapter_type.as_deref(), Some("lsilogic"));
+        assert_eq!(d.hw_version.as_deref(), Some("7"));
+        assert_eq!(d.geometry, Some((12, 255, 63)));
+    }
 }
 
 #[test]

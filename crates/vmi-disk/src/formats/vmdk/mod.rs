@@ -551,6 +551,11 @@ pub(crate) fn companion_files(path: &Path) -> Vec<PathBuf> {
 }
 
 impl VmdkDriver {
+    /// The descriptor (embedded or standalone): CID, createType, `ddb.*` keys, extent lines.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.desc
+    }
+
     fn extent_at(&self, offset: u64) -> Result<&Extent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
         self.extents
