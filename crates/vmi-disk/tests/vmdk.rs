@@ -368,3 +368,54 @@ fn writes_across_the_2_gib_extent_boundary_reach_both_extents() {
         assert!(buf.iter().all(|&b| b == 0x3c), "{sub}");
     }
 }
+
+#[test]
+fn children_record_their_parent_like_qemu_and_read_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vmdk");
+    qemu_create(&base, "vmdk", "", 8 << 20);
+    vmi_testkit::qemu::qemu_io(&base, "vmdk", "write -P 0x11 0 8M");
+    let base_cid = {
+        let img = open(&base);
+        let d = img.driver().as_any().downcast_ref::<VmdkDriver>().unwrap();
+        d.descriptor().cid
+    };
+    for sub in ["monolithicSparse", "twoGbMaxExtentSparse"] {
+        let child = dir.path().join(format!("child-{sub}.vmdk"));
+        let spec = vmi_disk::BackingSpec {
+            name: "base.vmdk".into(),
+            format: Some(Format::Vmdk),
+        };
+        let mut img = Image::create(
+            &child,
+            Format::Vmdk,
+            &opts(&format!("subformat={sub}"), 8 << 20).backing(spec),
+        )
+        .unwrap();
+        img.set_backing(Some(open(&base)));
+        img.write_at(&[0x22u8; 100], 70000).unwrap();
+        img.close().unwrap();
+        assert_qemu_check_clean(&child, "vmdk");
+        let info = qemu_info(&child, "vmdk");
+        assert_eq!(info["backing-filename"], "base.vmdk", "{sub}");
+        assert_eq!(
+            info["format-specific"]["data"]["parent-cid"], base_cid,
+            "{sub}"
+        );
+        for cmd in [
+            "read -P 0x11 0 70000",
+            "read -P 0x22 70000 100",
+            "read -P 0x11 70100 8318508",
+        ] {
+            vmi_testkit::qemu::qemu_io(&child, "vmdk", cmd);
+        }
+        let gate = vmi_disk::Gate::new().allow_backing(true);
+        let img = Image::open(&child, &OpenOptions::new().gate(gate)).unwrap();
+        assert_eq!(img.chain_len(), 2);
+        let mut buf = vec![0u8; 200];
+        img.read_at(&mut buf, 69950).unwrap();
+        assert_eq!(&buf[..50], &[0x11u8; 50][..]);
+        assert_eq!(&buf[50..150], &[0x22u8; 100][..]);
+        assert_eq!(&buf[150..], &[0x11u8; 50][..]);
+    }
+}

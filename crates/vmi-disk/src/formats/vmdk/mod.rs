@@ -18,7 +18,7 @@ use crate::check::{CheckMode, CheckReport};
 use crate::driver::{BackingSpec, CompressedWrite, Driver, FormatInfo, MapKind, Mapping};
 use crate::error::{Error, Result};
 use crate::formats::{Confidence, CreateContext, Format, OpenContext, ProbeInput};
-use crate::gate::{check_reference_syntax, Referral};
+use crate::gate::{check_reference_syntax, Gate, Referral};
 use crate::image::Image;
 use crate::options::CreateOptions;
 use crate::storage::{FileStorage, Storage};
@@ -329,12 +329,15 @@ pub(crate) fn create(
             "hwversion and compat6 cannot be given together",
         ));
     }
-    if opts.backing.is_some() {
-        // FIXME: record parentFileNameHint and the parent's CID; that needs the opened parent.
-        return Err(Error::unsupported(
-            "creating vmdk images with a backing file",
-        ));
-    }
+    let parent = match &opts.backing {
+        Some(_) if sub == "streamOptimized" => {
+            return Err(Error::usage(
+                "streamOptimized images cannot have a backing file",
+            ))
+        }
+        Some(spec) => Some((spec.name.clone(), parent_cid(ctx, spec)?)),
+        None => None,
+    };
     if opts.size % SECTOR != 0 {
         return Err(Error::usage(format!(
             "vmdk size {} is not a multiple of 512 bytes",
@@ -358,9 +361,9 @@ pub(crate) fn create(
     let name = file_name(&ctx.path);
     let mut desc = Descriptor {
         cid,
-        parent_cid: CID_NO_PARENT,
+        parent_cid: parent.as_ref().map_or(CID_NO_PARENT, |p| p.1),
         create_type: sub.clone(),
-        parent_hint: None,
+        parent_hint: parent.map(|p| p.0),
         extents: Vec::new(),
         adapter_type: Some(adapter.clone()),
         hw_version: Some(hw),
@@ -425,6 +428,33 @@ pub(crate) fn create(
             create_split(storage, ctx, desc, zeroed)
         }
     }
+}
+
+/// The CID of the backing image `spec` names, which qemu records as `parentCID`. The backing file
+/// must be a VMDK image; it is opened read-only through the gate, confined to the new image's
+/// folder.
+fn parent_cid(ctx: &CreateContext, spec: &BackingSpec) -> Result<u32> {
+    if spec.format.is_some_and(|f| f != Format::Vmdk) {
+        return Err(Error::usage(
+            "the backing file of a vmdk image must be a vmdk image",
+        ));
+    }
+    let gate = Gate::new().allow_backing(true).rooted_at_image(&ctx.path);
+    let path = gate.resolve(Referral::Backing, &ctx.path, &spec.name)?;
+    let storage = FileStorage::open(&path, false)
+        .map_err(|e| Error::io(format!("opening backing file {}", path.display()), e))?;
+    let octx = OpenContext {
+        path: path.clone(),
+        writable: false,
+        gate: Gate::new(),
+    };
+    let parent = open(Box::new(storage), &octx)
+        .map_err(|e| e.context("the backing file of a vmdk image must be a vmdk image"))?;
+    parent
+        .as_any()
+        .downcast_ref::<VmdkDriver>()
+        .map(|d| d.desc.cid)
+        .ok_or_else(|| Error::invalid("backing file is not a vmdk image"))
 }
 
 /// Create the extent files a descriptor names beside the descriptor, write the descriptor, and
