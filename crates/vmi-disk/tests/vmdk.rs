@@ -419,3 +419,32 @@ fn children_record_their_parent_like_qemu_and_read_through_it() {
         assert_eq!(&buf[150..], &[0x11u8; 50][..]);
     }
 }
+
+#[test]
+fn the_first_write_gives_the_image_a_new_cid() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["monolithicSparse", "monolithicFlat"] {
+        let path = dir.path().join(format!("{sub}.vmdk"));
+        qemu_create(&path, "vmdk", &format!("subformat={sub}"), 4 << 20);
+        let before = qemu_info(&path, "vmdk")["format-specific"]["data"]["cid"].clone();
+        let img = Image::open(
+            &path,
+            &OpenOptions::new().format(Some(Format::Vmdk)).write(true),
+        )
+        .unwrap();
+        img.write_at(&[1u8; 4096], 0).unwrap();
+        img.close().unwrap();
+        let info = qemu_info(&path, "vmdk");
+        assert_ne!(info["format-specific"]["data"]["cid"], before, "{sub}");
+        let cid = open(&path)
+            .driver()
+            .as_any()
+            .downcast_ref::<VmdkDriver>()
+            .unwrap()
+            .descriptor()
+            .cid;
+        assert_eq!(info["format-specific"]["data"]["cid"], cid, "{sub}");
+        assert_qemu_check_clean(&path, "vmdk");
+        vmi_testkit::qemu::qemu_io(&path, "vmdk", "read -P 1 0 4096");
+    }
+}

@@ -29,6 +29,7 @@ use serde_json::json;
 use sparse::{GrainMap, Header, RawHeader, SparseExtent};
 use std::any::Any;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use stream::StreamWriter;
 
@@ -103,9 +104,48 @@ pub struct VmdkDriver {
     extents: Vec<Extent>,
     size: u64,
     desc: Descriptor,
+    /// Where the descriptor text lives, for updating its CID.
+    text: Option<DescriptorText>,
+    /// Current content id (a new one is written on the first write, as qemu does).
+    cid: AtomicU32,
+    cid_updated: AtomicBool,
     writable: bool,
     backing: Option<BackingSpec>,
     stream: Option<Mutex<StreamWriter>>,
+}
+
+/// The descriptor text as found in file 0.
+#[derive(Debug, Clone)]
+struct DescriptorText {
+    /// Byte offset in file 0.
+    offset: u64,
+    /// Bytes available there (the embedded area), or `None` for a standalone descriptor file.
+    area: Option<u64>,
+    /// The text.
+    text: Vec<u8>,
+}
+
+/// `text` with its `CID=` line replaced by `cid`.
+fn replace_cid(text: &[u8], cid: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let key = line.split(|&b| b == b'=').next().unwrap_or(b"");
+        if line.contains(&b'=') && key.trim_ascii() == b"CID" {
+            out.extend_from_slice(format!("CID={cid:08x}").as_bytes());
+            if line.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
+fn random_cid() -> u32 {
+    let b = uuid::Uuid::new_v4();
+    let b = b.as_bytes();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn Driver>> {
@@ -136,6 +176,11 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         .read_at(&mut text, 0)
         .map_err(|e| Error::io("reading descriptor", e))?;
     let desc = Descriptor::parse(&text)?;
+    let text = DescriptorText {
+        offset: 0,
+        area: None,
+        text,
+    };
     let mut files: Vec<Option<Box<dyn Storage>>> = Vec::with_capacity(desc.extents.len());
     for line in &desc.extents {
         let Some(name) = &line.file else {
@@ -148,7 +193,13 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             .map_err(|e| Error::io(format!("opening extent file '{}'", name.escape_debug()), e))?;
         files.push(Some(Box::new(f)));
     }
-    Ok(Box::new(assemble(storage, files, desc, ctx.writable)?))
+    Ok(Box::new(assemble(
+        storage,
+        files,
+        desc,
+        Some(text),
+        ctx.writable,
+    )?))
 }
 
 fn file_name(path: &Path) -> String {
@@ -182,7 +233,17 @@ fn open_monolithic(storage: Box<dyn Storage>, name: &str, writable: bool) -> Res
             if buf.iter().all(|&b| b == 0) {
                 None
             } else {
-                Some(Descriptor::parse(&buf).map_err(|e| e.context("embedded descriptor"))?)
+                let d = Descriptor::parse(&buf).map_err(|e| e.context("embedded descriptor"))?;
+                let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+                buf.truncate(end);
+                Some((
+                    d,
+                    DescriptorText {
+                        offset: off * SECTOR,
+                        area: Some(n),
+                        text: buf,
+                    },
+                ))
             }
         }
         None => None,
@@ -192,11 +253,17 @@ fn open_monolithic(storage: Box<dyn Storage>, name: &str, writable: bool) -> Res
     } else {
         "monolithicSparse"
     };
-    let desc = embedded.unwrap_or_else(|| Descriptor {
-        parent_cid: CID_NO_PARENT,
-        create_type: create_type.to_string(),
-        ..Descriptor::default()
-    });
+    let (desc, text) = match embedded {
+        Some((d, t)) => (d, Some(t)),
+        None => (
+            Descriptor {
+                parent_cid: CID_NO_PARENT,
+                create_type: create_type.to_string(),
+                ..Descriptor::default()
+            },
+            None,
+        ),
+    };
     let size = x.capacity_bytes();
     let backing = desc
         .parent_hint
@@ -212,7 +279,10 @@ fn open_monolithic(storage: Box<dyn Storage>, name: &str, writable: bool) -> Res
             type_name: "",
         }],
         size,
+        cid: AtomicU32::new(desc.cid),
+        cid_updated: AtomicBool::new(false),
         desc,
+        text,
         writable,
         backing,
         stream: None,
@@ -224,6 +294,7 @@ fn assemble(
     main: Box<dyn Storage>,
     files: Vec<Option<Box<dyn Storage>>>,
     desc: Descriptor,
+    text: Option<DescriptorText>,
     writable: bool,
 ) -> Result<VmdkDriver> {
     let total = desc.total_bytes()?;
@@ -293,7 +364,10 @@ fn assemble(
         files: all,
         extents,
         size: total,
+        cid: AtomicU32::new(desc.cid),
+        cid_updated: AtomicBool::new(false),
         desc,
+        text,
         writable,
         backing,
         stream: None,
@@ -353,11 +427,7 @@ pub(crate) fn create(
         )));
     }
     let hw = hw.unwrap_or_else(|| if compat6 { "6" } else { "4" }.into());
-    let cid = u32::from_le_bytes(
-        uuid::Uuid::new_v4().as_bytes()[..4]
-            .try_into()
-            .unwrap_or_default(),
-    );
+    let cid = random_cid();
     let name = file_name(&ctx.path);
     let mut desc = Descriptor {
         cid,
@@ -453,7 +523,7 @@ fn parent_cid(ctx: &CreateContext, spec: &BackingSpec) -> Result<u32> {
     parent
         .as_any()
         .downcast_ref::<VmdkDriver>()
-        .map(|d| d.desc.cid)
+        .map(|d| d.cid.load(Ordering::Relaxed))
         .ok_or_else(|| Error::invalid("backing file is not a vmdk image"))
 }
 
@@ -487,10 +557,16 @@ fn create_split(
             }
             files.push(Some(Box::new(f)));
         }
+        let text = desc.render().into_bytes();
         storage
-            .write_at(desc.render().as_bytes(), 0)
+            .write_at(&text, 0)
             .map_err(|e| Error::io("writing descriptor", e))?;
-        assemble(storage, files, desc.clone(), true)
+        let text = DescriptorText {
+            offset: 0,
+            area: None,
+            text,
+        };
+        assemble(storage, files, desc.clone(), Some(text), true)
     })();
     match result {
         Ok(d) => Ok(Box::new(d)),
@@ -544,7 +620,10 @@ fn create_stream(
             type_name: "",
         }],
         size: sectors * SECTOR,
+        cid: AtomicU32::new(desc.cid),
+        cid_updated: AtomicBool::new(true),
         desc: desc.clone(),
+        text: None,
         writable: true,
         backing: None,
         stream: Some(Mutex::new(writer)),
@@ -582,8 +661,41 @@ pub(crate) fn companion_files(path: &Path) -> Vec<PathBuf> {
 
 impl VmdkDriver {
     /// The descriptor (embedded or standalone): CID, createType, `ddb.*` keys, extent lines.
-    pub fn descriptor(&self) -> &Descriptor {
-        &self.desc
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            cid: self.cid.load(Ordering::Relaxed),
+            ..self.desc.clone()
+        }
+    }
+
+    /// Give the image a new content id before its first change, as qemu does, so that children
+    /// recording the old one as `parentCID` can tell their parent changed.
+    fn bump_cid(&self) -> Result<()> {
+        let Some(t) = &self.text else {
+            return Ok(());
+        };
+        if !self.writable || self.cid_updated.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let cid = random_cid();
+        let mut new = replace_cid(&t.text, cid);
+        let s = self.storage(0)?;
+        let io = |e| Error::io("updating the descriptor's CID", e);
+        match t.area {
+            Some(area) => {
+                if new.len() as u64 > area {
+                    return Ok(());
+                }
+                new.resize(new.len().max(t.text.len()), 0);
+                s.write_at(&new, t.offset).map_err(io)?;
+            }
+            None => {
+                s.write_at(&new, t.offset).map_err(io)?;
+                s.set_len(new.len() as u64).map_err(io)?;
+            }
+        }
+        self.cid.store(cid, Ordering::Relaxed);
+        Ok(())
     }
 
     fn extent_at(&self, offset: u64) -> Result<&Extent> {
@@ -725,7 +837,7 @@ impl Driver for VmdkDriver {
             format_specific: json!({
                 "type": "vmdk",
                 "data": {
-                    "cid": self.desc.cid,
+                    "cid": self.cid.load(Ordering::Relaxed),
                     "parent-cid": self.desc.parent_cid,
                     "create-type": self.desc.create_type,
                     "extents": extents,
@@ -744,6 +856,7 @@ impl Driver for VmdkDriver {
         if let Some(mut w) = self.writer() {
             return w.write_plain(self.storage(0)?, buf, offset);
         }
+        self.bump_cid()?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -775,6 +888,9 @@ impl Driver for VmdkDriver {
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
         self.check_writable()?;
+        if self.stream.is_none() {
+            self.bump_cid()?;
+        }
         const CHUNK: u64 = 1 << 20;
         let zero = vec![0u8; CHUNK.min(len) as usize];
         let mut done = 0u64;
@@ -933,5 +1049,37 @@ impl CompressedWrite for VmdkDriver {
                 "compressed writes to a VMDK that is not being streamed",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe_bytes(head: &[u8]) -> Option<Confidence> {
+        probe(&ProbeInput {
+            head,
+            tail: &[],
+            len: head.len() as u64,
+        })
+    }
+
+    #[test]
+    fn replace_cid_changes_only_the_cid_line() {
+        let t = b"version=1\nCID=12345678\nparentCID=ffffffff\n";
+        assert_eq!(
+            replace_cid(t, 0xabcdef01),
+            b"version=1\nCID=abcdef01\nparentCID=ffffffff\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn probe_is_certain_for_descriptors_and_weak_for_cowd() {
+        let d = b"# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\n";
+        assert_eq!(probe_bytes(d), Some(Confidence::Certain));
+        assert_eq!(probe_bytes(b"# Disk DescriptorFile\n"), None);
+        assert_eq!(probe_bytes(b"COWD\x01\0\0\0"), Some(Confidence::Weak));
+        assert_eq!(probe_bytes(b"KDMV\x09\0\0\0"), Some(Confidence::Weak));
+        assert_eq!(probe_bytes(b"hello"), None);
     }
 }
