@@ -273,8 +273,14 @@ fn truncated_and_corrupt_sparse_images_fail_cleanly() {
     b[56..64].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let e = try_open(&b).unwrap_err();
     assert!(e.to_string().contains("grain directory"), "{e}");
-    // A grain table entry beyond the end: reading fails, check reports it.
+    // A grain directory entry (grain table) beyond the end: reading fails.
     let gd = u64::from_le_bytes(good[56..64].try_into().unwrap());
+    let mut b = good.clone();
+    b[gd as usize * 512..gd as usize * 512 + 4].copy_from_slice(&0x0fff_ffffu32.to_le_bytes());
+    let (_, r) = try_open(&b).unwrap();
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("grain table 0"), "{e}");
+    // A grain table entry beyond the end: reading fails, check reports it.
     let gt = u32::from_le_bytes(
         good[gd as usize * 512..gd as usize * 512 + 4]
             .try_into()
@@ -447,4 +453,25 @@ fn the_first_write_gives_the_image_a_new_cid() {
         assert_qemu_check_clean(&path, "vmdk");
         vmi_testkit::qemu::qemu_io(&path, "vmdk", "read -P 1 0 4096");
     }
+}
+
+#[test]
+fn read_only_extents_refuse_writes_and_zero_extents_read_as_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.bin"), vec![0x42u8; 1 << 20]).unwrap();
+    let path = dir.path().join("ro.vmdk");
+    std::fs::write(
+        &path,
+        "# Disk DescriptorFile\nversion=1\nCID=00000001\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\nRDONLY 2048 FLAT \"a.bin\" 0\nRW 2048 ZERO\n",
+    )
+    .unwrap();
+    let img = Image::open(&path, &OpenOptions::new().write(true)).unwrap();
+    assert_eq!(img.virtual_size(), 2 << 20);
+    let e = img.write_at(&[1u8; 512], 0).unwrap_err();
+    assert!(e.to_string().contains("a.bin"), "{e}");
+    let mut buf = vec![0u8; 1024];
+    img.read_at(&mut buf, (1 << 20) - 512).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 0x42));
+    assert!(buf[512..].iter().all(|&b| b == 0));
 }

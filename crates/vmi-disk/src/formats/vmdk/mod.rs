@@ -95,6 +95,8 @@ struct Extent {
     name: String,
     /// Descriptor type word, empty for the extent of a monolithic image.
     type_name: &'static str,
+    /// Whether the descriptor lets the extent be written (`RW`).
+    rw: bool,
 }
 
 /// An open VMDK image.
@@ -277,6 +279,7 @@ fn open_monolithic(storage: Box<dyn Storage>, name: &str, writable: bool) -> Res
             kind: ExtentKind::Sparse(x),
             name: name.to_string(),
             type_name: "",
+            rw: true,
         }],
         size,
         cid: AtomicU32::new(desc.cid),
@@ -352,6 +355,7 @@ fn assemble(
                 kind,
                 name,
                 type_name: line.kind.name(),
+                rw: line.access == Access::ReadWrite,
             });
         }
         start += len;
@@ -618,6 +622,7 @@ fn create_stream(
             kind: ExtentKind::Zero,
             name: name.to_string(),
             type_name: "",
+            rw: true,
         }],
         size: sectors * SECTOR,
         cid: AtomicU32::new(desc.cid),
@@ -864,6 +869,12 @@ impl Driver for VmdkDriver {
             let local = pos - e.start;
             let n = ((e.len - local) as usize).min(buf.len() - done);
             let chunk = &buf[done..done + n];
+            if !e.rw {
+                return Err(Error::usage(format!(
+                    "extent '{}' is not writable (the descriptor does not mark it RW)",
+                    e.name.escape_debug()
+                )));
+            }
             match &e.kind {
                 ExtentKind::Flat { file, offset: base } => self
                     .storage(*file)?
