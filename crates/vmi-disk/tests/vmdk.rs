@@ -109,7 +109,11 @@ fn vmi_reads_every_subformat_qemu_writes() {
         let img = open(&dst);
         assert_image_matches_raw(&img, &raw);
         let info = img.driver().info();
-        assert_eq!(info.format_specific["data"]["create-type"], sub, "{sub}");
+        assert_eq!(
+            info.format_specific,
+            qemu_info(&dst, "vmdk")["format-specific"],
+            "{sub}"
+        );
         if sub.contains("Sparse") || sub == "streamOptimized" {
             assert_eq!(info.cluster_size, Some(65536), "{sub}");
         }

@@ -161,7 +161,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     if magic == sparse::SPARSE_MAGIC {
         return Ok(Box::new(open_monolithic(
             storage,
-            &file_name(&ctx.path),
+            &ctx.path.display().to_string(),
             ctx.writable,
         )?));
     }
@@ -197,6 +197,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     }
     Ok(Box::new(assemble(
         storage,
+        &ctx.path,
         files,
         desc,
         Some(text),
@@ -295,6 +296,7 @@ fn open_monolithic(storage: Box<dyn Storage>, name: &str, writable: bool) -> Res
 /// Build a driver from a descriptor and its opened extent files (`None` for `ZERO` extents).
 fn assemble(
     main: Box<dyn Storage>,
+    path: &Path,
     files: Vec<Option<Box<dyn Storage>>>,
     desc: Descriptor,
     text: Option<DescriptorText>,
@@ -312,7 +314,11 @@ fn assemble(
     let mut start = 0u64;
     for (i, (line, file)) in desc.extents.iter().zip(files).enumerate() {
         let len = line.sectors * SECTOR;
-        let name = line.file.clone().unwrap_or_default();
+        // Named as qemu names them: the descriptor's folder joined with the extent's name.
+        let name = match &line.file {
+            Some(f) => path.with_file_name(f).display().to_string(),
+            None => String::new(),
+        };
         let kind = match (line.kind, file) {
             (ExtentType::Zero, _) => ExtentKind::Zero,
             (_, None) => return Err(Error::invalid(format!("extent {i} has no file"))),
@@ -457,12 +463,13 @@ pub(crate) fn create(
             desc.extents
                 .push(rw(sectors, ExtentType::Sparse, name.clone()));
             sparse::create(storage.as_ref(), sectors, zeroed, desc.render().as_bytes())?;
-            Ok(Box::new(open_monolithic(storage, &name, true)?))
+            let shown = ctx.path.display().to_string();
+            Ok(Box::new(open_monolithic(storage, &shown, true)?))
         }
         "streamOptimized" => {
             desc.extents
                 .push(rw(sectors, ExtentType::Sparse, name.clone()));
-            create_stream(storage, &name, sectors, &desc)
+            create_stream(storage, &ctx.path.display().to_string(), sectors, &desc)
         }
         _ => {
             let (sparse_ext, split) = match sub.as_str() {
@@ -570,7 +577,7 @@ fn create_split(
             area: None,
             text,
         };
-        assemble(storage, files, desc.clone(), Some(text), true)
+        assemble(storage, &ctx.path, files, desc.clone(), Some(text), true)
     })();
     match result {
         Ok(d) => Ok(Box::new(d)),
