@@ -983,58 +983,20 @@ impl Driver for VmdkDriver {
     }
 
     fn check(&self, _mode: CheckMode) -> Result<CheckReport> {
-        let mut r = CheckReport::default();
-        let mut total = 0u64;
-        let mut allocated = 0u64;
+        let mut r = CheckReport {
+            allocated_clusters: Some(0),
+            ..CheckReport::default()
+        };
         for e in &self.extents {
             let ExtentKind::Sparse(x) = &e.kind else {
                 continue;
             };
-            let s = self.storage(x.file)?;
-            let g = x.header.grain_bytes();
-            total += e.len.div_ceil(g);
-            let flen = x.file_len();
-            let mut seen = std::collections::HashSet::new();
-            let grains = match x.allocated(s) {
-                Ok(g) => g,
-                Err(err) => {
-                    r.check_errors += 1;
-                    r.messages
-                        .push(format!("ERROR: extent '{}': {err}", e.name));
-                    continue;
-                }
-            };
-            for (grain, sector) in grains {
-                allocated += 1;
-                let off = sector * SECTOR;
-                let span = if x.header.compressed() {
-                    stream::GRAIN_MARKER_LEN
-                } else {
-                    g
-                };
-                if off.saturating_add(span) > flen {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR: extent '{}': grain {grain} at sector {sector} is beyond the end of the file",
-                        e.name
-                    ));
-                } else if sector < x.header.overhead {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR: extent '{}': grain {grain} at sector {sector} overlaps the metadata",
-                        e.name
-                    ));
-                } else if !seen.insert(sector) {
-                    r.corruptions += 1;
-                    r.messages.push(format!(
-                        "ERROR: extent '{}': grain {grain} at sector {sector} is used twice",
-                        e.name
-                    ));
-                }
+            if let Err(err) = x.check(self.storage(x.file)?, &e.name, &mut r) {
+                r.check_errors += 1;
+                r.messages
+                    .push(format!("ERROR: extent '{}': {err}", e.name));
             }
         }
-        r.total_clusters = Some(total);
-        r.allocated_clusters = Some(allocated);
         Ok(r)
     }
 

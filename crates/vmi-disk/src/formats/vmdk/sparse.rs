@@ -8,6 +8,7 @@
 
 use super::descriptor::SECTOR;
 use super::stream;
+use crate::check::CheckReport;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::storage::Storage;
@@ -649,19 +650,86 @@ impl SparseExtent {
         }
     }
 
-    /// Every allocated grain's host sector, for consistency checks.
-    pub fn allocated(&self, storage: &dyn Storage) -> Result<Vec<(u64, u64)>> {
-        let mut out = Vec::new();
+    /// Check the extent's tables: grain tables beyond the file or shared by two directory
+    /// entries, grains beyond the file, inside the metadata, or starting within another grain's
+    /// window. Work and memory are bounded by the file size: each grain table is visited once,
+    /// and overlaps are found with one bit per grain-sized window of the file (so overlaps of
+    /// grains at unaligned host offsets that straddle windows are not all found).
+    pub fn check(&self, storage: &dyn Storage, name: &str, r: &mut CheckReport) -> Result<()> {
+        let (gd, file_len) = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            (st.gd.clone(), st.file_len)
+        };
+        let g = self.header.grain_bytes();
+        let per = u64::from(self.header.gtes_per_gt);
         let grains = self.header.capacity.div_ceil(self.header.grain_sectors);
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for grain in 0..grains {
-            if let Some(e) = self.gte(storage, &mut st, grain)? {
-                if e > 1 || (e == 1 && !self.header.zeroed_grains()) {
-                    out.push((grain, u64::from(e)));
+        let mut tables: Vec<(u32, u64)> = Vec::new();
+        for (gdi, &sector) in gd.iter().enumerate() {
+            if sector == 0 {
+                continue;
+            }
+            let end = u64::from(sector) * SECTOR + self.gt_bytes();
+            if end > file_len {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR: extent '{name}': grain table {gdi} at sector {sector} is beyond the end of the file"
+                ));
+                continue;
+            }
+            tables.push((sector, gdi as u64));
+        }
+        tables.sort_unstable();
+        let mut windows = vec![0u64; file_len.div_ceil(g).div_ceil(64) as usize];
+        let mut prev = None;
+        for (sector, gdi) in tables {
+            if prev == Some(sector) {
+                r.corruptions += 1;
+                r.messages.push(format!(
+                    "ERROR: extent '{name}': grain table {gdi} at sector {sector} is shared with another directory entry"
+                ));
+                continue;
+            }
+            prev = Some(sector);
+            let gt = self.load_gt(storage, file_len, gdi, sector)?;
+            for (i, &e) in gt.iter().enumerate() {
+                let grain = gdi * per + i as u64;
+                if grain >= grains || e == 0 || (e == GTE_ZEROED && self.header.zeroed_grains()) {
+                    continue;
+                }
+                r.allocated_clusters = Some(r.allocated_clusters.unwrap_or(0) + 1);
+                let sector = u64::from(e);
+                let off = sector * SECTOR;
+                let span = if self.header.compressed() {
+                    super::stream::GRAIN_MARKER_LEN
+                } else {
+                    g
+                };
+                let problem = if off + span > file_len {
+                    Some("is beyond the end of the file")
+                } else if sector < self.header.overhead.max(1) {
+                    Some("overlaps the metadata")
+                } else if !self.header.compressed() {
+                    // Two grains starting in the same grain-sized window overlap.
+                    let w = (off / g) as usize;
+                    let bit = 1u64 << (w % 64);
+                    let used = windows.get(w / 64).is_some_and(|b| b & bit != 0);
+                    if let Some(b) = windows.get_mut(w / 64) {
+                        *b |= bit;
+                    }
+                    used.then_some("overlaps another grain")
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    r.corruptions += 1;
+                    r.messages.push(format!(
+                        "ERROR: extent '{name}': grain {grain} at sector {sector} {p}"
+                    ));
                 }
             }
         }
-        Ok(out)
+        r.total_clusters = Some(r.total_clusters.unwrap_or(0) + grains);
+        Ok(())
     }
 
     /// File length as far as this extent knows.
