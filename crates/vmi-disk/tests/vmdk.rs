@@ -327,12 +327,17 @@ fn mutated_images_never_panic() {
         vmi_convert(&raw, &path, &format!("subformat={sub}"));
         seeds.push(read_file(&path));
     }
+    // 500 per seed image (2000 in all) by default; set VMDK_MUTATIONS for a longer run.
+    let per_seed: usize = std::env::var("VMDK_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
     let mut rng = StdRng::seed_from_u64(0x766d_646b);
     for seed in &seeds {
         assert!(vmi_disk::fuzzing::exercise(Some(Format::Vmdk), seed));
         // Metadata lives in the first 64 KiB (header, descriptor, directories, tables) and, for
         // streams, in the last few sectors.
-        for _ in 0..500 {
+        for _ in 0..per_seed {
             let mut b = seed.clone();
             for _ in 0..rng.gen_range(1..8) {
                 let i = if rng.gen_bool(0.8) {
