@@ -484,3 +484,16 @@ fn read_only_extents_refuse_writes_and_zero_extents_read_as_zero() {
     assert!(buf[..512].iter().all(|&b| b == 0x42));
     assert!(buf[512..].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn create_never_overwrites_an_existing_extent_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.vmdk");
+    std::fs::write(dir.path().join("x-s002.vmdk"), b"keep me").unwrap();
+    let o = opts("subformat=twoGbMaxExtentSparse", 3 << 30);
+    let e = Image::create(&path, Format::Vmdk, &o).unwrap_err();
+    assert!(e.to_string().contains("x-s002.vmdk"), "{e}");
+    assert_eq!(read_file(&dir.path().join("x-s002.vmdk")), b"keep me");
+    assert!(!path.exists());
+    assert!(!dir.path().join("x-s001.vmdk").exists());
+}
