@@ -497,3 +497,21 @@ fn create_never_overwrites_an_existing_extent_file() {
     assert!(!path.exists());
     assert!(!dir.path().join("x-s001.vmdk").exists());
 }
+
+#[test]
+fn create_refuses_values_that_would_break_the_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.vmdk");
+    for o in ["hwversion=4\"\nRW 1 FLAT \"/etc/passwd", "toolsversion=1\n"] {
+        let mut fo = FormatOptions::new();
+        fo.set(o.split_once('=').unwrap().0, o.split_once('=').unwrap().1);
+        let e = Image::create(
+            &path,
+            Format::Vmdk,
+            &CreateOptions::new(1 << 20).options(fo),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+        assert!(!path.exists());
+    }
+}

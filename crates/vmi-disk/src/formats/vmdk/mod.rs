@@ -407,7 +407,21 @@ pub(crate) fn create(
             return Err(Error::usage("backing_fmt must be 'vmdk' if present"));
         }
     }
+    // qemu's other preallocation modes (falloc, full) are not implemented.
+    o.choice("preallocation", &["off"])?;
     o.finish("vmdk")?;
+    for (what, v) in [
+        ("hwversion", hw.as_deref()),
+        ("toolsversion", Some(tools.as_str())),
+    ] {
+        if let Some(v) = v {
+            descriptor_safe(what, v)?;
+        }
+    }
+    descriptor_safe("image file name", &file_name(&ctx.path))?;
+    if let Some(b) = &opts.backing {
+        descriptor_safe("backing file name", &b.name)?;
+    }
     if hw.is_some() && compat6 {
         return Err(Error::usage(
             "hwversion and compat6 cannot be given together",
@@ -509,6 +523,18 @@ pub(crate) fn create(
             create_split(storage, ctx, desc, zeroed)
         }
     }
+}
+
+/// Refuse a value that would break out of its quoted descriptor field (a quote, a line break, a
+/// NUL): descriptors are line-oriented text.
+fn descriptor_safe(what: &str, v: &str) -> Result<()> {
+    if v.chars().any(|c| c == '"' || c.is_control()) {
+        return Err(Error::usage(format!(
+            "{what} '{}' cannot be written into a vmdk descriptor (quotes and control characters are not allowed)",
+            v.escape_debug()
+        )));
+    }
+    Ok(())
 }
 
 /// The CID of the backing image `spec` names, which qemu records as `parentCID`. The backing file
