@@ -517,3 +517,16 @@ fn create_refuses_values_that_would_break_the_descriptor() {
         assert!(!path.exists());
     }
 }
+
+#[test]
+fn zeroing_unallocated_grains_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("z.vmdk");
+    let img = Image::create(&path, Format::Vmdk, &opts("", 8 << 20)).unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    img.write_zeroes(100, 1000).unwrap();
+    img.write_zeroes(65536, 3 << 20).unwrap();
+    img.close().unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+    assert_qemu_check_clean(&path, "vmdk");
+}

@@ -956,15 +956,21 @@ impl Driver for VmdkDriver {
                     }
                     ExtentKind::Sparse(x) => {
                         let g = x.header.grain_bytes();
+                        let storage = self.storage(x.file)?;
                         if local % g == 0 && in_extent >= g {
-                            let ok =
-                                x.zero_grain(self.storage(x.file)?, local / g, backing.is_some())?;
+                            let ok = x.zero_grain(storage, local / g, backing.is_some())?;
                             ok.then_some(g)
                         } else {
-                            None
+                            // Part of a grain: nothing to do when it already reads as zero.
+                            let part = (g - local % g).min(in_extent);
+                            match x.map(storage, local, 1)?.0 {
+                                GrainMap::Zero => Some(part),
+                                GrainMap::Unallocated if backing.is_none() => Some(part),
+                                _ => None,
+                            }
                         }
                     }
-                    ExtentKind::Zero => None,
+                    ExtentKind::Zero => Some(in_extent),
                 }
             };
             let n = match handled {
