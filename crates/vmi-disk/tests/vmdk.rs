@@ -530,3 +530,46 @@ fn zeroing_unallocated_grains_allocates_nothing() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
     assert_qemu_check_clean(&path, "vmdk");
 }
+
+#[test]
+fn concurrent_writers_allocate_distinct_grains() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.vmdk");
+    let raw = dir.path().join("c.raw");
+    let size = 16u64 << 20;
+    let img = Image::create(&path, Format::Vmdk, &opts("", size)).unwrap();
+    let mut expect = vec![0u8; size as usize];
+    let chunks: Vec<(u64, Vec<u8>)> = (0..64u64)
+        .map(|i| {
+            (
+                i * 256 * 1024 + i * 7,
+                vmi_testkit::fixtures::pattern(i, 100_000),
+            )
+        })
+        .collect();
+    for (off, data) in &chunks {
+        expect[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    std::thread::scope(|s| {
+        for part in chunks.chunks(16) {
+            let img = &img;
+            s.spawn(move || {
+                for (off, data) in part {
+                    img.write_at(data, *off).unwrap();
+                }
+            });
+        }
+    });
+    img.close().unwrap();
+    std::fs::write(&raw, &expect).unwrap();
+    assert_qemu_check_clean(&path, "vmdk");
+    assert_qemu_identical(&path, "vmdk", &raw, "raw");
+    assert!(
+        open(&path)
+            .driver()
+            .check(CheckMode::ReadOnly)
+            .unwrap()
+            .corruptions
+            == 0
+    );
+}
