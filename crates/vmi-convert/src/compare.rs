@@ -95,7 +95,11 @@ pub fn compare(a: &Image, b: &Image, opts: &CompareOptions) -> Result<CompareOut
         match (reads_zero(&sa), reads_zero(&sb)) {
             (true, true) => {}
             (false, true) | (true, false) => {
-                let (img, buf) = if reads_zero(&sa) { (b, &mut buf_b) } else { (a, &mut buf_a) };
+                let (img, buf) = if reads_zero(&sa) {
+                    (b, &mut buf_b)
+                } else {
+                    (a, &mut buf_a)
+                };
                 let data = &mut buf[..len];
                 img.read_at(data, pos)?;
                 if let Some(i) = data.iter().position(|&x| x != 0) {

@@ -127,6 +127,9 @@ mod tests {
     #[test]
     fn compressed_entries_have_no_offset() {
         let c = MapEntry::of(&bs(0, 10, BlockKind::Compressed, Some(7)));
-        assert_eq!((c.present, c.data, c.compressed, c.offset), (true, true, true, None));
+        assert_eq!(
+            (c.present, c.data, c.compressed, c.offset),
+            (true, true, true, None)
+        );
     }
 }
