@@ -267,8 +267,11 @@ struct Plan<'a> {
     need_zero: bool,
     /// Copy only what the top image holds (`-B`).
     shallow: bool,
-    /// Compressed output: the writer and its unit size.
-    compressed: Option<(&'a dyn CompressedWrite, u64)>,
+    /// Compressed output: the target's compressed writer.
+    compressed: Option<&'a dyn CompressedWrite>,
+    /// Write whole allocation units (compressed output, and sequential targets that have units):
+    /// windows are unit-aligned and every unit is written once, whole, or not at all.
+    unit: Option<u64>,
     mode: WriteMode,
     window: u64,
 }
@@ -285,27 +288,32 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         ))
         .with_path(dst.path()));
     }
-    let compressed = if opts.compress {
-        let cw = dst.driver().compressed_writer().ok_or_else(|| {
-            Error::unsupported(format!(
-                "{} images cannot be written compressed",
-                dst.format()
-            ))
-            .with_path(dst.path())
-        })?;
-        let unit = cw.unit_size();
-        if unit == 0 || unit > MAX_UNIT {
-            return Err(Error::limit(format!(
-                "compressed unit of {unit} bytes (at most {MAX_UNIT} supported)"
-            ))
-            .with_path(dst.path()));
+    let unit_writer = dst.driver().compressed_writer();
+    if opts.compress && unit_writer.is_none() {
+        return Err(Error::unsupported(format!(
+            "{} images cannot be written compressed",
+            dst.format()
+        ))
+        .with_path(dst.path()));
+    }
+    let compressed = unit_writer.filter(|_| opts.compress);
+    // A sequential target must not see a unit twice (a zero block skipped inside a grain would
+    // split it), so it is written in whole units too.
+    let unit = match unit_writer {
+        Some(cw) if opts.compress || dst.driver().sequential_only() => {
+            let unit = cw.unit_size();
+            if unit == 0 || unit > MAX_UNIT {
+                return Err(Error::limit(format!(
+                    "compressed unit of {unit} bytes (at most {MAX_UNIT} supported)"
+                ))
+                .with_path(dst.path()));
+            }
+            Some(unit)
         }
-        Some((cw, unit))
-    } else {
-        None
+        _ => None,
     };
-    let window = match compressed {
-        Some((_, unit)) => CHUNK.div_ceil(unit) * unit,
+    let window = match unit {
+        Some(unit) => CHUNK.div_ceil(unit) * unit,
         None => CHUNK,
     };
     let workers = opts.effective_workers();
@@ -317,6 +325,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         need_zero: opts.target_has_data || opts.shallow,
         shallow: opts.shallow,
         compressed,
+        unit,
         mode: write_mode(dst, opts),
         window,
     };
@@ -609,7 +618,7 @@ fn prepare(plan: &Plan, job: &Job, buf: &mut Vec<u8>) -> Result<(Vec<Op>, Conver
     let mut ops = Vec::new();
     let mut stats = ConvertStats::default();
     let rel = |off: u64| usize::try_from(off - job.start).map_err(|_| internal("window offset"));
-    match plan.compressed {
+    match plan.unit {
         None => {
             if job.segs.iter().any(|s| s.class == Class::Data) {
                 sized(buf, rel(job.end)?);
@@ -628,7 +637,7 @@ fn prepare(plan: &Plan, job: &Job, buf: &mut Vec<u8>) -> Result<(Vec<Op>, Conver
                 }
             }
         }
-        Some((cw, unit)) => {
+        Some(unit) => {
             let unit_len = usize::try_from(unit).map_err(|_| internal("unit size"))?;
             sized(
                 buf,
@@ -667,18 +676,19 @@ fn prepare(plan: &Plan, job: &Job, buf: &mut Vec<u8>) -> Result<(Vec<Op>, Conver
                             stats.zero_bytes += len;
                         }
                     } else {
-                        match cw
-                            .compress(whole)
-                            .map_err(|e| e.with_path(plan.dst.path()))?
-                        {
-                            Some(c) => ops.push(Op::Compressed { offset: u, data: c }),
-                            None => ops.push(Op::Write {
-                                offset: u,
-                                at: a,
-                                len: n,
-                            }),
+                        let packed = match plan.compressed {
+                            Some(cw) => cw
+                                .compress(whole)
+                                .map_err(|e| e.with_path(plan.dst.path()))?,
+                            None => None,
+                        };
+                        match packed {
+                            Some(c) => {
+                                ops.push(Op::Compressed { offset: u, data: c });
+                                stats.data_bytes += len;
+                            }
+                            None => push_write(&mut ops, &mut stats, u, a, n),
                         }
-                        stats.data_bytes += len;
                     }
                 }
                 u = uend;
@@ -761,7 +771,7 @@ fn apply(plan: &Plan, buf: &[u8], ops: &[Op]) -> Result<()> {
             }
             Op::Zero { offset, len } => plan.dst.write_zeroes(*offset, *len)?,
             Op::Compressed { offset, data } => {
-                let (cw, _) = plan.compressed.ok_or_else(|| internal("compressed op"))?;
+                let cw = plan.compressed.ok_or_else(|| internal("compressed op"))?;
                 cw.write_compressed(*offset, data)
                     .map_err(|e| e.with_path(plan.dst.path()))?;
             }
@@ -1278,6 +1288,25 @@ mod tests {
             .iter()
             .filter(|l| l.2 == "compressed")
             .all(|l| l.0 % UNIT == 0 && l.1 == UNIT));
+    }
+
+    #[test]
+    fn a_sequential_target_with_units_gets_each_unit_once_and_whole() {
+        let units = mixed_units(40);
+        let mut bytes = content(&units);
+        // A zero block inside a data unit must not split that unit into two writes.
+        bytes[4096..8192].fill(0);
+        let src = source_over(MemStorage::from_bytes(bytes.clone()), &units);
+        let mut r = Recorder::new(src.virtual_size());
+        r.sequential = true;
+        r.unit = Some(UNIT);
+        let dst = recorder(r);
+        convert(&src, &dst, &opts(4, true)).unwrap();
+        assert_eq!(rec(&dst).storage.to_vec(), bytes);
+        let log = rec(&dst).log.lock().unwrap();
+        assert!(log
+            .iter()
+            .all(|l| l.2 == "data" && l.0 % UNIT == 0 && l.1 % UNIT == 0));
     }
 
     #[test]
