@@ -897,23 +897,33 @@ pub fn convert_to_path(
     let stats = convert(src, &dst, opts)?;
     dst.close()?;
 
-    if multi {
-        let tmp_dir = guard
-            .dir
-            .clone()
-            .ok_or_else(|| internal("temporary folder"))?;
+    install(&mut guard, &tmp_main, path, &dir)?;
+    Ok(stats)
+}
+
+/// Move a finished image from its temporary place to `path`: companions (every other file in the
+/// temporary folder, i.e. the extents `formats::companion_files` would list) first, the main file
+/// last, each fsynced before its rename, then the folder fsynced.
+fn install(guard: &mut TempGuard, tmp_main: &Path, path: &Path, dir: &Path) -> Result<()> {
+    if let Some(tmp_dir) = guard.dir.clone() {
+        let main_name = tmp_main
+            .file_name()
+            .ok_or_else(|| internal("main file name"))?;
         let mut companions = Vec::new();
         let entries = std::fs::read_dir(&tmp_dir)
             .map_err(|e| Error::io("listing the temporary folder", e).with_path(&tmp_dir))?;
         for entry in entries {
             let entry = entry
                 .map_err(|e| Error::io("listing the temporary folder", e).with_path(&tmp_dir))?;
-            if entry.file_name() != name {
+            if entry.file_name() != main_name {
                 companions.push(entry.path());
             }
         }
         companions.sort();
-        for c in companions.iter().chain(std::iter::once(&tmp_main)) {
+        for c in companions
+            .iter()
+            .chain(std::iter::once(&tmp_main.to_path_buf()))
+        {
             fsync_path(c)?;
         }
         for c in &companions {
@@ -923,17 +933,16 @@ pub fn convert_to_path(
             // Until the main file is in place, a failure removes the companions as well.
             guard.files.push(final_path);
         }
-        rename(&tmp_main, path)?;
+        rename(tmp_main, path)?;
     } else {
-        fsync_path(&tmp_main)?;
-        rename(&tmp_main, path)?;
+        fsync_path(tmp_main)?;
+        rename(tmp_main, path)?;
     }
     guard.done = true;
     if let Some(d) = &guard.dir {
         let _ = std::fs::remove_dir(d);
     }
-    fsync_path(&dir)?;
-    Ok(stats)
+    fsync_path(dir)
 }
 
 #[cfg(test)]
@@ -1307,6 +1316,61 @@ mod tests {
         assert!(log
             .iter()
             .all(|l| l.2 == "data" && l.0 % UNIT == 0 && l.1 % UNIT == 0));
+    }
+
+    #[test]
+    fn a_multi_file_image_is_installed_companions_first_and_the_folder_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(".img.vmdk.vmi-tmp-1-0");
+        std::fs::create_dir(&tmp).unwrap();
+        for (f, body) in [
+            ("img.vmdk", "descriptor"),
+            ("img-s001.vmdk", "e1"),
+            ("img-s002.vmdk", "e2"),
+        ] {
+            std::fs::write(tmp.join(f), body).unwrap();
+        }
+        // An older image of the same name is replaced.
+        std::fs::write(dir.path().join("img.vmdk"), "old").unwrap();
+        let mut guard = TempGuard {
+            files: Vec::new(),
+            dir: Some(tmp.clone()),
+            done: false,
+        };
+        let dest = dir.path().join("img.vmdk");
+        install(&mut guard, &tmp.join("img.vmdk"), &dest, dir.path()).unwrap();
+        drop(guard);
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "descriptor");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("img-s002.vmdk")).unwrap(),
+            "e2"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn an_unfinished_multi_file_image_is_removed_with_its_moved_companions() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(".x.vmi-tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("x-s001.vmdk"), "e1").unwrap();
+        std::fs::write(tmp.join("x.vmdk"), "descriptor").unwrap();
+        let mut guard = TempGuard {
+            files: Vec::new(),
+            dir: Some(tmp.clone()),
+            done: false,
+        };
+        // The destination is a non-empty folder, so the main file's rename fails after the
+        // companion moved.
+        let dest = dir.path().join("x.vmdk");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("keep"), "").unwrap();
+        assert!(install(&mut guard, &tmp.join("x.vmdk"), &dest, dir.path()).is_err());
+        drop(guard);
+        assert!(!dir.path().join("x-s001.vmdk").exists());
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

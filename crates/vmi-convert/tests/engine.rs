@@ -326,3 +326,32 @@ fn a_panic_during_conversion_removes_the_temporary_file() {
         dir_entries(dir.path())
     );
 }
+
+#[test]
+fn a_multi_file_format_is_built_in_a_temporary_folder_and_leaves_no_trace_on_failure() {
+    // VMDK images may consist of several files, so they are created in a temporary folder under
+    // their final names. Where VMDK creation is available the result lands at the destination with
+    // its extents; where it is not, the error leaves the folder as it was.
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.raw");
+    scattered_raw(&src_path, 4 * MIB, 4, 1);
+    let out = dir.path().join("out.vmdk");
+    let target = Target {
+        path: out.clone(),
+        format: Format::Vmdk,
+        create: CreateOptions::new(0),
+    };
+    let r = convert_to_path(&open_raw(&src_path), &target, &opts(2, false, 4096));
+    let leftovers: Vec<PathBuf> = dir_entries(dir.path())
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with('.') && name.contains(".vmi-tmp-")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    match r {
+        Ok(_) => assert!(out.exists()),
+        Err(_) => assert_eq!(dir_entries(dir.path()), vec![src_path]),
+    }
+}
