@@ -7,7 +7,7 @@
 //! difference in allocation status is itself a mismatch.
 
 use crate::progress::{Progress, ProgressFn};
-use vmi_disk::{BlockKind, BlockStatus, Image, Result};
+use vmi_disk::{BlockKind, BlockStatus, Error, Image, Result};
 
 /// Bytes compared per step: bounded buffers whatever the image size.
 const COMPARE_CHUNK: u64 = 2 << 20;
@@ -45,6 +45,20 @@ pub const SIZE_MISMATCH: &str = "Image size mismatch";
 /// Reason for different allocation status in strict mode (qemu: "Strict mode: Offset N block
 /// status mismatch!").
 pub const STATUS_MISMATCH: &str = "Block status mismatch";
+
+/// The block status at `pos`, refusing ranges only an unopened backing file could answer.
+fn status(img: &Image, pos: u64, len: u64) -> Result<BlockStatus> {
+    let bs = img.block_status(pos, len)?;
+    let unopened = img.driver().backing().is_some() && img.backing_image().is_none();
+    if bs.kind == BlockKind::Unallocated && bs.depth == 0 && unopened {
+        return Err(Error::usage(format!(
+            "guest range {}+{} comes from the backing file, which was not opened",
+            bs.start, bs.len
+        ))
+        .with_path(img.path()));
+    }
+    Ok(bs)
+}
 
 fn reads_zero(bs: &BlockStatus) -> bool {
     matches!(bs.kind, BlockKind::Zero | BlockKind::Unallocated)
@@ -85,8 +99,8 @@ pub fn compare(a: &Image, b: &Image, opts: &CompareOptions) -> Result<CompareOut
     let mut buf_b = vec![0u8; chunk];
     let mut pos = 0u64;
     while pos < common {
-        let sa = a.block_status(pos, common - pos)?;
-        let sb = b.block_status(pos, common - pos)?;
+        let sa = status(a, pos, common - pos)?;
+        let sb = status(b, pos, common - pos)?;
         let n = sa.len.min(sb.len).min(COMPARE_CHUNK);
         if opts.strict && strict_status(&sa) != strict_status(&sb) {
             return Ok(differ(pos, STATUS_MISMATCH));
@@ -124,7 +138,7 @@ pub fn compare(a: &Image, b: &Image, opts: &CompareOptions) -> Result<CompareOut
     // Not strict: the larger image's extra part must read as zeroes.
     let larger = if size_a > size_b { a } else { b };
     while pos < total {
-        let s = larger.block_status(pos, total - pos)?;
+        let s = status(larger, pos, total - pos)?;
         let n = s.len.min(COMPARE_CHUNK);
         if !reads_zero(&s) {
             let data = &mut buf_a[..usize::try_from(n).unwrap_or(chunk).min(chunk)];

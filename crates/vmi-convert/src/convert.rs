@@ -383,11 +383,21 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
 }
 
 /// Decide what to do with one block-status answer.
-fn classify(plan: &Plan, bs: &BlockStatus) -> Class {
+fn classify(plan: &Plan, bs: &BlockStatus) -> Result<Class> {
     if plan.shallow && bs.depth > 0 {
-        return Class::Skip;
+        return Ok(Class::Skip);
     }
-    match bs.kind {
+    let unopened_backing =
+        plan.src.driver().backing().is_some() && plan.src.backing_image().is_none();
+    if bs.kind == BlockKind::Unallocated && bs.depth == 0 && unopened_backing && !plan.shallow {
+        // Skipping would silently drop whatever the backing file holds there.
+        return Err(Error::usage(format!(
+            "guest range {}+{} comes from the backing file, which was not opened",
+            bs.start, bs.len
+        ))
+        .with_path(plan.src.path()));
+    }
+    Ok(match bs.kind {
         BlockKind::Data | BlockKind::Compressed => Class::Data,
         // Shallow copy of an image whose backing was not opened: the target's backing answers.
         BlockKind::Unallocated if plan.shallow && plan.src.driver().backing().is_some() => {
@@ -397,7 +407,7 @@ fn classify(plan: &Plan, bs: &BlockStatus) -> Class {
         BlockKind::Zero | BlockKind::Unallocated if plan.min_sparse == 0 => Class::Data,
         BlockKind::Zero | BlockKind::Unallocated if plan.need_zero => Class::Zero,
         BlockKind::Zero | BlockKind::Unallocated => Class::Skip,
-    }
+    })
 }
 
 /// Walk the source's block status and queue windows; returns when everything is queued, or early
@@ -425,7 +435,7 @@ fn planner(plan: &Plan, shared: &Shared, job_tx: Sender<Job>, workers: usize) ->
                     let end = bs.start.checked_add(bs.len).ok_or_else(|| {
                         Error::invalid("block status range overflows").with_path(plan.src.path())
                     })?;
-                    let c = (bs.start, end, classify(plan, &bs));
+                    let c = (bs.start, end, classify(plan, &bs)?);
                     cached = Some(c);
                     c
                 }
@@ -1426,6 +1436,32 @@ mod tests {
             *rec(&dst).log.lock().unwrap(),
             vec![(UNIT, UNIT, "data"), (2 * UNIT, UNIT, "zero")]
         );
+    }
+
+    #[test]
+    fn a_full_copy_refuses_a_source_whose_backing_was_not_opened() {
+        let units = [U::Data, U::Unalloc];
+        let src = Image::from_driver(
+            Box::new(Layout {
+                storage: MemStorage::from_bytes(content(&units)),
+                units: units.to_vec(),
+                backing: Some(vmi_disk::BackingSpec {
+                    name: "base.img".into(),
+                    format: None,
+                }),
+            }),
+            Path::new("top.img"),
+        );
+        let dst = recorder(Recorder::new(src.virtual_size()));
+        let e = convert(&src, &dst, &opts(1, false)).unwrap_err();
+        assert_eq!(e.kind(), vmi_disk::ErrorKind::Usage, "{e}");
+        // A shallow copy leaves that range to the target's backing instead.
+        let o = ConvertOptions {
+            shallow: true,
+            ..opts(1, false)
+        };
+        convert(&src, &dst, &o).unwrap();
+        assert_eq!(*rec(&dst).log.lock().unwrap(), vec![(0, UNIT, "data")]);
     }
 
     #[test]
