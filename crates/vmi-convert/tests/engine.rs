@@ -355,3 +355,30 @@ fn a_multi_file_format_is_built_in_a_temporary_folder_and_leaves_no_trace_on_fai
         Err(_) => assert_eq!(dir_entries(dir.path()), vec![src_path]),
     }
 }
+
+#[test]
+fn strict_compare_tells_a_hole_from_written_zeroes_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let hole = dir.path().join("hole.raw");
+    let zeroes = dir.path().join("zeroes.raw");
+    std::fs::File::create(&hole).unwrap().set_len(MIB).unwrap();
+    std::fs::write(&zeroes, vec![0u8; MIB as usize]).unwrap();
+    let (a, b) = (open_raw(&hole), open_raw(&zeroes));
+    let strict = CompareOptions {
+        strict: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        compare(&a, &b, &CompareOptions::default()).unwrap(),
+        CompareOutcome::Identical
+    );
+    assert_eq!(qemu_verdict(&hole, &zeroes, false).0, 0);
+    assert_eq!(
+        compare(&a, &b, &strict).unwrap(),
+        CompareOutcome::Differ {
+            offset: 0,
+            reason: vmi_convert::STATUS_MISMATCH.into()
+        }
+    );
+    assert_eq!(qemu_verdict(&hole, &zeroes, true).0, 1);
+}
