@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Conversion benchmarks: vmi against qemu-img (and `cp --sparse=always` as the floor) on the same
 # inputs. Measured, not asserted: prints a table of median wall times over RUNS runs, the ratio
-# vmi/qemu-img, output sizes (allocated bytes) and peak RSS.
+# vmi/qemu-img, output sizes (allocated bytes) and peak RSS. vmi's output is checked against the
+# source with `qemu-img compare` (a wrong result reads MISMATCH instead of a time).
 #
 # Usage: bench/convert.sh                      # every case on every input
 #        BENCH_SIZE_MIB=256 BENCH_CASES=raw-raw BENCH_INPUTS=zero,random,half bench/convert.sh
@@ -114,7 +115,7 @@ derived() { # derived RAW FMT [qemu-img convert options...] -> path
     local tag
     tag=$(printf '%s' "$*" | tr -c 'a-zA-Z0-9' '_')
     [ "$fmt" = vpc ] && ext=vhd
-    local f="${raw%.raw}.$tag.$ext"
+    local f="${raw%.raw}${tag:+.$tag}.$ext"
     if [ ! -f "$f" ]; then
         qemu-img convert -f raw -O "$fmt" "$@" "$raw" "$f.tmp" >&2 && mv "$f.tmp" "$f" || return 1
     fi
@@ -190,6 +191,11 @@ for entry in "${have_inputs[@]}"; do
         # shellcheck disable=SC2086
         v=$(time_it "$out/vmi.$ext" "${vmi_cmd[@]}" -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/vmi.$ext")
         vsize=$(alloc "$out/vmi.$ext")
+        # A fast wrong answer is no answer: check vmi's output against the source with qemu-img.
+        if [ "${v%% *}" != failed ] && ! qemu-img compare -q -f "$sfmt" -F "$dfmt" "$src" "$out/vmi.$ext"; then
+            log "  MISMATCH: vmi's $name output differs from the source"
+            v="MISMATCH ${v##* }"
+        fi
         # shellcheck disable=SC2086
         q=$(time_it "$out/qemu.$ext" qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/qemu.$ext")
         qsize=$(alloc "$out/qemu.$ext")
@@ -203,7 +209,7 @@ for entry in "${have_inputs[@]}"; do
         vt=${v%% *}
         qt=${q%% *}
         ratio=-
-        if [ "$vt" != failed ] && [ "$qt" != failed ]; then
+        if [ "$vt" != failed ] && [ "$vt" != MISMATCH ] && [ "$qt" != failed ]; then
             ratio=$(awk -v a="$vt" -v b="$qt" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
         fi
         vrss=-
@@ -211,6 +217,7 @@ for entry in "${have_inputs[@]}"; do
         [ "$vt" != failed ] && vrss="${v##* }K"
         [ "$qt" != failed ] && qrss="${q##* }K"
         [ "$vt" = failed ] && vsize=0
+        [ "$vt" = MISMATCH ] && ratio=-
         row "$name" "$input" "$vt" "$qt" "$ratio" "$qs" "$(human "$vsize")" "$(human "$qsize")" \
             "$vrss" "$qrss"
         rm -f "$out"/vmi.* "$out"/qemu.*
