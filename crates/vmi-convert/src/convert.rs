@@ -1197,6 +1197,64 @@ mod tests {
     }
 
     #[test]
+    fn random_layouts_convert_exactly_in_every_mode() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..12u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let n = rng.gen_range(1..80);
+            let units: Vec<U> = (0..n)
+                .map(|_| match rng.gen_range(0..3) {
+                    0 => U::Data,
+                    1 => U::Zero,
+                    _ => U::Unalloc,
+                })
+                .collect();
+            let mut bytes = content(&units);
+            for _ in 0..rng.gen_range(0..20) {
+                let at = rng.gen_range(0..bytes.len());
+                let len = rng.gen_range(1..20_000).min(bytes.len() - at);
+                if units[at / UNIT as usize] == U::Data {
+                    bytes[at..at + len].fill(0);
+                }
+            }
+            // Zero and unallocated units read as zero whatever the storage holds.
+            for (i, u) in units.iter().enumerate() {
+                if *u != U::Data {
+                    bytes[i * UNIT as usize..(i + 1) * UNIT as usize].fill(0);
+                }
+            }
+            let workers = rng.gen_range(1..6);
+            let min_sparse = [0, 512, 4096, 65536][rng.gen_range(0..4)];
+            for (sequential, unit, compress, ooo) in [
+                (false, None, false, false),
+                (false, None, false, true),
+                (true, Some(UNIT), false, true),
+                (false, Some(UNIT), true, true),
+                (true, Some(2 * UNIT), true, false),
+            ] {
+                let src = source_over(MemStorage::from_bytes(bytes.clone()), &units);
+                let mut r = Recorder::new(src.virtual_size());
+                r.sequential = sequential;
+                r.unit = unit;
+                let dst = recorder(r);
+                let o = ConvertOptions {
+                    workers,
+                    min_sparse,
+                    out_of_order: ooo,
+                    compress,
+                    ..Default::default()
+                };
+                let stats = convert(&src, &dst, &o).unwrap();
+                assert_eq!(stats.data_bytes + stats.zero_bytes, src.virtual_size());
+                assert!(
+                    rec(&dst).storage.to_vec() == bytes,
+                    "seed {seed}, {sequential} {unit:?} {compress} {ooo}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn zero_and_unallocated_ranges_are_neither_read_nor_written() {
         let units = [U::Zero, U::Unalloc, U::Data, U::Zero];
         let storage = MemStorage::from_bytes(content(&units));
