@@ -1442,6 +1442,17 @@ mod tests {
     }
 
     #[test]
+    fn the_target_backing_resolves_beside_the_target_and_refuses_protocols() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.raw"), vec![7u8; 4096]).unwrap();
+        let target = dir.path().join("new.qcow2");
+        let b = open_target_backing(&target, "base.raw", Some(Format::Raw)).unwrap();
+        assert_eq!(b.virtual_size(), 4096);
+        let e = open_target_backing(&target, "nbd:localhost:10809", None).unwrap_err();
+        assert_eq!(e.kind(), vmi_disk::ErrorKind::Refused, "{e}");
+    }
+
+    #[test]
     fn a_partial_last_unit_is_padded_with_zeroes_for_compression() {
         // A 100 KiB image with 64 KiB units: the second unit has 36 KiB of guest data.
         let size = 100 * 1024;
