@@ -263,6 +263,9 @@ struct Plan<'a> {
     dst: &'a Image,
     size: u64,
     min_sparse: u64,
+    /// Granularity of zero detection in data: `min_sparse`, raised to the target's cluster size so
+    /// that no cluster is half written and half skipped (qemu-img aligns the same way).
+    zero_block: u64,
     /// Write zeroes explicitly rather than skipping zero ranges.
     need_zero: bool,
     /// Copy only what the top image holds (`-B`).
@@ -322,6 +325,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         dst,
         size,
         min_sparse: opts.min_sparse,
+        zero_block: zero_block(dst, opts.min_sparse),
         need_zero: opts.target_has_data || opts.shallow,
         shallow: opts.shallow,
         compressed,
@@ -380,6 +384,18 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         data_bytes: shared.data_bytes.into_inner(),
         zero_bytes: shared.zero_bytes.into_inner(),
     })
+}
+
+/// Zero-detection granularity for `dst`: `min_sparse` (0 = off), at least the target's allocation
+/// unit when it has a power-of-two one no larger than a window.
+fn zero_block(dst: &Image, min_sparse: u64) -> u64 {
+    if min_sparse == 0 {
+        return 0;
+    }
+    match dst.driver().info().cluster_size {
+        Some(c) if c.is_power_of_two() && c <= CHUNK => min_sparse.max(c),
+        _ => min_sparse,
+    }
 }
 
 /// Decide what to do with one block-status answer.
@@ -745,11 +761,11 @@ fn split_zeroes(
     offset: u64,
     buf_at: usize,
 ) {
-    if plan.min_sparse == 0 {
+    if plan.zero_block == 0 {
         push_write(ops, stats, offset, buf_at, data.len());
         return;
     }
-    let ms = plan.min_sparse;
+    let ms = plan.zero_block;
     let mut i = 0usize;
     while i < data.len() {
         let pos = offset + i as u64;
@@ -1026,6 +1042,7 @@ mod tests {
         size: u64,
         sequential: bool,
         unit: Option<u64>,
+        cluster: Option<u64>,
         log: Mutex<Vec<(u64, u64, &'static str)>>,
     }
 
@@ -1036,6 +1053,7 @@ mod tests {
                 size,
                 sequential: false,
                 unit: None,
+                cluster: None,
                 log: Mutex::new(Vec::new()),
             }
         }
@@ -1090,6 +1108,12 @@ mod tests {
         }
         fn sequential_only(&self) -> bool {
             self.sequential
+        }
+        fn info(&self) -> vmi_disk::FormatInfo {
+            vmi_disk::FormatInfo {
+                cluster_size: self.cluster,
+                ..Default::default()
+            }
         }
         fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
             self.unit.map(|_| self as &dyn CompressedWrite)
@@ -1313,6 +1337,22 @@ mod tests {
             *rec(&dst).log.lock().unwrap(),
             vec![(0, 4096, "data"), (3 * 4096, 2 * UNIT - 3 * 4096, "data")]
         );
+        assert_eq!(rec(&dst).storage.to_vec(), bytes);
+    }
+
+    #[test]
+    fn zero_detection_is_raised_to_the_target_cluster_size() {
+        let units = [U::Data; 2];
+        let mut bytes = content(&units);
+        bytes[4096..3 * 4096].fill(0);
+        bytes[UNIT as usize..].fill(0);
+        let src = source_over(MemStorage::from_bytes(bytes.clone()), &units);
+        let mut r = Recorder::new(src.virtual_size());
+        r.cluster = Some(UNIT);
+        let dst = recorder(r);
+        convert(&src, &dst, &opts(1, false)).unwrap();
+        // The first cluster is written whole, zero blocks and all; the all-zero second is skipped.
+        assert_eq!(*rec(&dst).log.lock().unwrap(), vec![(0, UNIT, "data")]);
         assert_eq!(rec(&dst).storage.to_vec(), bytes);
     }
 
@@ -1613,6 +1653,7 @@ mod tests {
             size: src.virtual_size(),
             sequential: false,
             unit: None,
+            cluster: None,
             log: Mutex::new(Vec::new()),
         });
         let stats = convert(&src, &dst, &opts(2, false)).unwrap();
