@@ -253,8 +253,8 @@ fn an_interrupted_conversion_leaves_nothing_at_the_destination() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.raw");
     let src = failing_source(16 * MIB, 9 * MIB);
-    for workers in [1, 4] {
-        let e = convert_to_path(&src, &raw_target(&out), &opts(workers, true, 4096)).unwrap_err();
+    for (workers, ooo) in [(1, false), (1, true), (4, false), (4, true)] {
+        let e = convert_to_path(&src, &raw_target(&out), &opts(workers, ooo, 4096)).unwrap_err();
         assert_eq!(e.path(), Some(Path::new("failing.raw")), "{e}");
         assert!(
             dir_entries(dir.path()).is_empty(),
@@ -314,15 +314,17 @@ fn a_panic_during_conversion_removes_the_temporary_file() {
         &Gate::new(),
     )
     .unwrap();
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        convert_to_path(&src, &raw_target(&out), &opts(2, true, 4096))
-    }));
-    assert!(r.is_err(), "the panic propagates");
-    assert!(
-        dir_entries(dir.path()).is_empty(),
-        "{:?}",
-        dir_entries(dir.path())
-    );
+    for ooo in [false, true] {
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            convert_to_path(&src, &raw_target(&out), &opts(2, ooo, 4096))
+        }));
+        assert!(r.is_err(), "the panic propagates");
+        assert!(
+            dir_entries(dir.path()).is_empty(),
+            "{:?}",
+            dir_entries(dir.path())
+        );
+    }
 }
 
 #[test]
