@@ -144,9 +144,9 @@ impl CompareState {
 /// Compare two images.
 ///
 /// The calling thread walks both images' block status (skipping ranges both read as zero, and in
-/// strict mode stopping at the first allocation difference); up to 4 threads
-/// read and compare the rest in 2 MiB pieces. The lowest difference found wins, so the answer is
-/// the same as a sequential scan's. Memory: two 2 MiB buffers per thread.
+/// strict mode stopping at the first allocation difference); up to 4 threads read and compare the
+/// rest in 2 MiB pieces. The lowest difference found wins, so the answer is the same as a
+/// sequential scan's. Memory: two 2 MiB buffers per thread.
 pub fn compare(a: &Image, b: &Image, opts: &CompareOptions) -> Result<CompareOutcome> {
     let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
     if opts.strict && size_a != size_b {
