@@ -6,8 +6,9 @@
 //!    guest space into windows of [`CHUNK`] bytes (a whole number of compressed units when
 //!    compressing). A window that holds nothing to copy is never queued, so an empty terabyte costs
 //!    a handful of mapping queries and no reads;
-//! 2. **workers** read the data ranges of a window, find zero blocks at `min_sparse` granularity and,
-//!    when compressing, compress whole units;
+//! 2. **workers** read the data ranges of a window, find zero blocks at `min_sparse` granularity
+//!    (raised to the target's cluster size, so no cluster is half written) and, when compressing,
+//!    compress whole units;
 //! 3. writes happen in one of three ways ([`WriteMode`]):
 //!    - **direct**: each worker writes its window as soon as it is ready (out-of-order writes, `-W`,
 //!      to a random-access target);
