@@ -382,3 +382,26 @@ fn strict_compare_tells_a_hole_from_written_zeroes_as_qemu_img_does() {
     );
     assert_eq!(qemu_verdict(&hole, &zeroes, true).0, 1);
 }
+
+#[test]
+fn converting_into_an_existing_image_overwrites_its_old_data_with_zeroes_where_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.raw");
+    scattered_raw(&src_path, 8 * MIB, 8, 21);
+    let dst_path = dir.path().join("existing.raw");
+    std::fs::write(&dst_path, vec![0xee; 8 * MIB as usize]).unwrap();
+    let src = open_raw(&src_path);
+    let dst = Image::open(
+        &dst_path,
+        &OpenOptions::new().format(Some(Format::Raw)).write(true),
+    )
+    .unwrap();
+    let o = ConvertOptions {
+        target_has_data: true,
+        ..opts(2, false, 4096)
+    };
+    vmi_convert::convert(&src, &dst, &o).unwrap();
+    dst.close().unwrap();
+    assert!(read_file(&dst_path) == read_file(&src_path));
+    assert!(qemu_compare(&src_path, "raw", &dst_path, "raw"));
+}
