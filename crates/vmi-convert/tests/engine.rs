@@ -230,7 +230,12 @@ fn map_entries_of_a_sparse_raw_file_agree_with_qemu_img_map() {
         assert_eq!(Some(o.zero), t["zero"].as_bool());
         assert_eq!(Some(o.data), t["data"].as_bool());
         assert_eq!(Some(o.depth as u64), t["depth"].as_u64());
-        assert_eq!(o.offset, t["offset"].as_u64());
+        // Data always has its host offset; holes do where qemu-img prints one (older versions
+        // may not).
+        match t["offset"].as_u64() {
+            Some(off) => assert_eq!(o.offset, Some(off)),
+            None => assert!(!o.data),
+        }
     }
 }
 
