@@ -35,7 +35,11 @@ fn open_ro(p: &Path) -> Image {
 }
 
 fn open_rw(p: &Path) -> Image {
-    Image::open(p, &OpenOptions::new().format(Some(Format::Qcow2)).write(true)).unwrap()
+    Image::open(
+        p,
+        &OpenOptions::new().format(Some(Format::Qcow2)).write(true),
+    )
+    .unwrap()
 }
 
 fn backing_gate(dir: &Path) -> OpenOptions {
@@ -118,7 +122,15 @@ fn reads_a_qemu_overlay_through_its_backing_file() {
     qemu_convert(&raw, "raw", &base, "qcow2", "", &[]);
     let top = dir.path().join("top.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
     ]);
     qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
     let mut expect = read_file(&raw);
@@ -333,7 +345,11 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// (L1 offset, refcount table offset, cluster size) of a qcow2 file.
 fn layout(p: &Path) -> (u64, u64, u64) {
     let b = read_file(p);
-    (be64(&b, 40), be64(&b, 48), 1 << u32::from_be_bytes(b[20..24].try_into().unwrap()))
+    (
+        be64(&b, 40),
+        be64(&b, 48),
+        1 << u32::from_be_bytes(b[20..24].try_into().unwrap()),
+    )
 }
 
 fn small_image(dir: &Path, name: &str) -> PathBuf {
@@ -486,7 +502,17 @@ fn hostile_backing_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("evil.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", s(&q), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        s(&q),
+        "1M",
     ]);
     let allow = backing_gate(dir.path());
     let e = open_err(&q, &allow);
@@ -514,7 +540,8 @@ fn hostile_backing_names_are_refused() {
 fn external_data_file_is_refused_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("ext.qcow2");
-    qemu_create(&q, "qcow2", "data_file=ext.raw", 4 * MIB);
+    let ext = dir.path().join("ext.raw");
+    qemu_create(&q, "qcow2", &format!("data_file={}", s(&ext)), 4 * MIB);
     qemu_io(&q, "qcow2", "write -P 0x77 0 64k");
     let e = open_err(&q, &OpenOptions::new());
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
@@ -636,7 +663,11 @@ fn measure_matches_qemu_img() {
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let m = vmi_disk::formats::measure(Format::Qcow2, &opts(o, size), None).unwrap();
         assert_eq!(Some(m.required), j["required"].as_u64(), "{size} {o}");
-        assert_eq!(Some(m.fully_allocated), j["fully-allocated"].as_u64(), "{size} {o}");
+        assert_eq!(
+            Some(m.fully_allocated),
+            j["fully-allocated"].as_u64(),
+            "{size} {o}"
+        );
     }
     // From a source image.
     let raw = dir.path().join("src.raw");
@@ -654,6 +685,10 @@ fn measure_matches_qemu_img() {
         let src = open_ro(&q);
         let m = vmi_disk::formats::measure(Format::Qcow2, &opts(o, 0), Some(&src)).unwrap();
         assert_eq!(Some(m.required), j["required"].as_u64(), "source {o}");
-        assert_eq!(Some(m.fully_allocated), j["fully-allocated"].as_u64(), "source {o}");
+        assert_eq!(
+            Some(m.fully_allocated),
+            j["fully-allocated"].as_u64(),
+            "source {o}"
+        );
     }
 }

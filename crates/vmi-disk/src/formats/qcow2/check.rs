@@ -11,8 +11,8 @@
 use super::header::Header;
 use super::snapshot::Snapshot;
 use super::{
-    check_table, refcount, Inner, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
+    check_table, refcount, Inner, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    REFT_OFFSET_MASK,
 };
 use crate::check::{CheckMode, CheckReport};
 use crate::error::{Error, Result};
@@ -73,7 +73,15 @@ fn read_words(i: &Inner, off: u64, count: u64) -> Result<Vec<u64>> {
 }
 
 /// Walk all metadata and count references.
-fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Result<Scan> {
+/// `with_refcounts`: count the refcount table and blocks too (false when rebuilding them, so the
+/// old structures end up free).
+fn scan(
+    i: &mut Inner,
+    snaps: &[Snapshot],
+    snap_len: u64,
+    hdr: &Header,
+    with_refcounts: bool,
+) -> Result<Scan> {
     let cs = i.g.cs;
     let file_len = i.file_len()?;
     let nb = file_len.div_ceil(cs);
@@ -186,6 +194,13 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
                     }
                     continue;
                 }
+                if i.g.has_data_file {
+                    // Data clusters live in the external data file, not counted here.
+                    if active {
+                        allocated += 1;
+                    }
+                    continue;
+                }
                 let before = s.report.corruptions;
                 s.inc(cs, host, cs);
                 if s.report.corruptions != before && active {
@@ -197,8 +212,6 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
                         fragmented += 1;
                     }
                     next_contiguous = host + cs;
-                    let zero = i.g.version >= 3 && e & OFLAG_ZERO != 0 && !i.g.extended_l2;
-                    let _ = zero;
                     let rc = i.rc_get(host).unwrap_or(0);
                     if (rc == 1) != (e & OFLAG_COPIED != 0) {
                         s.report.corruptions += 1;
@@ -213,8 +226,13 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
     }
     // Refcount structures.
     let rt_bytes = i.reftable.len() as u64 * 8;
-    s.inc(cs, i.reftable_offset, rt_bytes);
-    for (ti, &te) in i.reftable.clone().iter().enumerate() {
+    let reftable = if with_refcounts {
+        s.inc(cs, i.reftable_offset, rt_bytes);
+        i.reftable.clone()
+    } else {
+        Vec::new()
+    };
+    for (ti, &te) in reftable.iter().enumerate() {
         let off = te & REFT_OFFSET_MASK;
         if off == 0 {
             continue;
@@ -336,7 +354,7 @@ pub(super) fn rebuild_refcounts(
     snap_len: u64,
     hdr: &Header,
 ) -> Result<()> {
-    let s = scan(i, snaps, snap_len, hdr)?;
+    let s = scan(i, snaps, snap_len, hdr, false)?;
     write_refcounts(i, s.refs)
 }
 
@@ -348,7 +366,7 @@ pub(super) fn check(
     hdr: &Header,
     mode: CheckMode,
 ) -> Result<CheckReport> {
-    let mut s = scan(i, snaps, snap_len, hdr)?;
+    let mut s = scan(i, snaps, snap_len, hdr, true)?;
     let (corrupt, leaks) = compare(i, &mut s);
     let repair = match mode {
         CheckMode::ReadOnly => false,
@@ -373,27 +391,35 @@ pub(super) fn check(
             }
         }
         i.l2.clear();
-        s = scan(i, snaps, snap_len, hdr)?;
     }
-    write_refcounts(i, s.refs)?;
+    let fresh = scan(i, snaps, snap_len, hdr, false)?;
+    write_refcounts(i, fresh.refs)?;
     if mode == CheckMode::RepairAll {
         // Copied flags follow the rebuilt refcounts.
-        let s2 = scan(i, snaps, snap_len, hdr)?;
+        let s2 = scan(i, snaps, snap_len, hdr, true)?;
         for (is_l1, table, idx, one) in s2.copied_fixes {
             if is_l1 {
                 if let Some(e) = i.l1.get_mut(idx as usize) {
-                    *e = if one { *e | OFLAG_COPIED } else { *e & !OFLAG_COPIED };
+                    *e = if one {
+                        *e | OFLAG_COPIED
+                    } else {
+                        *e & !OFLAG_COPIED
+                    };
                     i.l1_dirty = true;
                 }
             } else {
                 let (e, _) = i.l2_entry(table, idx)?;
-                let v = if one { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
+                let v = if one {
+                    e | OFLAG_COPIED
+                } else {
+                    e & !OFLAG_COPIED
+                };
                 i.set_l2_entry(table, idx, v)?;
             }
         }
         i.flush()?;
     }
-    let mut after = scan(i, snaps, snap_len, hdr)?;
+    let mut after = scan(i, snaps, snap_len, hdr, true)?;
     compare(i, &mut after);
     let mut r = after.report;
     r.leaks_fixed = before.leaks.saturating_sub(r.leaks);
