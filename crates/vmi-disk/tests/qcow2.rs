@@ -184,6 +184,7 @@ const VMI_MATRIX: &[&str] = &[
     "compression_type=zstd",
     "preallocation=metadata",
     "preallocation=falloc",
+    "preallocation=full,cluster_size=4k",
 ];
 
 #[test]
@@ -334,6 +335,49 @@ fn snapshots_are_listed_and_active_data_stays_right() {
     let img = open_ro(&q);
     img.read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 0x11));
+}
+
+#[test]
+fn resize_grows_and_refuses_to_drop_allocated_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("r.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=512", MIB)).unwrap();
+    img.write_at(&[7; 512], MIB - 512).unwrap();
+    // Growing past what the first L1 cluster maps moves the L1 table.
+    img.resize(200 * MIB).unwrap();
+    img.write_at(&[8; 512], 200 * MIB - 512).unwrap();
+    let e = img.resize(MIB / 2).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    let img = open_rw(&q);
+    img.write_zeroes(200 * MIB - 512, 512).unwrap();
+    img.resize(MIB).unwrap();
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    assert_eq!(qemu_info(&q, "qcow2")["virtual-size"], MIB);
+    let mut buf = [0u8; 512];
+    open_ro(&q).read_at(&mut buf, MIB - 512).unwrap();
+    assert_eq!(buf, [7; 512]);
+}
+
+#[test]
+fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "bm.qcow2");
+    qemu_img(&["bitmap", "--add", s(&q), "b0"]);
+    qemu_io(&q, "qcow2", "write -P 0x33 1M 64k");
+    // Read-only: the bitmap clusters are referenced, nothing leaks.
+    let r = vmi_check(&q, CheckMode::ReadOnly);
+    assert_eq!((r.leaks, r.corruptions), (0, 0), "{:?}", r.messages);
+    // Writing clears the bitmaps autoclear bit, as the spec asks of programs that do not
+    // maintain bitmaps; qemu then counts their clusters as leaks, and so does vmi.
+    let img = open_rw(&q);
+    img.write_at(&[1; 512], 0).unwrap();
+    img.close().unwrap();
+    assert_same_as_qemu(&q);
+    vmi_check(&q, CheckMode::RepairLeaks);
+    assert_qemu_check_clean(&q, "qcow2");
 }
 
 // ----- check and repair -----

@@ -8,7 +8,7 @@
 //! that disagree with refcounts). Repair writes a fresh refcount table and blocks at the end of the
 //! file from the counted references, so nothing the old structures said survives.
 
-use super::header::Header;
+use super::header::{Header, AUTOCLEAR_BITMAPS};
 use super::snapshot::Snapshot;
 use super::{
     check_table, refcount, Inner, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
@@ -20,6 +20,13 @@ use crate::error::{Error, Result};
 /// Most host clusters a check counts references for: the counters take 4 bytes each, so this
 /// bounds the check's memory to 256 MiB.
 const MAX_CHECK_CLUSTERS: u64 = 1 << 26;
+/// Most bitmaps an image may hold (qemu's QCOW2_MAX_BITMAPS).
+const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory (qemu's QCOW2_MAX_BITMAP_DIRECTORY_SIZE: 1 KiB per bitmap).
+const MAX_BITMAP_DIRECTORY: u64 = 1024 * 65535;
+/// Most entries of one bitmap table: a 64 TiB disk at 512-byte granularity with 512-byte
+/// clusters needs 2^25; anything larger is hostile.
+const MAX_BITMAP_TABLE: u32 = 1 << 25;
 /// Most messages kept in a report; the counts stay exact.
 const MAX_MESSAGES: usize = 1000;
 
@@ -249,10 +256,97 @@ fn scan(
     if hdr.nb_snapshots > 0 {
         s.inc(cs, hdr.snapshots_offset, snap_len);
     }
+    if let Some(ext) = &hdr.bitmaps {
+        // qemu ignores the extension (and its clusters) once the autoclear bit is clear.
+        if i.autoclear & AUTOCLEAR_BITMAPS != 0 {
+            count_bitmaps(i, &mut s, ext, file_len);
+        }
+    }
     s.report.allocated_clusters = Some(allocated);
     s.report.fragmented_clusters = Some(fragmented);
     s.report.compressed_clusters = Some(compressed);
     Ok(s)
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Count the clusters of the bitmaps extension (spec: "Bitmaps extension", "Bitmap directory",
+/// "Bitmap table"): the directory, each bitmap table, and each bitmap data cluster.
+fn count_bitmaps(i: &Inner, s: &mut Scan, ext: &[u8], file_len: u64) {
+    let cs = i.g.cs;
+    let (Some(nb), Some(dir_size), Some(dir_off)) = (be32(ext, 0), be64(ext, 8), be64(ext, 16))
+    else {
+        s.report.corruptions += 1;
+        s.note("ERROR bitmaps extension is too short".into());
+        return;
+    };
+    if nb > MAX_BITMAPS || dir_size > MAX_BITMAP_DIRECTORY {
+        s.report.corruptions += 1;
+        s.note(format!(
+            "ERROR bitmaps extension declares {nb} bitmaps in {dir_size} bytes"
+        ));
+        return;
+    }
+    if check_table("bitmap directory", dir_off, dir_size, cs, file_len).is_err() {
+        s.report.corruptions += 1;
+        s.note(format!(
+            "ERROR bitmap directory at {dir_off:#x} is outside the file"
+        ));
+        return;
+    }
+    s.inc(cs, dir_off, dir_size);
+    let mut dir = vec![0u8; dir_size as usize];
+    if i.st.read_at(&mut dir, dir_off).is_err() {
+        s.report.check_errors += 1;
+        return;
+    }
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        let (Some(t_off), Some(t_size), Some(name_size), Some(extra)) = (
+            be64(&dir, pos),
+            be32(&dir, pos + 8),
+            dir.get(pos + 18..pos + 20)
+                .map(|b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+            be32(&dir, pos + 20),
+        ) else {
+            s.report.corruptions += 1;
+            s.note("ERROR bitmap directory entry overruns the directory".into());
+            return;
+        };
+        let t_bytes = u64::from(t_size) * 8;
+        if t_size <= MAX_BITMAP_TABLE
+            && check_table("bitmap table", t_off, t_bytes, cs, file_len).is_ok()
+        {
+            s.inc(cs, t_off, t_bytes);
+            if let Ok(t) = read_words(i, t_off, u64::from(t_size)) {
+                for e in t {
+                    let off = e & L2E_OFFSET_MASK;
+                    if off != 0 {
+                        s.inc(cs, off, cs);
+                    }
+                }
+            }
+        } else {
+            s.report.corruptions += 1;
+            s.note(format!(
+                "ERROR bitmap table at {t_off:#x} is outside the file"
+            ));
+        }
+        let len = 24 + u64::from(extra) + name_size;
+        pos = match usize::try_from(len.div_ceil(8) * 8)
+            .ok()
+            .and_then(|l| pos.checked_add(l))
+        {
+            Some(p) => p,
+            None => return,
+        };
+    }
 }
 
 /// Compare counted references with stored refcounts; returns (refcount corruptions, leaks).

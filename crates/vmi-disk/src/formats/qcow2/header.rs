@@ -60,6 +60,9 @@ pub const INCOMPAT_KNOWN: u64 =
 /// Compatible feature bit 0: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+
 /// Byte offset of `size` (virtual disk size).
 pub const OFF_SIZE: u64 = 24;
 /// Byte offset of `l1_size` (u32) followed by `l1_table_offset` (u64).
@@ -131,8 +134,8 @@ pub struct Header {
     pub data_file: Option<String>,
     /// Feature name table entries: (type 0/1/2, bit, name).
     pub feature_names: Vec<(u8, u8, String)>,
-    /// Whether a bitmaps extension is present.
-    pub has_bitmaps: bool,
+    /// The bitmaps extension's data, when present (kept for `check`; vmi does not write bitmaps).
+    pub bitmaps: Option<Vec<u8>>,
 }
 
 impl Header {
@@ -275,7 +278,7 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
         backing_format: None,
         data_file: None,
         feature_names: Vec::new(),
-        has_bitmaps: false,
+        bitmaps: None,
     };
     parse_extensions(buf, &mut h)?;
     if unknown != 0 {
@@ -368,7 +371,7 @@ fn parse_extensions(buf: &[u8], h: &mut Header) -> Result<()> {
                     h.feature_names.push((e[0], e[1], name));
                 }
             }
-            EXT_BITMAPS => h.has_bitmaps = true,
+            EXT_BITMAPS => h.bitmaps = Some(data.to_vec()),
             EXT_CRYPTO => {
                 return Err(Error::unsupported("encrypted qcow2 images (crypto header)"));
             }

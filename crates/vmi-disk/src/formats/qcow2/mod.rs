@@ -371,12 +371,6 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             i.incompatible &= !header::INCOMPAT_DIRTY;
             i.header_dirty = true;
         }
-        // Autoclear bits describe structures vmi does not maintain (bitmaps): clear them so that
-        // readers know those structures may be stale (spec: "Autoclear feature bits").
-        if i.autoclear != 0 {
-            i.autoclear = 0;
-            i.header_dirty = true;
-        }
         i.flush()?;
     }
     Ok(Box::new(drv))
@@ -1006,6 +1000,14 @@ impl Inner {
     /// bit says refcounts may be stale; vmi keeps them exact but follows the protocol).
     fn begin_write(&mut self) -> Result<()> {
         self.check_writable()?;
+        if self.autoclear != 0 {
+            // Autoclear bits vouch for structures vmi does not maintain (bitmaps): clear them
+            // before the first change so readers know those structures may be stale (spec:
+            // "autoclear_features"). qemu then reports the bitmap clusters as leaks.
+            self.autoclear = 0;
+            self.write_header()?;
+            self.st.sync().map_err(io_err("syncing".into()))?;
+        }
         if self.g.lazy_refcounts
             && !self.set_dirty
             && self.incompatible & header::INCOMPAT_DIRTY == 0
@@ -1257,7 +1259,8 @@ impl Inner {
             let mut off = new_size;
             while off < self.size {
                 let (p, n) = self.map(off, self.size - off)?;
-                if p != Piece::Unallocated {
+                // Zero clusters hold nothing to lose.
+                if !matches!(p, Piece::Unallocated | Piece::Zero) {
                     return Err(Error::usage(format!(
                         "cannot shrink to {new_size}: guest offset {off} is allocated"
                     )));
