@@ -110,6 +110,20 @@ fn reads_what_qemu_img_writes() {
             "-o {o} {extra:?}: {:?}",
             rep.messages
         );
+        let (_, j) = qemu_check(&q, "qcow2");
+        for (mine, key) in [
+            (rep.allocated_clusters, "allocated-clusters"),
+            (rep.fragmented_clusters, "fragmented-clusters"),
+            (rep.compressed_clusters, "compressed-clusters"),
+            (rep.image_end_offset, "image-end-offset"),
+        ] {
+            // qemu-img leaves zero counts out of its JSON.
+            assert_eq!(
+                mine.unwrap_or(0),
+                j[key].as_u64().unwrap_or(0),
+                "{key} for -o {o} {extra:?}"
+            );
+        }
     }
 }
 
@@ -238,6 +252,12 @@ fn qemu_img_reads_what_vmi_compresses() {
         assert_eq!(rep.compressed_clusters, j["compressed-clusters"].as_u64());
         assert_eq!(rep.allocated_clusters, j["allocated-clusters"].as_u64());
         assert_eq!(rep.image_end_offset, j["image-end-offset"].as_u64(), "{o}");
+        assert_eq!(
+            rep.fragmented_clusters,
+            j["fragmented-clusters"].as_u64(),
+            "{o}"
+        );
+        assert_eq!(rep.total_clusters, j["total-clusters"].as_u64(), "{o}");
     }
 }
 
@@ -659,26 +679,42 @@ fn compressed_cluster_inflating_beyond_its_cluster_is_an_error() {
 #[test]
 fn mutated_images_never_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("m.qcow2");
-    qemu_create(&q, "qcow2", "cluster_size=512", 256 * 1024);
-    qemu_io(&q, "qcow2", "write -P 0x5a 0 8k");
-    qemu_io(&q, "qcow2", "write -c -P 0x11 64k 512");
-    qemu_img(&["snapshot", "-c", "s1", s(&q)]);
-    let good = read_file(&q);
+    let mut bases = Vec::new();
+    for (i, o) in [
+        "cluster_size=512",
+        "cluster_size=16k,extended_l2=on",
+        "cluster_size=1k,compression_type=zstd",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = dir.path().join(format!("m{i}.qcow2"));
+        qemu_create(&q, "qcow2", o, 256 * 1024);
+        qemu_io(&q, "qcow2", "write -P 0x5a 0 8k");
+        qemu_io(&q, "qcow2", "write -c -P 0x11 64k 16k");
+        qemu_io(&q, "qcow2", "write -z 128k 16k");
+        qemu_img(&["snapshot", "-c", "s1", s(&q)]);
+        bases.push(read_file(&q));
+    }
     let mut rng = StdRng::seed_from_u64(0x9c02);
-    for _ in 0..2000 {
-        let mut b = good.clone();
+    for n in 0..2000 {
+        let mut b = bases[n % bases.len()].clone();
         for _ in 0..rng.gen_range(1..8) {
+            // Half the mutations hit the header, the rest the tables and data after it.
             let at = if rng.gen_bool(0.5) {
                 rng.gen_range(0..112.min(b.len()))
             } else {
                 rng.gen_range(0..b.len())
             };
-            match rng.gen_range(0..3) {
+            match rng.gen_range(0..4) {
                 0 => b[at] ^= 1 << rng.gen_range(0..8),
                 1 => b[at] = rng.gen(),
-                _ => b[at] = 0xff,
+                2 => b[at] = 0xff,
+                _ => b[at] = 0,
             }
+        }
+        if n % 50 == 0 {
+            b.truncate(rng.gen_range(0..b.len()));
         }
         vmi_disk::fuzzing::exercise(Some(Format::Qcow2), &b);
     }

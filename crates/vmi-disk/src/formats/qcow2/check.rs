@@ -110,7 +110,6 @@ fn scan(
         l1s.push((false, sn.l1_offset, u64::from(sn.l1_size)));
     }
     let (mut allocated, mut fragmented, mut compressed) = (0u64, 0u64, 0u64);
-    let mut next_contiguous = 0u64;
     for (active, l1_off, l1_size) in l1s {
         if l1_size == 0 {
             continue;
@@ -175,6 +174,8 @@ fn scan(
                 }
             };
             let w = i.g.words as usize;
+            // Contiguity is judged within one L2 table, as qemu-img does.
+            let mut next_contiguous = 0u64;
             for (idx, ent) in l2.chunks_exact(w).enumerate() {
                 let e = ent[0];
                 let entry_at = l2off + (idx * w * 8) as u64;
@@ -182,8 +183,10 @@ fn scan(
                     let (host, len) = i.g.compressed_span(e);
                     s.inc(cs, host, len);
                     if active {
+                        // qemu counts compressed clusters as fragmented by nature.
                         allocated += 1;
                         compressed += 1;
+                        fragmented += 1;
                     }
                     continue;
                 }

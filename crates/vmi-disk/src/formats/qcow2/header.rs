@@ -320,7 +320,12 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
             "qcow2 virtual size {size} is too large"
         )));
     }
-    let _ = file_len;
+    if u64::from(h.header_length) > file_len {
+        return Err(Error::invalid(format!(
+            "qcow2 file is {file_len} bytes, shorter than its {}-byte header",
+            h.header_length
+        )));
+    }
     Ok(h)
 }
 

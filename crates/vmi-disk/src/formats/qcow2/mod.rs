@@ -224,7 +224,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             head.truncate(1usize << bits);
         }
     }
-    let mut h = header::parse_fixed(&head, file_len)?;
+    let h = header::parse_fixed(&head, file_len)?;
     let cs = h.cluster_size();
     // Active L1 table.
     let l1_bytes = u64::from(h.l1_size) * 8;
@@ -308,9 +308,6 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     } else {
         None
     };
-    if h.data_file.is_none() && h.incompatible & header::INCOMPAT_DATA_FILE == 0 {
-        h.data_file = None;
-    }
     let backing = h.backing_name.clone().map(|name| BackingSpec {
         name,
         format: h.backing_format.as_deref().and_then(|f| f.parse().ok()),

@@ -59,15 +59,13 @@ pub fn read_table(
     let mut pos = offset;
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let read = |buf: &mut [u8], at: u64| -> Result<()> {
-        let end = at
-            .checked_add(buf.len() as u64)
+        at.checked_add(buf.len() as u64)
             .filter(|&e| e <= file_len && e - offset <= MAX_SNAPSHOT_TABLE)
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "qcow2 snapshot table entry at {at:#x} runs past the file end or {MAX_SNAPSHOT_TABLE} bytes"
                 ))
             })?;
-        let _ = end;
         storage
             .read_at(buf, at)
             .map_err(|e| Error::io(format!("reading snapshot table at {at:#x}"), e))
