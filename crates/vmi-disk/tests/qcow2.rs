@@ -262,6 +262,44 @@ fn qemu_img_reads_what_vmi_compresses() {
 }
 
 #[test]
+fn writes_from_several_threads_land_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("t.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=4k", 8 * MIB)).unwrap();
+    let w = img.driver().compressed_writer().unwrap();
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let img = &img;
+            sc.spawn(move || {
+                for k in 0..64u64 {
+                    // Interleaved, unaligned, plain and compressed writes.
+                    let off = (k * 4 + t) * 32 * 1024 + 100;
+                    img.write_at(&pattern(t * 1000 + k, 5000), off).unwrap();
+                    let unit = ((k * 4 + t) * 32 + 16) * 1024;
+                    let data = vec![(t + k) as u8; 4096];
+                    let z = w.compress(&data).unwrap().unwrap();
+                    w.write_compressed(unit, &z).unwrap();
+                }
+            });
+        }
+    });
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    let mut expect = vec![0u8; 8 * MIB as usize];
+    for t in 0..4u64 {
+        for k in 0..64u64 {
+            let off = ((k * 4 + t) * 32 * 1024 + 100) as usize;
+            expect[off..off + 5000].copy_from_slice(&pattern(t * 1000 + k, 5000));
+            let unit = (((k * 4 + t) * 32 + 16) * 1024) as usize;
+            expect[unit..unit + 4096].fill((t + k) as u8);
+        }
+    }
+    let raw = dir.path().join("expect.raw");
+    std::fs::write(&raw, &expect).unwrap();
+    assert_qemu_identical(&q, "qcow2", &raw, "raw");
+}
+
+#[test]
 fn vmi_overlay_over_a_qemu_base_reads_right_in_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");

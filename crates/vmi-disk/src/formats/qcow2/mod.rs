@@ -573,6 +573,11 @@ pub(crate) fn measure(opts: &CreateOptions, source: Option<&Image>) -> Result<Me
     let l2e = if n.extended_l2 { 16 } else { 8 };
     let mut meta = cs; // header
     let l2_tables = (aligned / cs).div_ceil(cs / l2e);
+    if l2_tables * 8 > MAX_L1_SIZE {
+        return Err(Error::usage(format!(
+            "virtual size {vsize} needs an L1 table larger than {MAX_L1_SIZE} bytes (try a larger cluster size)"
+        )));
+    }
     meta += l2_tables * cs;
     meta += (l2_tables * 8).div_ceil(cs) * cs;
     meta += refcount::metadata_size((meta + aligned) / cs, cs, n.refcount_order);
@@ -593,6 +598,27 @@ impl Inner {
         self.st.len().map_err(io_err("reading file size".into()))
     }
 
+    /// Refuse to treat `[off, off+len)` as an L2 table, refcount block or data cluster when it
+    /// overlaps the header, the active L1 table or the refcount table: a hostile image could
+    /// otherwise make a write overwrite metadata.
+    fn check_no_overlap(&self, what: &str, off: u64, len: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let l1 = (self.l1_offset, self.l1.len() as u64 * 8);
+        let rt = (self.reftable_offset, self.reftable.len() as u64 * 8);
+        for (name, start, n) in [
+            ("header", 0, cs),
+            ("L1 table", l1.0, l1.1),
+            ("refcount table", rt.0, rt.1),
+        ] {
+            if n > 0 && off < start.saturating_add(n) && start < off.saturating_add(len) {
+                return Err(Error::invalid(format!(
+                    "qcow2 {what} at {off:#x} overlaps the {name} at {start:#x}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     // ----- L2 tables -----
 
     fn load_l2(&mut self, off: u64) -> Result<()> {
@@ -604,6 +630,7 @@ impl Inner {
         let cs = self.g.cs;
         let file_len = self.file_len()?;
         check_table("L2 table", off, cs, cs, file_len)?;
+        self.check_no_overlap("L2 table", off, cs)?;
         let data = read_u64s(self.st.as_ref(), off, cs / 8, "L2 table")?;
         self.insert_l2(off, data, false)
     }
@@ -815,6 +842,7 @@ impl Inner {
         let cs = self.g.cs;
         let file_len = self.file_len()?;
         check_table("refcount block", off, cs, cs, file_len)?;
+        self.check_no_overlap("refcount block", off, cs)?;
         let mut data = vec![0u8; cs as usize];
         self.st
             .read_at(&mut data, off)
@@ -1102,6 +1130,9 @@ impl Inner {
             let plain = e & OFLAG_COMPRESSED == 0;
             let zero = self.g.version >= 3 && e & OFLAG_ZERO != 0;
             let owned = plain && host != 0 && self.rc_get(host)? == 1;
+            if owned {
+                self.check_no_overlap("data cluster", host, cs)?;
+            }
             if owned && !zero {
                 self.st
                     .write_at(piece, host + in_off)
