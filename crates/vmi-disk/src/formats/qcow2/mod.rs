@@ -1163,8 +1163,17 @@ impl Inner {
         Ok(())
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
+    /// `declared_backing`: the image names a backing file (opened or not), so unallocated
+    /// clusters are not known to read as zeroes.
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        backing: Option<&Image>,
+        declared_backing: bool,
+    ) -> Result<()> {
         self.begin_write()?;
+        let shows_through = backing.is_some() || declared_backing;
         let cs = self.g.cs;
         let end = offset
             .checked_add(len)
@@ -1174,6 +1183,17 @@ impl Inner {
             let gc = pos / cs;
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
+            let l1i = gc / self.g.l2_entries;
+            let no_table = self
+                .l1
+                .get(l1i as usize)
+                .is_none_or(|e| e & L1E_OFFSET_MASK == 0);
+            if no_table && !shows_through {
+                // Nothing is allocated in this L2 range and nothing shows through: already zero.
+                let range_end = (l1i + 1) * self.g.l2_entries * cs;
+                pos = range_end.min(end).max(pos + n);
+                continue;
+            }
             // A whole cluster, or the partial last cluster of the image.
             let whole = in_off == 0 && (n == cs || pos + n >= self.size);
             if !whole {
@@ -1183,16 +1203,11 @@ impl Inner {
                 continue;
             }
             if self.g.version >= 3 {
-                let cur = self.lookup(gc)?;
-                if cur.is_none() && backing.is_none() {
-                    pos += n;
-                    continue;
-                }
                 let (l2off, idx) = self.l2_for_write(gc)?;
                 let (e, _) = self.l2_entry(l2off, idx)?;
                 self.set_l2_entry(l2off, idx, OFLAG_ZERO)?;
                 self.release(e)?;
-            } else if backing.is_none() {
+            } else if !shows_through {
                 if self.lookup(gc)?.is_some() {
                     let (l2off, idx) = self.l2_for_write(gc)?;
                     let (e, _) = self.l2_entry(l2off, idx)?;
@@ -1490,7 +1505,8 @@ impl Driver for Qcow2Driver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
-        self.lock().write_zeroes(offset, len, backing)
+        self.lock()
+            .write_zeroes(offset, len, backing, self.backing.is_some())
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
@@ -1545,6 +1561,20 @@ impl CompressedWrite for Qcow2Driver {
     }
 
     fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cs = self.hdr.cluster_size() as usize;
+        if data.len() > cs {
+            return Err(Error::usage(format!(
+                "compressing {} bytes: more than one {cs}-byte cluster",
+                data.len()
+            )));
+        }
+        if data.len() < cs {
+            // The last cluster of an image whose size is not a cluster multiple: a compressed
+            // cluster always inflates to a whole cluster, so pad it with zeroes as qemu does.
+            let mut padded = data.to_vec();
+            padded.resize(cs, 0);
+            return compress::deflate(self.hdr.compression, &padded);
+        }
         compress::deflate(self.hdr.compression, data)
     }
 
