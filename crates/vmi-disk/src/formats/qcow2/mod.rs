@@ -147,6 +147,10 @@ struct Inner {
     writable: bool,
     /// The dirty bit was set by this session (lazy refcounts) and is cleared on close.
     set_dirty: bool,
+    /// Clusters whose references were dropped in cached metadata: their refcounts are lowered
+    /// only after that metadata is on disk, so a crash can leak them but never leave a reference
+    /// to a cluster with refcount 0.
+    pending_free: Vec<u64>,
 }
 
 /// An open qcow2 image.
@@ -348,6 +352,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         tick: 0,
         writable: ctx.writable,
         set_dirty: false,
+        pending_free: Vec::new(),
     };
     let drv = Qcow2Driver {
         st,
@@ -513,6 +518,7 @@ pub(crate) fn create(
         tick: 0,
         writable: true,
         set_dirty: false,
+        pending_free: Vec::new(),
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -968,7 +974,7 @@ impl Inner {
             self.rc_add(new + k * cs, 1)?;
         }
         for k in 0..old_clusters {
-            self.rc_add(old + k * cs, -1)?;
+            self.pending_free.push(old + k * cs);
         }
         Ok(())
     }
@@ -1000,13 +1006,13 @@ impl Inner {
             let last = (host + len - 1) / cs * cs;
             let mut c = first;
             while c <= last {
-                self.rc_add(c, -1)?;
+                self.pending_free.push(c);
                 c += cs;
             }
         } else {
             let host = entry & L2E_OFFSET_MASK;
-            if host != 0 && self.rc_add(host, -1)? == 0 {
-                let _ = self.st.punch_hole(host, cs);
+            if host != 0 {
+                self.pending_free.push(host);
             }
         }
         Ok(())
@@ -1078,7 +1084,7 @@ impl Inner {
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
         let new = self.alloc(1)?;
         self.insert_l2(new, data, true)?;
-        self.rc_add(off, -1)?;
+        self.pending_free.push(off);
         self.l1[l1i] = new | OFLAG_COPIED;
         self.l1_dirty = true;
         Ok((new, idx))
@@ -1331,7 +1337,7 @@ impl Inner {
                 self.l1_offset = new;
                 if old != 0 {
                     for k in 0..old_clusters {
-                        self.rc_add(old + k * cs, -1)?;
+                        self.pending_free.push(old + k * cs);
                     }
                 }
             }
@@ -1410,6 +1416,16 @@ impl Inner {
         }
         if self.header_dirty {
             self.write_header()?;
+        }
+        if !self.pending_free.is_empty() {
+            // Nothing on disk references these clusters any more.
+            self.st.sync().map_err(io_err("syncing".into()))?;
+            for c in std::mem::take(&mut self.pending_free) {
+                if self.rc_add(c, -1)? == 0 {
+                    let _ = self.st.punch_hole(c, self.g.cs);
+                }
+            }
+            self.write_refcounts()?;
         }
         // Keep the file a whole number of sectors: a compressed cluster may end mid-sector.
         let len = self.file_len()?;
@@ -1539,8 +1555,9 @@ impl Driver for Qcow2Driver {
         let mut i = self.lock();
         if mode != CheckMode::ReadOnly {
             i.check_writable()?;
-            i.flush()?;
         }
+        // The check reads tables from the file: cached changes go there first.
+        i.flush()?;
         check::check(
             &mut i,
             &self.snapshots,
