@@ -636,6 +636,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_incompatible_bits_take_their_name_from_the_feature_table() {
+        let mut b = new(3);
+        b.truncate(V3_HEADER_LEN as usize);
+        let mut entry = [0u8; 48];
+        entry[1] = 9;
+        entry[2..16].copy_from_slice(b"future feature");
+        put_ext(&mut b, EXT_FEATURE_TABLE, &entry);
+        put_ext(&mut b, EXT_END, &[]);
+        b[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
+        let e = parse_fixed(&b, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("9 (future feature)"), "{e}");
+    }
+
+    #[test]
     fn overrunning_extension_is_rejected() {
         let mut b = new(3);
         b.resize(65536, 0);

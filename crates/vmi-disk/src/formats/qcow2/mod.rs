@@ -781,10 +781,19 @@ impl Inner {
             Some(e) => e & L1E_OFFSET_MASK == 0,
         };
         if unmapped {
-            // The whole L2 range is unallocated.
-            let range_end = (l1i + 1)
-                .saturating_mul(self.g.l2_entries)
-                .saturating_mul(cs);
+            // The whole L2 range is unallocated, and so are the ranges of the empty L1 entries
+            // that follow.
+            let per_l1 = self.g.l2_entries.saturating_mul(cs);
+            let mut next = l1i + 1;
+            while next.saturating_mul(per_l1) < offset + len
+                && self
+                    .l1
+                    .get(next as usize)
+                    .is_some_and(|e| e & L1E_OFFSET_MASK == 0)
+            {
+                next += 1;
+            }
+            let range_end = next.saturating_mul(per_l1);
             return Ok((Piece::Unallocated, len.min(range_end - offset)));
         }
         let table_end = (l1i + 1) * self.g.l2_entries * cs;
