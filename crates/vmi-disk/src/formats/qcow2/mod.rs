@@ -322,7 +322,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
             return Err(Error::new(
                 ErrorKind::Corrupt,
-                "qcow2 image is marked corrupt; it can be opened read-only or repaired with check",
+                "qcow2 image is marked corrupt (incompatible bit 1); it can only be opened read-only",
             ));
         }
         if g.extended_l2 {
