@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vmi_disk::{
-    CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, OpenOptions,
+    BlockKind, CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, OpenOptions,
 };
 use vmi_testkit::conformance::{run, Caps};
 use vmi_testkit::*;
@@ -419,6 +419,34 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
     let mut buf = [0u8; 512];
     open_ro(&q).read_at(&mut buf, MIB - 512).unwrap();
     assert_eq!(buf, [7; 512]);
+}
+
+#[test]
+fn a_huge_sparse_image_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("huge.qcow2");
+    let size = 8u64 << 40;
+    let img = Image::create(&q, Format::Qcow2, &opts("", size)).unwrap();
+    img.write_at(b"first", 0).unwrap();
+    img.write_at(b"last", size - 4).unwrap();
+    img.close().unwrap();
+    assert!(std::fs::metadata(&q).unwrap().len() < 4 * MIB);
+    assert_qemu_check_clean(&q, "qcow2");
+    let img = open_ro(&q);
+    // The rest of the first L2 table's range, then every empty L2 range in one answer.
+    let st = img.block_status(65536, size - 65536).unwrap();
+    assert_eq!(
+        (st.kind, st.len),
+        (BlockKind::Unallocated, 512 * MIB - 65536)
+    );
+    let st = img.block_status(512 * MIB, size - 512 * MIB).unwrap();
+    assert_eq!(
+        (st.kind, st.len),
+        (BlockKind::Unallocated, size - 1024 * MIB)
+    );
+    let mut buf = [0u8; 4];
+    img.read_at(&mut buf, size - 4).unwrap();
+    assert_eq!(&buf, b"last");
 }
 
 #[test]
