@@ -70,6 +70,13 @@ fn conforms_with_512_byte_clusters() {
 }
 
 #[test]
+fn conforms_with_extended_l2_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), Format::Qcow2, "extended_l2=on", caps());
+    assert_qemu_check_clean(&dir.path().join("conf.qcow2"), "qcow2");
+}
+
+#[test]
 fn conforms_with_2m_clusters() {
     let dir = tempfile::tempdir().unwrap();
     run(dir.path(), Format::Qcow2, "cluster_size=2M", caps());
@@ -135,24 +142,45 @@ fn reads_a_qemu_overlay_through_its_backing_file() {
     let base = dir.path().join("base.qcow2");
     qemu_convert(&raw, "raw", &base, "qcow2", "", &[]);
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
-    let mut expect = read_file(&raw);
-    expect[MIB as usize..MIB as usize + 100 * 1024].fill(0xab);
-    let img = Image::open(&top, &backing_gate(dir.path())).unwrap();
-    assert_eq!(img.chain_len(), 2);
-    let got = read_image(&img);
-    assert!(got == expect, "overlay contents differ");
+    for o in ["", "extended_l2=on"] {
+        let _ = std::fs::remove_file(&top);
+        let mut args = vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ];
+        if !o.is_empty() {
+            args.extend(["-o", o]);
+        }
+        args.push(s(&top));
+        qemu_img(&args);
+        // Unaligned writes: with extended L2 entries qemu allocates single subclusters.
+        qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
+        qemu_io(&top, "qcow2", "write -P 0xcd 2052k 4k");
+        let mut expect = read_file(&raw);
+        expect[MIB as usize..MIB as usize + 100 * 1024].fill(0xab);
+        expect[2052 * 1024..2056 * 1024].fill(0xcd);
+        let img = Image::open(&top, &backing_gate(dir.path())).unwrap();
+        assert_eq!(img.chain_len(), 2);
+        assert!(read_image(&img) == expect, "{o}: overlay contents differ");
+        drop(img);
+        // vmi writes into the partly allocated cluster: the rest comes from the base.
+        let img = Image::open(&top, &backing_gate(dir.path()).write(true)).unwrap();
+        img.write_at(&[0xef; 700], 2060 * 1024).unwrap();
+        img.write_at(&[0x12; 300], 2053 * 1024).unwrap();
+        img.close().unwrap();
+        expect[2060 * 1024..2060 * 1024 + 700].fill(0xef);
+        expect[2053 * 1024..2053 * 1024 + 300].fill(0x12);
+        let expect_path = dir.path().join("expect.raw");
+        std::fs::write(&expect_path, &expect).unwrap();
+        assert_qemu_check_clean(&top, "qcow2");
+        assert_qemu_identical(&top, "qcow2", &expect_path, "raw");
+    }
     // Without the gate's permission, the backing file is refused and named.
     let e = Image::open(&top, &OpenOptions::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused);
@@ -200,6 +228,8 @@ const VMI_MATRIX: &[&str] = &[
     "preallocation=metadata",
     "preallocation=falloc",
     "preallocation=full,cluster_size=4k",
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=2M",
 ];
 
 #[test]
@@ -230,6 +260,7 @@ fn qemu_img_reads_what_vmi_compresses() {
         "compression_type=zstd",
         "cluster_size=512",
         "cluster_size=4k,refcount_bits=1",
+        "extended_l2=on,compression_type=zstd",
         "compat=0.10",
         "cluster_size=2M",
     ]
@@ -313,7 +344,7 @@ fn vmi_overlay_over_a_qemu_base_reads_right_in_qemu() {
         name: "base.qcow2".into(),
         format: Some(Format::Qcow2),
     };
-    for o in ["", "compat=0.10"] {
+    for o in ["", "compat=0.10", "extended_l2=on"] {
         let _ = std::fs::remove_file(&top);
         let mut img =
             Image::create(&top, Format::Qcow2, &opts(o, 4 * MIB).backing(spec.clone())).unwrap();

@@ -35,7 +35,7 @@ struct Scan {
     refs: Vec<u32>,
     report: CheckReport,
     /// (host offset of an entry to clear, its width in bytes) for `RepairAll`.
-    bad_entries: Vec<u64>,
+    bad_entries: Vec<(u64, usize)>,
     /// L1/L2 entries whose copied flag is wrong: (is_l1, table offset or l1 index, index).
     copied_fixes: Vec<(bool, u64, u64, bool)>,
 }
@@ -143,14 +143,14 @@ fn scan(
                     "ERROR l2_offset={l2off:#x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
                 if active {
-                    s.bad_entries.push(i.l1_offset + l1i as u64 * 8);
+                    s.bad_entries.push((i.l1_offset + l1i as u64 * 8, 8));
                 }
                 continue;
             }
             if l2off + cs > file_len {
                 s.inc(cs, l2off, cs);
                 if active {
-                    s.bad_entries.push(i.l1_offset + l1i as u64 * 8);
+                    s.bad_entries.push((i.l1_offset + l1i as u64 * 8, 8));
                 }
                 continue;
             }
@@ -200,7 +200,7 @@ fn scan(
                         "ERROR offset={host:#x}: Cluster is not properly aligned; L2 entry corrupted"
                     ));
                     if active {
-                        s.bad_entries.push(entry_at);
+                        s.bad_entries.push((entry_at, w * 8));
                     }
                     continue;
                 }
@@ -214,7 +214,7 @@ fn scan(
                 let before = s.report.corruptions;
                 s.inc(cs, host, cs);
                 if s.report.corruptions != before && active {
-                    s.bad_entries.push(entry_at);
+                    s.bad_entries.push((entry_at, w * 8));
                 }
                 if active {
                     allocated += 1;
@@ -476,8 +476,8 @@ pub(super) fn check(
     let before = s.report.clone();
     if mode == CheckMode::RepairAll {
         // Entries pointing outside the file or unaligned: the data is gone; clear the entries.
-        for at in std::mem::take(&mut s.bad_entries) {
-            i.st.write_at(&0u64.to_be_bytes(), at)
+        for (at, width) in std::mem::take(&mut s.bad_entries) {
+            i.st.write_at(&vec![0u8; width], at)
                 .map_err(|e| Error::io(format!("clearing entry at {at:#x}"), e))?;
             if let Some(l1i) = at
                 .checked_sub(i.l1_offset)
@@ -505,13 +505,13 @@ pub(super) fn check(
                     i.l1_dirty = true;
                 }
             } else {
-                let (e, _) = i.l2_entry(table, idx)?;
+                let (e, bitmap) = i.l2_entry(table, idx)?;
                 let v = if one {
                     e | OFLAG_COPIED
                 } else {
                     e & !OFLAG_COPIED
                 };
-                i.set_l2_entry(table, idx, v)?;
+                i.set_l2_entry(table, idx, v, bitmap)?;
             }
         }
         i.flush()?;

@@ -46,6 +46,15 @@ const MAX_L1_SIZE: u64 = 32 << 20;
 const CACHE_BYTES: u64 = 16 << 20;
 /// Fewest tables a cache holds, whatever the cluster size.
 const MIN_CACHED_TABLES: usize = 4;
+/// Extended L2 bitmap: every subcluster allocated (spec: "Extended L2 Entries", bits 0-31).
+const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
+/// Extended L2 bitmap: every subcluster reads as zeroes (bits 32-63).
+const BITMAP_ALL_ZERO: u64 = 0xffff_ffff << 32;
+/// Subclusters per cluster with extended L2 entries.
+const SUBCLUSTERS: u64 = 32;
+/// Smallest cluster qemu allows extended L2 entries with (smaller subclusters than 512 bytes
+/// would be pointless).
+const MIN_EXTL2_CLUSTER: u64 = 16 * 1024;
 /// Sector size compressed cluster lengths are counted in (spec: "512-byte sectors").
 const SECTOR: u64 = 512;
 
@@ -318,18 +327,11 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     });
     let g = Geo::new(&h, data_file.is_some());
     let dirty_at_open = h.incompatible & header::INCOMPAT_DIRTY != 0;
-    if ctx.writable {
-        if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "qcow2 image is marked corrupt (incompatible bit 1); it can only be opened read-only",
-            ));
-        }
-        if g.extended_l2 {
-            return Err(Error::unsupported(
-                "writing qcow2 images with extended L2 entries (read-only support)",
-            ));
-        }
+    if ctx.writable && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            "qcow2 image is marked corrupt (incompatible bit 1); it can only be opened read-only",
+        ));
     }
     let end = file_len.div_ceil(cs) * cs;
     let inner = Inner {
@@ -426,10 +428,13 @@ fn parse_create_options(opts: &CreateOptions) -> Result<NewImage> {
         .choice("preallocation", &["off", "metadata", "falloc", "full"])?
         .unwrap_or_else(|| "off".into());
     let extended_l2 = o.bool("extended_l2")?.unwrap_or(false);
-    if extended_l2 {
-        return Err(Error::unsupported(
-            "creating qcow2 images with extended_l2=on (extended L2 is read-only in vmi)",
-        ));
+    if extended_l2 && version == 2 {
+        return Err(Error::usage("extended_l2=on needs compat=1.1"));
+    }
+    if extended_l2 && cs < MIN_EXTL2_CLUSTER {
+        return Err(Error::usage(format!(
+            "extended_l2=on needs a cluster size of at least {MIN_EXTL2_CLUSTER} bytes"
+        )));
     }
     let mut backing = opts.backing.clone();
     let bf = o.str("backing_file");
@@ -687,17 +692,35 @@ impl Inner {
         Ok((e, b))
     }
 
-    fn set_l2_entry(&mut self, off: u64, idx: u64, v: u64) -> Result<()> {
+    /// Set the entry of guest cluster `idx`: its descriptor and, with extended L2 entries, its
+    /// subcluster bitmap (ignored otherwise).
+    fn set_l2_entry(&mut self, off: u64, idx: u64, desc: u64, bitmap: u64) -> Result<()> {
         self.load_l2(off)?;
+        let w = self.g.words;
         let c = self
             .l2
             .get_mut(&off)
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
-        if let Some(e) = c.data.get_mut(idx as usize) {
-            *e = v;
+        let i = (idx * w) as usize;
+        if let Some(e) = c.data.get_mut(i) {
+            *e = desc;
             c.dirty = true;
         }
+        if w == 2 {
+            if let Some(b) = c.data.get_mut(i + 1) {
+                *b = bitmap;
+            }
+        }
         Ok(())
+    }
+
+    /// Bitmap of a cluster whose every subcluster is allocated (0 without extended L2).
+    fn all_alloc(&self) -> u64 {
+        if self.g.extended_l2 {
+            BITMAP_ALL_ALLOC
+        } else {
+            0
+        }
     }
 
     /// Entry for guest cluster `gc` in the active tables: None when its L2 table is unallocated.
@@ -1100,7 +1123,13 @@ impl Inner {
     }
 
     /// The current guest contents of cluster `gc` (for copy-on-write of a partial write).
-    fn read_cluster(&mut self, gc: u64, entry: u64, backing: Option<&Image>) -> Result<Vec<u8>> {
+    fn read_cluster(
+        &mut self,
+        gc: u64,
+        entry: u64,
+        bitmap: u64,
+        backing: Option<&Image>,
+    ) -> Result<Vec<u8>> {
         let cs = self.g.cs;
         let mut buf = vec![0u8; cs as usize];
         if entry & OFLAG_COMPRESSED != 0 {
@@ -1108,6 +1137,31 @@ impl Inner {
             return Ok(buf);
         }
         let host = entry & L2E_OFFSET_MASK;
+        if self.g.extended_l2 {
+            // Subcluster by subcluster: zero, allocated here, or from the backing image.
+            let sub = cs / SUBCLUSTERS;
+            let file_len = self.file_len()?;
+            for sc in 0..SUBCLUSTERS {
+                let range = (sc * sub) as usize..((sc + 1) * sub) as usize;
+                if bitmap & (1 << (32 + sc)) != 0 {
+                    continue;
+                }
+                if bitmap & (1 << sc) != 0 {
+                    let at = host + sc * sub;
+                    let n = sub.min(file_len.saturating_sub(at)) as usize;
+                    self.st
+                        .read_at(&mut buf[range.start..range.start + n], at)
+                        .map_err(io_err(format!("reading subcluster at {at:#x}")))?;
+                } else if let Some(b) = backing {
+                    let start = gc * cs + sc * sub;
+                    let avail = b.virtual_size().saturating_sub(start).min(sub) as usize;
+                    if avail > 0 {
+                        b.read_at(&mut buf[range.start..range.start + avail], start)?;
+                    }
+                }
+            }
+            return Ok(buf);
+        }
         if self.g.version >= 3 && entry & OFLAG_ZERO != 0 {
             return Ok(buf);
         }
@@ -1140,26 +1194,36 @@ impl Inner {
             let n = ((cs - in_off) as usize).min(buf.len() - done);
             let piece = &buf[done..done + n];
             let (l2off, idx) = self.l2_for_write(gc)?;
-            let (e, _) = self.l2_entry(l2off, idx)?;
+            let (e, bitmap) = self.l2_entry(l2off, idx)?;
             let host = e & L2E_OFFSET_MASK;
             let plain = e & OFLAG_COMPRESSED == 0;
-            let zero = self.g.version >= 3 && e & OFLAG_ZERO != 0;
+            // Whether the written bytes may go straight to the host cluster: not a zero cluster
+            // and, with subclusters, every touched subcluster already allocated.
+            let in_place = if self.g.extended_l2 {
+                let sub = cs / SUBCLUSTERS;
+                let first = in_off / sub;
+                let last = (in_off + n as u64 - 1) / sub;
+                let want = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
+                bitmap & want == want && (bitmap >> 32) & want == 0
+            } else {
+                !(self.g.version >= 3 && e & OFLAG_ZERO != 0)
+            };
             let owned = plain && host != 0 && self.rc_get(host)? == 1;
             if owned {
                 self.check_no_overlap("data cluster", host, cs)?;
             }
-            if owned && !zero {
+            if owned && in_place {
                 self.st
                     .write_at(piece, host + in_off)
                     .map_err(io_err(format!("writing data at {:#x}", host + in_off)))?;
                 if e & OFLAG_COPIED == 0 {
-                    self.set_l2_entry(l2off, idx, host | OFLAG_COPIED)?;
+                    self.set_l2_entry(l2off, idx, host | OFLAG_COPIED, bitmap)?;
                 }
             } else {
                 let mut data = if n as u64 == cs {
                     piece.to_vec()
                 } else {
-                    let mut d = self.read_cluster(gc, e, backing)?;
+                    let mut d = self.read_cluster(gc, e, bitmap, backing)?;
                     d[in_off as usize..in_off as usize + n].copy_from_slice(piece);
                     d
                 };
@@ -1168,7 +1232,8 @@ impl Inner {
                 self.st
                     .write_at(&data, target)
                     .map_err(io_err(format!("writing cluster at {target:#x}")))?;
-                self.set_l2_entry(l2off, idx, target | OFLAG_COPIED)?;
+                let all = self.all_alloc();
+                self.set_l2_entry(l2off, idx, target | OFLAG_COPIED, all)?;
                 if !owned {
                     self.release(e)?;
                 }
@@ -1220,13 +1285,17 @@ impl Inner {
             if self.g.version >= 3 {
                 let (l2off, idx) = self.l2_for_write(gc)?;
                 let (e, _) = self.l2_entry(l2off, idx)?;
-                self.set_l2_entry(l2off, idx, OFLAG_ZERO)?;
+                if self.g.extended_l2 {
+                    self.set_l2_entry(l2off, idx, 0, BITMAP_ALL_ZERO)?;
+                } else {
+                    self.set_l2_entry(l2off, idx, OFLAG_ZERO, 0)?;
+                }
                 self.release(e)?;
             } else if !shows_through {
                 if self.lookup(gc)?.is_some() {
                     let (l2off, idx) = self.l2_for_write(gc)?;
                     let (e, _) = self.l2_entry(l2off, idx)?;
-                    self.set_l2_entry(l2off, idx, 0)?;
+                    self.set_l2_entry(l2off, idx, 0, 0)?;
                     self.release(e)?;
                 }
             } else {
@@ -1282,7 +1351,8 @@ impl Inner {
             .map_err(io_err(format!("writing compressed cluster at {start:#x}")))?;
         let sectors = (stop - 1) / SECTOR - start / SECTOR;
         let entry = OFLAG_COMPRESSED | (sectors << self.g.csize_shift()) | start;
-        self.set_l2_entry(l2off, idx, entry)?;
+        // Compressed clusters carry no subcluster bitmap (spec: must be zero).
+        self.set_l2_entry(l2off, idx, entry, 0)?;
         self.release(old)?;
         let next = stop.div_ceil(SECTOR) * SECTOR;
         self.ctail = if next % cs == 0 { 0 } else { next };
@@ -1295,7 +1365,8 @@ impl Inner {
         for gc in 0..clusters {
             let (l2off, idx) = self.l2_for_write(gc)?;
             let host = self.alloc(1)?;
-            self.set_l2_entry(l2off, idx, host | OFLAG_COPIED)?;
+            let all = self.all_alloc();
+            self.set_l2_entry(l2off, idx, host | OFLAG_COPIED, all)?;
         }
         let end = self.end;
         let len = self.file_len()?;
@@ -1535,7 +1606,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
-        (self.writable && !self.lock().g.extended_l2).then_some(self as &dyn CompressedWrite)
+        self.writable.then_some(self as &dyn CompressedWrite)
     }
 
     fn flush(&self) -> Result<()> {
