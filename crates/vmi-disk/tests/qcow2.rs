@@ -902,6 +902,8 @@ fn measure_matches_qemu_img() {
         (7 << 30, "cluster_size=2M"),
         (1 << 30, "refcount_bits=1"),
         (3 << 30, "preallocation=full"),
+        (5 << 30, "extended_l2=on"),
+        (MIB + 1, "compat=0.10,preallocation=metadata"),
     ] {
         let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
         if !o.is_empty() {
@@ -924,7 +926,7 @@ fn measure_matches_qemu_img() {
     scattered_raw(&raw, 32 * MIB, 30, 1);
     let q = dir.path().join("src.qcow2");
     qemu_convert(&raw, "raw", &q, "qcow2", "", &[]);
-    for o in ["", "cluster_size=512", "cluster_size=2M"] {
+    for o in ["", "cluster_size=512", "cluster_size=2M", "extended_l2=on"] {
         let mut args = vec!["measure", "--output=json", "-O", "qcow2", "-f", "qcow2"];
         if !o.is_empty() {
             args.extend(["-o", o]);
