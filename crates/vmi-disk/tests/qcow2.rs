@@ -453,6 +453,25 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
 }
 
 #[test]
+fn freed_clusters_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("reuse.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("", 16 * MIB)).unwrap();
+    img.write_at(&pattern(3, MIB as usize), 0).unwrap();
+    img.flush().unwrap();
+    let before = std::fs::metadata(&q).unwrap().len();
+    img.write_zeroes(0, MIB).unwrap();
+    img.flush().unwrap();
+    img.write_at(&pattern(4, MIB as usize), 8 * MIB).unwrap();
+    img.close().unwrap();
+    assert_eq!(std::fs::metadata(&q).unwrap().len(), before);
+    assert_qemu_check_clean(&q, "qcow2");
+    let mut expect = vec![0u8; 16 * MIB as usize];
+    expect[8 * MIB as usize..9 * MIB as usize].copy_from_slice(&pattern(4, MIB as usize));
+    assert_eq!(read_image(&open_ro(&q)), expect);
+}
+
+#[test]
 fn a_huge_sparse_image_stays_small() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("huge.qcow2");
@@ -546,11 +565,14 @@ fn a_crash_at_any_write_leaves_no_corruption() {
                 &Gate::new(),
             )?;
             // Overwrite in place, copy-on-write a compressed cluster, allocate new tables far
-            // away, zero clusters and grow the image.
+            // away, zero clusters, reuse freed ones and grow the image.
             img.write_at(&[1; 100], 10)?;
             img.write_at(&[2; 100], MIB + 10)?;
             img.write_at(&[3; 8192], 3 * MIB)?;
             img.write_zeroes(4096, 8192)?;
+            img.flush()?;
+            // Reuses the clusters freed above.
+            img.write_at(&[5; 8192], 2 * MIB)?;
             img.resize(64 * MIB)?;
             img.write_at(&[4; 4096], 60 * MIB)?;
             img.close()

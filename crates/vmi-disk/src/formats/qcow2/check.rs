@@ -435,6 +435,7 @@ fn write_refcounts(i: &mut Inner, mut refs: Vec<u32>) -> Result<()> {
         .map_err(|e| Error::io("writing refcount table", e))?;
     i.st.sync().map_err(|e| Error::io("syncing", e))?;
     i.rb.clear();
+    i.free.clear();
     i.reftable = reftable;
     i.reftable_offset = table_off;
     i.reftable_dirty = false;

@@ -55,6 +55,8 @@ const SUBCLUSTERS: u64 = 32;
 /// Smallest cluster qemu allows extended L2 entries with (smaller subclusters than 512 bytes
 /// would be pointless).
 const MIN_EXTL2_CLUSTER: u64 = 16 * 1024;
+/// Most freed clusters remembered for reuse (8 bytes each).
+const MAX_FREE_LIST: usize = 1 << 16;
 /// Sector size compressed cluster lengths are counted in (spec: "512-byte sectors").
 const SECTOR: u64 = 512;
 
@@ -160,6 +162,9 @@ struct Inner {
     /// only after that metadata is on disk, so a crash can leak them but never leave a reference
     /// to a cluster with refcount 0.
     pending_free: Vec<u64>,
+    /// Clusters freed (refcount 0, nothing on disk pointing at them) that single-cluster
+    /// allocations reuse before growing the file; at most [`MAX_FREE_LIST`].
+    free: Vec<u64>,
 }
 
 /// An open qcow2 image.
@@ -355,6 +360,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         writable: ctx.writable,
         set_dirty: false,
         pending_free: Vec::new(),
+        free: Vec::new(),
     };
     let drv = Qcow2Driver {
         st,
@@ -524,6 +530,7 @@ pub(crate) fn create(
         writable: true,
         set_dirty: false,
         pending_free: Vec::new(),
+        free: Vec::new(),
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -1029,6 +1036,18 @@ impl Inner {
         Ok(off)
     }
 
+    /// One cluster with refcount 1: a freed one when there is one, else appended.
+    fn alloc_one(&mut self) -> Result<u64> {
+        while let Some(c) = self.free.pop() {
+            // Defensive: only a cluster nobody counts may be handed out again.
+            if self.rc_get(c)? == 0 {
+                self.rc_add(c, 1)?;
+                return Ok(c);
+            }
+        }
+        self.alloc(1)
+    }
+
     /// Drop the references an L2 entry holds (data cluster or compressed span).
     fn release(&mut self, entry: u64) -> Result<()> {
         let cs = self.g.cs;
@@ -1093,7 +1112,7 @@ impl Inner {
         })?;
         let off = l1e & L1E_OFFSET_MASK;
         if off == 0 {
-            let new = self.alloc(1)?;
+            let new = self.alloc_one()?;
             self.insert_l2(new, vec![0; (cs / 8) as usize], true)?;
             self.l1[l1i] = new | OFLAG_COPIED;
             self.l1_dirty = true;
@@ -1114,7 +1133,7 @@ impl Inner {
             .get(&off)
             .map(|c| c.data.clone())
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
-        let new = self.alloc(1)?;
+        let new = self.alloc_one()?;
         self.insert_l2(new, data, true)?;
         self.pending_free.push(off);
         self.l1[l1i] = new | OFLAG_COPIED;
@@ -1228,7 +1247,7 @@ impl Inner {
                     d
                 };
                 data.resize(cs as usize, 0);
-                let target = if owned { host } else { self.alloc(1)? };
+                let target = if owned { host } else { self.alloc_one()? };
                 self.st
                     .write_at(&data, target)
                     .map_err(io_err(format!("writing cluster at {target:#x}")))?;
@@ -1503,6 +1522,9 @@ impl Inner {
             for c in std::mem::take(&mut self.pending_free) {
                 if self.rc_add(c, -1)? == 0 {
                     let _ = self.st.punch_hole(c, self.g.cs);
+                    if self.free.len() < MAX_FREE_LIST && c != self.ctail / self.g.cs * self.g.cs {
+                        self.free.push(c);
+                    }
                 }
             }
             self.write_refcounts()?;
