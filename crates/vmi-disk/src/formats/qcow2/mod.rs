@@ -1,11 +1,11 @@
 //! qcow2, QEMU's copy-on-write format, versions 2 (`compat=0.10`) and 3 (`compat=1.1`), following
-//! qemu's `docs/interop/qcow2.txt`: the header and extensions ([`header`]), the two-level cluster
-//! mapping with standard and extended L2 entries ([`l2`], "Cluster mapping"), host cluster
-//! allocation and refcounts of every width ([`alloc`], [`refcount`]), writes and write-back
-//! ([`write`]), compressed clusters ([`compress`]), internal snapshots (read, [`snapshot`]) and
-//! consistency checks ([`check`]). This file holds open, create, measure and the [`Driver`] impl.
+//! qemu's `docs/interop/qcow2.txt`: the header and extensions (`header.rs`), the two-level cluster
+//! mapping with standard and extended L2 entries (`l2.rs`, "Cluster mapping"), host cluster
+//! allocation and refcounts of every width (`alloc.rs`, `refcount.rs`), writes and write-back
+//! (`write.rs`), compressed clusters (`compress.rs`), internal snapshots (read, `snapshot.rs`) and
+//! consistency checks (`check.rs`). This file holds open, create, measure and the [`Driver`] impl.
 //!
-//! All metadata lives behind one lock ([`Inner`]): the L1 table and refcount table in memory
+//! All metadata lives behind one lock (`Inner`): the L1 table and refcount table in memory
 //! (bounded by qemu's caps), L2 tables and refcount blocks in small write-back caches. Writes go
 //! data first; refcounts, L2 tables, L1 and header reach the file on [`Driver::flush`] in an order
 //! that can leak clusters after a crash but never points at unwritten data or at a free cluster.
