@@ -379,6 +379,14 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     };
     if ctx.writable {
         let mut i = drv.lock();
+        if i.autoclear != 0 {
+            // Autoclear bits vouch for structures vmi does not maintain (bitmaps): a writable
+            // open clears them so readers know those structures may be stale (spec:
+            // "autoclear_features"). qemu then counts the bitmap clusters as leaks.
+            i.autoclear = 0;
+            i.write_header()?;
+            i.st.sync().map_err(io_err("syncing".into()))?;
+        }
         if dirty_at_open {
             // Refcounts may be stale (lazy refcounts, crash): rebuild them before any allocation.
             check::rebuild_refcounts(&mut i, &drv.snapshots, drv.snapshot_table_len, &drv.hdr)?;

@@ -16,14 +16,6 @@ impl Inner {
     /// bit says refcounts may be stale; vmi keeps them exact but follows the protocol).
     pub(super) fn begin_write(&mut self) -> Result<()> {
         self.check_writable()?;
-        if self.autoclear != 0 {
-            // Autoclear bits vouch for structures vmi does not maintain (bitmaps): clear them
-            // before the first change so readers know those structures may be stale (spec:
-            // "autoclear_features"). qemu then reports the bitmap clusters as leaks.
-            self.autoclear = 0;
-            self.write_header()?;
-            self.st.sync().map_err(io_err("syncing".into()))?;
-        }
         if self.g.lazy_refcounts
             && !self.set_dirty
             && self.incompatible & header::INCOMPAT_DIRTY == 0
