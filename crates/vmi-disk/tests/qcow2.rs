@@ -510,9 +510,17 @@ fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
     assert_eq!((r.leaks, r.corruptions), (0, 0), "{:?}", r.messages);
     // A writable open clears the bitmaps autoclear bit, as the spec asks of programs that do
     // not maintain bitmaps; qemu then counts their clusters as leaks, and so does vmi.
-    assert_eq!(be64(&read_file(&q), 88), 1, "bitmaps autoclear bit set by qemu");
+    assert_eq!(
+        be64(&read_file(&q), 88),
+        1,
+        "bitmaps autoclear bit set by qemu"
+    );
     let img = open_rw(&q);
-    assert_eq!(be64(&read_file(&q), 88), 0, "autoclear bits cleared on writable open");
+    assert_eq!(
+        be64(&read_file(&q), 88),
+        0,
+        "autoclear bits cleared on writable open"
+    );
     img.write_at(&[1; 512], 0).unwrap();
     img.close().unwrap();
     assert_same_as_qemu(&q);
