@@ -14,7 +14,12 @@ mod convert;
 mod map;
 mod progress;
 
-pub use compare::{compare, CompareOptions, CompareOutcome};
-pub use convert::{convert, convert_to_path, ConvertOptions, ConvertStats, Target};
+pub use compare::{
+    compare, CompareOptions, CompareOutcome, CONTENT_MISMATCH, SIZE_MISMATCH, STATUS_MISMATCH,
+};
+pub use convert::{
+    convert, convert_to_path, in_flight_limit, ConvertOptions, ConvertStats, Target, CHUNK,
+    MAX_WORKERS,
+};
 pub use map::{map_entries, MapEntry};
 pub use progress::{Progress, ProgressFn};
