@@ -96,7 +96,18 @@ pub fn open(
         .gate(gate)
         .backing(backing)
         .write(writable);
-    Ok(Image::open(path, &opts)?)
+    Image::open(path, &opts).map_err(with_gate_hint)
+}
+
+/// Add the flag that widens the gate to a refusal for a file outside the allowed folder (the
+/// gate's own message already names `--allow-backing` / `--allow-data-file` for files that are
+/// not allowed at all).
+fn with_gate_hint(e: vmi_disk::Error) -> anyhow::Error {
+    if e.kind() == vmi_disk::ErrorKind::Refused && e.message().contains("outside the allowed") {
+        anyhow::anyhow!("{e} (--allow-backing=DIR allows files under DIR)")
+    } else {
+        e.into()
+    }
 }
 
 /// Write to stdout, returning the error (a closed pipe included) rather than panicking.
