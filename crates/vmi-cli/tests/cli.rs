@@ -556,3 +556,69 @@ vmitest!(
         assert_eq!(map, qemu_map(&img, "qcow2"));
     }
 );
+
+vmitest!(
+    #[ignore = "needs the qcow2 driver"]
+    convert_with_the_sources_backing_is_a_shallow_copy,
+    |d| {
+        let base = d.path("base.qcow2");
+        let top = d.path("top.qcow2");
+        qemu_create(&base, "qcow2", "", 4 << 20);
+        vmi_testkit::qemu_io(&base, "qcow2", "write -P 0x11 0 2M");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ]);
+        vmi_testkit::qemu_io(&top, "qcow2", "write -P 0x22 1M 64k");
+        vmi_testkit::qemu_io(&top, "qcow2", "write -z 1536k 64k");
+        // The backing file is not read, so no --allow-backing is needed.
+        d.vmi(&[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "new.qcow2",
+        ])
+        .ok();
+        let new = d.path("new.qcow2");
+        assert_qemu_check_clean(&new, "qcow2");
+        assert_eq!(qemu_info(&new, "qcow2")["backing-filename"], "base.qcow2");
+        assert!(qemu_compare(&top, "qcow2", &new, "qcow2"));
+        let map = qemu_map(&new, "qcow2");
+        let top_layer: u64 = map
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["present"] == true)
+            .map(|e| e["length"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(top_layer, 128 << 10, "{map:#}");
+
+        // Another backing file: everything is written, so the result still reads like the source.
+        qemu_create(&d.path("other.qcow2"), "qcow2", "", 4 << 20);
+        vmi_testkit::qemu_io(&d.path("other.qcow2"), "qcow2", "write -P 0x33 0 4M");
+        d.vmi(&[
+            "--allow-backing",
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "other.qcow2",
+            "top.qcow2",
+            "full.qcow2",
+        ])
+        .ok();
+        assert!(qemu_compare(&top, "qcow2", &d.path("full.qcow2"), "qcow2"));
+    }
+);

@@ -18,9 +18,9 @@ const DEFAULT_MIN_SPARSE: u64 = 4096;
 /// through its whole chain, which needs --allow-backing.
 ///
 /// With -B, DST becomes an overlay over BACKING (relative to DST's folder). When BACKING is the
-/// source's own backing file, only what the source's top image holds is copied (a shallow copy);
-/// otherwise every guest range is written, zeroes included, so DST reads the same as SRC
-/// whatever BACKING holds.
+/// source's own backing file, only what the source's top image holds is copied (a shallow copy,
+/// which does not read the backing file, so needs no --allow-backing); otherwise every guest range
+/// is written, zeroes included, so DST reads the same as SRC whatever BACKING holds.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Source format (probed when not given).
@@ -73,7 +73,19 @@ pub struct Args {
 /// Run `vmi convert`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
     let _ = (a.force_share, a.quiet, DEFAULT_MIN_SPARSE);
-    let src = common::open(&a.src, a.format, gate.gate(false), BackingMode::Open, false)?;
+    // Open the top image alone first: a shallow copy (-B naming the source's own backing file)
+    // never reads the backing chain, so it needs no --allow-backing.
+    let top = common::open(&a.src, a.format, gate.gate(false), BackingMode::Skip, false)?;
+    let shallow = match (&a.backing, top.driver().backing()) {
+        (Some(b), Some(spec)) => same_file(&beside(&a.src, &spec.name), &beside(&a.dst, b)),
+        _ => false,
+    };
+    let src = if shallow || top.driver().backing().is_none() {
+        top
+    } else {
+        drop(top);
+        common::open(&a.src, a.format, gate.gate(false), BackingMode::Open, false)?
+    };
     let reporter = Reporter::new(a.progress.mode());
     let mut opts = ConvertOptions {
         workers: a.workers,
@@ -114,7 +126,7 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
                     false,
                 )
                 .with_context(|| format!("could not open -B backing file '{}'", bpath.display()))?;
-                opts.shallow = same_file(src.backing_image().map(|b| b.path()), &bpath);
+                opts.shallow = shallow;
                 // Not shallow: write every range, zeroes included, so nothing shows through.
                 opts.target_has_data = !opts.shallow;
                 Some(BackingSpec {
@@ -149,8 +161,9 @@ fn beside(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn same_file(a: Option<&Path>, b: &Path) -> bool {
-    match (a.and_then(|a| a.canonicalize().ok()), b.canonicalize().ok()) {
+/// Whether two paths name the same existing file (only resolves names; opens nothing).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize().ok(), b.canonicalize().ok()) {
         (Some(a), Some(b)) => a == b,
         _ => false,
     }
