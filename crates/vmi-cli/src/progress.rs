@@ -53,6 +53,27 @@ struct State {
     last: Option<u64>,
 }
 
+impl State {
+    /// The line to print for `p`, or `None` when the whole percent has not moved since the last.
+    fn next_line(&mut self, p: Progress) -> Option<String> {
+        let percent = if p.total == 0 {
+            100.0
+        } else {
+            (p.done.min(p.total) as f64) * 100.0 / p.total as f64
+        };
+        let whole = percent.floor() as u64;
+        if self.last.is_some_and(|l| l >= whole) {
+            return None;
+        }
+        self.last = Some(whole);
+        Some(match self.sink {
+            Sink::Json => serde_json::json!({"done": p.done, "total": p.total, "percent": percent})
+                .to_string(),
+            _ => format!("    ({percent:.2}/100%)"),
+        })
+    }
+}
+
 /// A progress reporter; [`Reporter::callback`] hands the engine a shareable callback.
 #[derive(Clone)]
 pub struct Reporter {
@@ -89,31 +110,15 @@ impl Reporter {
     /// Report `done` of `total` bytes.
     pub fn update(&self, p: Progress) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let percent = if p.total == 0 {
-            100.0
-        } else {
-            (p.done.min(p.total) as f64) * 100.0 / p.total as f64
-        };
-        let whole = percent.floor() as u64;
         if let Sink::Bar(bar) = &st.sink {
             bar.set_length(p.total);
             bar.set_position(p.done.min(p.total));
             return;
         }
-        if st.last.is_some_and(|l| l >= whole) {
-            return;
+        if let Some(line) = st.next_line(p) {
+            // Progress is best effort: a closed stderr must not fail the command.
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
         }
-        st.last = Some(whole);
-        let mut err = std::io::stderr().lock();
-        // Progress is best effort: a closed stderr must not fail the command.
-        let _ = match st.sink {
-            Sink::Json => writeln!(
-                err,
-                "{}",
-                serde_json::json!({"done": p.done, "total": p.total, "percent": percent})
-            ),
-            _ => writeln!(err, "    ({percent:.2}/100%)"),
-        };
     }
 
     /// Report completion (100%) and clear a bar.
@@ -123,5 +128,57 @@ impl Reporter {
         if let Sink::Bar(bar) = &st.sink {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(sink: Sink) -> State {
+        State { sink, last: None }
+    }
+
+    #[test]
+    fn json_lines_carry_done_total_and_percent() {
+        let mut st = state(Sink::Json);
+        let line = st.next_line(Progress { done: 1, total: 4 }).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["done"], 1);
+        assert_eq!(v["total"], 4);
+        assert_eq!(v["percent"], 25.0);
+    }
+
+    #[test]
+    fn updates_within_the_same_percent_print_once() {
+        let mut st = state(Sink::Lines);
+        assert_eq!(
+            st.next_line(Progress {
+                done: 420,
+                total: 1000
+            })
+            .as_deref(),
+            Some("    (42.00/100%)")
+        );
+        assert_eq!(
+            st.next_line(Progress {
+                done: 425,
+                total: 1000
+            }),
+            None
+        );
+        assert!(st
+            .next_line(Progress {
+                done: 1000,
+                total: 1000
+            })
+            .is_some());
+    }
+
+    #[test]
+    fn an_empty_job_is_complete() {
+        let mut st = state(Sink::Json);
+        let line = st.next_line(Progress { done: 0, total: 0 }).unwrap();
+        assert!(line.contains("\"percent\":100.0"), "{line}");
     }
 }

@@ -27,7 +27,7 @@ enum Repair {
 /// opened), 2 corruptions, 3 only leaks, 63 the format does not support checks.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (probed when not given; probing never picks a format for -r).
+    /// Image format (probed when not given).
     #[arg(short = 'f', value_name = "FMT", value_parser = parse_format)]
     format: Option<Format>,
     /// Repair: `leaks` or `all` (opens the image for writing).
