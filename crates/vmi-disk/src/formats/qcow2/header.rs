@@ -1,0 +1,561 @@
+//! The qcow2 image header and its extensions (qemu `docs/interop/qcow2.txt`, sections "Header" and
+//! "Header extensions"): parsing with every declared size bounded, and serialising for create.
+//!
+//! The header is parsed field by field from big-endian bytes at the offsets the spec gives; the
+//! validated result is [`Header`]. Fields later rewritten in place (sizes, table offsets, feature
+//! bits) have their byte offsets as named constants.
+
+use crate::error::{Error, Result};
+use crate::formats::Format;
+
+/// "QFI\xfb": the magic every qcow2 image begins with (spec: "magic").
+pub const MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster_bits the spec allows (512-byte clusters).
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// Largest cluster_bits qemu accepts (2 MiB clusters).
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Length of a version 2 header, which has no length field (spec: bytes 0-71).
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of the version 3 header without the compression type (spec: bytes 0-103).
+pub const V3_MIN_HEADER_LEN: u32 = 104;
+/// Length of the version 3 header vmi writes: with compression type, padded to 8 bytes.
+pub const V3_HEADER_LEN: u32 = 112;
+/// Largest header_length accepted: the header and its extensions must fit in the first cluster,
+/// and the smallest cluster a header may declare is 2 MiB at most.
+pub const MAX_HEADER_LEN: u32 = 1 << MAX_CLUSTER_BITS;
+/// Longest backing file name (spec: "Must not be longer than 1023 bytes").
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Most header extensions parsed: far above the handful qemu writes, low enough to bound work.
+pub const MAX_EXTENSIONS: usize = 1024;
+/// Longest external data file name accepted (qemu stores it in one header cluster; the gate caps
+/// names again).
+pub const MAX_DATA_FILE_NAME: usize = 4096;
+
+/// Header extension: end of the extension area (spec: 0x00000000).
+pub const EXT_END: u32 = 0;
+/// Header extension: backing file format name (spec: 0xe2792aca).
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Header extension: feature name table (spec: 0x6803f857).
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Header extension: bitmaps (spec: 0x23852875).
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Header extension: full disk encryption header pointer (spec: 0x0537be77).
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// Header extension: external data file name (spec: 0x44415441).
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Incompatible feature bit 0: dirty (refcounts may be inconsistent).
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+/// Incompatible feature bit 1: corrupt (must not be written).
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+/// Incompatible feature bit 2: external data file.
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Incompatible feature bit 3: compression type field is valid (non-zlib).
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+/// Incompatible feature bit 4: extended L2 entries (subclusters).
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+/// Every incompatible bit this driver understands.
+pub const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
+    | INCOMPAT_CORRUPT
+    | INCOMPAT_DATA_FILE
+    | INCOMPAT_COMPRESSION
+    | INCOMPAT_EXTL2;
+/// Compatible feature bit 0: lazy refcounts.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+/// Byte offset of `size` (virtual disk size).
+pub const OFF_SIZE: u64 = 24;
+/// Byte offset of `l1_size` (u32) followed by `l1_table_offset` (u64).
+pub const OFF_L1: u64 = 36;
+/// Byte offset of `refcount_table_offset` (u64) followed by `refcount_table_clusters` (u32).
+pub const OFF_REFTABLE: u64 = 48;
+/// Byte offset of `incompatible_features` (v3).
+pub const OFF_INCOMPAT: u64 = 72;
+/// Byte offset of `autoclear_features` (v3).
+pub const OFF_AUTOCLEAR: u64 = 88;
+
+/// Compression type (spec: byte 104, valid with incompatible bit 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// 0: raw deflate (zlib without its header).
+    Zlib,
+    /// 1: zstd frames.
+    Zstd,
+}
+
+impl Compression {
+    /// qemu's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The validated header.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Entries in the active L1 table.
+    pub l1_size: u32,
+    /// Host offset of the active L1 table.
+    pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies.
+    pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Host offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Incompatible feature bits (0 for v2).
+    pub incompatible: u64,
+    /// Compatible feature bits.
+    pub compatible: u64,
+    /// Autoclear feature bits.
+    pub autoclear: u64,
+    /// log2 of the refcount width in bits (4 for v2).
+    pub refcount_order: u32,
+    /// Header length (72 for v2).
+    pub header_length: u32,
+    /// Compression type.
+    pub compression: Compression,
+    /// Backing file name, if any.
+    pub backing_name: Option<String>,
+    /// Backing format from the extension, if any.
+    pub backing_format: Option<String>,
+    /// External data file name from the extension, if any.
+    pub data_file: Option<String>,
+    /// Feature name table entries: (type 0/1/2, bit, name).
+    pub feature_names: Vec<(u8, u8, String)>,
+    /// Whether a bitmaps extension is present.
+    pub has_bitmaps: bool,
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    /// Whether extended L2 entries (128-bit, with subcluster bitmaps) are in use.
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Name an incompatible feature bit from the image's feature table, when it has one.
+    pub fn feature_name(&self, kind: u8, bit: u32) -> Option<&str> {
+        self.feature_names
+            .iter()
+            .find(|(k, b, _)| *k == kind && u32::from(*b) == bit)
+            .map(|(_, _, n)| n.as_str())
+    }
+}
+
+fn be32(b: &[u8], at: usize) -> Result<u32> {
+    let s = b
+        .get(at..at + 4)
+        .ok_or_else(|| Error::invalid(format!("qcow2 header truncated at byte {at}")))?;
+    Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn be64(b: &[u8], at: usize) -> Result<u64> {
+    let hi = be32(b, at)?;
+    let lo = be32(b, at + 4)?;
+    Ok((u64::from(hi) << 32) | u64::from(lo))
+}
+
+/// Quick check for probing: magic and a supported version with sane cluster bits.
+pub fn looks_like_qcow2(head: &[u8]) -> bool {
+    matches!(be32(head, 0), Ok(MAGIC))
+        && matches!(be32(head, 4), Ok(2 | 3))
+        && matches!(be32(head, 20), Ok(b) if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&b))
+}
+
+/// Parse the fixed header from `buf` (the first bytes of the file, at least `V2_HEADER_LEN`).
+/// `file_len` bounds every offset. Extensions are parsed by [`parse_extensions`].
+pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
+    let magic = be32(buf, 0)?;
+    if magic != MAGIC {
+        return Err(Error::invalid(format!("not a qcow2 image (magic {magic:#010x})")));
+    }
+    let version = be32(buf, 4)?;
+    if version != 2 && version != 3 {
+        return Err(Error::unsupported(format!("qcow2 version {version}")));
+    }
+    let backing_file_offset = be64(buf, 8)?;
+    let backing_file_size = be32(buf, 16)?;
+    let cluster_bits = be32(buf, 20)?;
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(Error::invalid(format!(
+            "qcow2 cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
+        )));
+    }
+    let size = be64(buf, 24)?;
+    let crypt = be32(buf, 32)?;
+    if crypt != 0 {
+        return Err(Error::unsupported(format!(
+            "encrypted qcow2 images (crypt_method {crypt})"
+        )));
+    }
+    let l1_size = be32(buf, 36)?;
+    let l1_table_offset = be64(buf, 40)?;
+    let refcount_table_offset = be64(buf, 48)?;
+    let refcount_table_clusters = be32(buf, 56)?;
+    let nb_snapshots = be32(buf, 60)?;
+    let snapshots_offset = be64(buf, 64)?;
+    let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 3 {
+        (
+            be64(buf, 72)?,
+            be64(buf, 80)?,
+            be64(buf, 88)?,
+            be32(buf, 96)?,
+            be32(buf, 100)?,
+        )
+    } else {
+        (0, 0, 0, 4, V2_HEADER_LEN)
+    };
+    if version == 3 && !(V3_MIN_HEADER_LEN..=MAX_HEADER_LEN).contains(&header_length) {
+        return Err(Error::invalid(format!(
+            "qcow2 header_length {header_length} outside {V3_MIN_HEADER_LEN}..={MAX_HEADER_LEN}"
+        )));
+    }
+    if u64::from(header_length) > 1u64 << cluster_bits {
+        return Err(Error::invalid(format!(
+            "qcow2 header_length {header_length} exceeds the cluster size {}",
+            1u64 << cluster_bits
+        )));
+    }
+    if refcount_order > 6 {
+        return Err(Error::unsupported(format!(
+            "qcow2 refcount_order {refcount_order} (refcounts wider than 64 bits)"
+        )));
+    }
+    let compression = if header_length > V3_MIN_HEADER_LEN {
+        match buf.get(104).copied() {
+            Some(0) => Compression::Zlib,
+            Some(1) => Compression::Zstd,
+            Some(t) => {
+                return Err(Error::unsupported(format!("qcow2 compression type {t}")));
+            }
+            None => Compression::Zlib,
+        }
+    } else {
+        Compression::Zlib
+    };
+    if (compression != Compression::Zlib) != (incompatible & INCOMPAT_COMPRESSION != 0) {
+        return Err(Error::invalid(format!(
+            "qcow2 compression type {} does not agree with incompatible bit 3",
+            compression.name()
+        )));
+    }
+    let unknown = incompatible & !INCOMPAT_KNOWN;
+    let mut h = Header {
+        version,
+        cluster_bits,
+        size,
+        l1_size,
+        l1_table_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        nb_snapshots,
+        snapshots_offset,
+        incompatible,
+        compatible,
+        autoclear,
+        refcount_order,
+        header_length,
+        compression,
+        backing_name: None,
+        backing_format: None,
+        data_file: None,
+        feature_names: Vec::new(),
+        has_bitmaps: false,
+    };
+    parse_extensions(buf, &mut h)?;
+    if unknown != 0 {
+        let bits: Vec<String> = (0..64)
+            .filter(|b| unknown & (1u64 << b) != 0)
+            .map(|b| match h.feature_name(0, b) {
+                Some(n) => format!("{b} ({n})"),
+                None => b.to_string(),
+            })
+            .collect();
+        return Err(Error::unsupported(format!(
+            "qcow2 incompatible feature bit(s) {}",
+            bits.join(", ")
+        )));
+    }
+    if backing_file_offset != 0 {
+        if backing_file_size == 0 || backing_file_size > MAX_BACKING_NAME {
+            return Err(Error::invalid(format!(
+                "qcow2 backing file name length {backing_file_size} outside 1..={MAX_BACKING_NAME}"
+            )));
+        }
+        let start = usize::try_from(backing_file_offset).ok();
+        let end = start.and_then(|s| s.checked_add(backing_file_size as usize));
+        let bytes = match (start, end) {
+            (Some(s), Some(e)) if e as u64 <= 1u64 << cluster_bits => buf.get(s..e),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "qcow2 backing file name at {backing_file_offset}+{backing_file_size} lies outside the header cluster"
+            ))
+        })?;
+        let name = String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::invalid("qcow2 backing file name is not UTF-8"))?;
+        h.backing_name = Some(name);
+    }
+    if size > i64::MAX as u64 {
+        return Err(Error::invalid(format!("qcow2 virtual size {size} is too large")));
+    }
+    let _ = file_len;
+    Ok(h)
+}
+
+/// Parse header extensions from the header cluster bytes in `buf` into `h`.
+fn parse_extensions(buf: &[u8], h: &mut Header) -> Result<()> {
+    let cluster = 1usize << h.cluster_bits;
+    let limit = buf.len().min(cluster);
+    let mut pos = h.header_length as usize;
+    for _ in 0..MAX_EXTENSIONS {
+        if pos + 8 > limit {
+            // qemu treats running off the header cluster as the end of the extensions.
+            return Ok(());
+        }
+        let kind = be32(buf, pos)?;
+        let len = be32(buf, pos + 4)? as usize;
+        let data_start = pos + 8;
+        let data = data_start
+            .checked_add(len)
+            .filter(|&e| e <= limit)
+            .and_then(|e| buf.get(data_start..e))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "qcow2 header extension {kind:#010x} at byte {pos} of length {len} overruns the header cluster"
+                ))
+            })?;
+        match kind {
+            EXT_END => return Ok(()),
+            EXT_BACKING_FORMAT => {
+                let s = String::from_utf8(data.to_vec())
+                    .map_err(|_| Error::invalid("qcow2 backing format name is not UTF-8"))?;
+                h.backing_format = Some(s.trim_end_matches('\0').to_string());
+            }
+            EXT_DATA_FILE => {
+                if len > MAX_DATA_FILE_NAME {
+                    return Err(Error::limit(format!(
+                        "qcow2 external data file name is {len} bytes long"
+                    )));
+                }
+                let s = String::from_utf8(data.to_vec())
+                    .map_err(|_| Error::invalid("qcow2 external data file name is not UTF-8"))?;
+                h.data_file = Some(s.trim_end_matches('\0').to_string());
+            }
+            EXT_FEATURE_TABLE => {
+                for e in data.chunks_exact(48) {
+                    let name_bytes = e.get(2..).unwrap_or(&[]);
+                    let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
+                    let name = String::from_utf8_lossy(&name_bytes[..end]).into_owned();
+                    h.feature_names.push((e[0], e[1], name));
+                }
+            }
+            EXT_BITMAPS => h.has_bitmaps = true,
+            EXT_CRYPTO => {
+                return Err(Error::unsupported("encrypted qcow2 images (crypto header)"));
+            }
+            _ => {} // Unknown extensions are ignored (spec: "may be ignored").
+        }
+        pos = data_start + len.div_ceil(8) * 8;
+    }
+    Err(Error::limit(format!(
+        "qcow2 header has more than {MAX_EXTENSIONS} extensions"
+    )))
+}
+
+/// What [`serialize`] writes for a new image.
+#[derive(Debug, Clone)]
+pub struct NewHeader<'a> {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 cluster size.
+    pub cluster_bits: u32,
+    /// Virtual size.
+    pub size: u64,
+    /// Refcount order (4 for v2).
+    pub refcount_order: u32,
+    /// Compatible features.
+    pub compatible: u64,
+    /// Compression type.
+    pub compression: Compression,
+    /// Extended L2.
+    pub extended_l2: bool,
+    /// Refcount table location.
+    pub refcount_table_offset: u64,
+    /// Refcount table clusters.
+    pub refcount_table_clusters: u32,
+    /// Backing file name and format.
+    pub backing: Option<(&'a str, Option<Format>)>,
+}
+
+/// The feature name table vmi writes (spec: "Feature name table").
+const FEATURE_NAMES: &[(u8, u8, &str)] = &[
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
+fn put_ext(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(8) * 8, 0);
+}
+
+/// Serialise a new header with extensions and backing name; must fit in one cluster.
+pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
+    let cs = 1usize << n.cluster_bits;
+    let hlen = if n.version == 3 { V3_HEADER_LEN } else { V2_HEADER_LEN };
+    let mut out = vec![0u8; hlen as usize];
+    let put32 = |out: &mut Vec<u8>, at: usize, v: u32| {
+        out[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    };
+    put32(&mut out, 0, MAGIC);
+    put32(&mut out, 4, n.version);
+    put32(&mut out, 20, n.cluster_bits);
+    out[24..32].copy_from_slice(&n.size.to_be_bytes());
+    out[48..56].copy_from_slice(&n.refcount_table_offset.to_be_bytes());
+    put32(&mut out, 56, n.refcount_table_clusters);
+    if n.version == 3 {
+        let mut incompat = 0u64;
+        if n.compression != Compression::Zlib {
+            incompat |= INCOMPAT_COMPRESSION;
+        }
+        if n.extended_l2 {
+            incompat |= INCOMPAT_EXTL2;
+        }
+        out[72..80].copy_from_slice(&incompat.to_be_bytes());
+        out[80..88].copy_from_slice(&n.compatible.to_be_bytes());
+        put32(&mut out, 96, n.refcount_order);
+        put32(&mut out, 100, hlen);
+        out[104] = match n.compression {
+            Compression::Zlib => 0,
+            Compression::Zstd => 1,
+        };
+    }
+    if let Some((_, Some(fmt))) = n.backing {
+        put_ext(&mut out, EXT_BACKING_FORMAT, fmt.name().as_bytes());
+    }
+    // The feature table helps other tools name bits; it is optional, so only written when it
+    // leaves room for the backing name.
+    let table_len = 8 + FEATURE_NAMES.len() * 48;
+    let name_len = n.backing.map_or(0, |(b, _)| b.len());
+    if n.version == 3 && out.len() + table_len + 8 + name_len <= cs {
+        let mut t = Vec::new();
+        for (k, b, name) in FEATURE_NAMES {
+            let mut e = [0u8; 48];
+            e[0] = *k;
+            e[1] = *b;
+            e[2..2 + name.len()].copy_from_slice(name.as_bytes());
+            t.extend_from_slice(&e);
+        }
+        put_ext(&mut out, EXT_FEATURE_TABLE, &t);
+    }
+    put_ext(&mut out, EXT_END, &[]);
+    if let Some((name, _)) = n.backing {
+        if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+            return Err(Error::usage(format!(
+                "backing file name must be 1..={MAX_BACKING_NAME} bytes"
+            )));
+        }
+        let off = out.len() as u64;
+        out[8..16].copy_from_slice(&off.to_be_bytes());
+        put32(&mut out, 16, name.len() as u32);
+        out.extend_from_slice(name.as_bytes());
+    }
+    if out.len() > cs {
+        return Err(Error::usage(format!(
+            "qcow2 header with backing file name needs {} bytes, more than the {cs}-byte cluster",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(version: u32) -> Vec<u8> {
+        serialize(&NewHeader {
+            version,
+            cluster_bits: 16,
+            size: 1 << 30,
+            refcount_order: 4,
+            compatible: 0,
+            compression: Compression::Zlib,
+            extended_l2: false,
+            refcount_table_offset: 65536,
+            refcount_table_clusters: 1,
+            backing: Some(("base.qcow2", Some(Format::Qcow2))),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn serialized_header_parses_back() {
+        for v in [2, 3] {
+            let b = new(v);
+            let h = parse_fixed(&b, 1 << 20).unwrap();
+            assert_eq!(h.version, v);
+            assert_eq!(h.size, 1 << 30);
+            assert_eq!(h.backing_name.as_deref(), Some("base.qcow2"));
+            assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        }
+    }
+
+    #[test]
+    fn open_rejects_cluster_bits_below_9() {
+        let mut b = new(3);
+        b[20..24].copy_from_slice(&8u32.to_be_bytes());
+        assert!(parse_fixed(&b, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn refcount_order_7_is_unsupported() {
+        let mut b = new(3);
+        b[96..100].copy_from_slice(&7u32.to_be_bytes());
+        let e = parse_fixed(&b, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("refcount_order 7"), "{e}");
+    }
+
+    #[test]
+    fn unknown_incompatible_bits_are_named() {
+        let mut b = new(3);
+        b[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
+        let e = parse_fixed(&b, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("bit(s) 9"), "{e}");
+    }
+
+    #[test]
+    fn overrunning_extension_is_rejected() {
+        let mut b = new(3);
+        b.resize(65536, 0);
+        let at = V3_HEADER_LEN as usize;
+        b[at..at + 4].copy_from_slice(&0x1234u32.to_be_bytes());
+        b[at + 4..at + 8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_fixed(&b, 1 << 20).is_err());
+    }
+}

@@ -1,0 +1,659 @@
+//! qcow2 driver: conformance suite, qemu-img interoperability in both directions, check/repair
+//! against `qemu-img check`, hostile images and measure.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use vmi_disk::{
+    CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, OpenOptions,
+};
+use vmi_testkit::conformance::{run, Caps};
+use vmi_testkit::*;
+
+const MIB: u64 = 1 << 20;
+
+fn caps() -> Caps {
+    Caps {
+        random_writes: true,
+        grow: true,
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn opts(o: &str, size: u64) -> CreateOptions {
+    let mut fo = FormatOptions::new();
+    fo.parse(o).unwrap();
+    CreateOptions::new(size).options(fo)
+}
+
+fn open_ro(p: &Path) -> Image {
+    Image::open(p, &OpenOptions::new().format(Some(Format::Qcow2))).unwrap()
+}
+
+fn open_rw(p: &Path) -> Image {
+    Image::open(p, &OpenOptions::new().format(Some(Format::Qcow2)).write(true)).unwrap()
+}
+
+fn backing_gate(dir: &Path) -> OpenOptions {
+    OpenOptions::new()
+        .format(Some(Format::Qcow2))
+        .gate(Gate::new().allow_backing(true).confine_to(dir))
+}
+
+#[test]
+fn conforms_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), Format::Qcow2, "", caps());
+    assert_qemu_check_clean(&dir.path().join("conf.qcow2"), "qcow2");
+}
+
+#[test]
+fn conforms_as_compat_0_10() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), Format::Qcow2, "compat=0.10", caps());
+    assert_qemu_check_clean(&dir.path().join("conf.qcow2"), "qcow2");
+}
+
+#[test]
+fn conforms_with_512_byte_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), Format::Qcow2, "cluster_size=512", caps());
+    assert_qemu_check_clean(&dir.path().join("conf.qcow2"), "qcow2");
+}
+
+#[test]
+fn conforms_with_2m_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), Format::Qcow2, "cluster_size=2M", caps());
+    assert_qemu_check_clean(&dir.path().join("conf.qcow2"), "qcow2");
+}
+
+/// qemu-img -O qcow2 options (and convert flags) of the interop matrix.
+const QEMU_MATRIX: &[(&str, &[&str])] = &[
+    ("compat=0.10", &[]),
+    ("compat=1.1", &[]),
+    ("cluster_size=512", &[]),
+    ("cluster_size=2M", &[]),
+    ("", &["-c"]),
+    ("compression_type=zstd", &["-c"]),
+    ("cluster_size=4k", &["-c"]),
+    ("refcount_bits=1", &[]),
+    ("refcount_bits=64", &[]),
+    ("extended_l2=on", &[]),
+    ("extended_l2=on,cluster_size=128k", &[]),
+    ("lazy_refcounts=on", &[]),
+    ("preallocation=metadata", &[]),
+];
+
+#[test]
+fn reads_what_qemu_img_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 12 * MIB + 4096, 40, 7);
+    for (i, (o, extra)) in QEMU_MATRIX.iter().enumerate() {
+        let q = dir.path().join(format!("q{i}.qcow2"));
+        qemu_convert(&raw, "raw", &q, "qcow2", o, extra);
+        let img = open_ro(&q);
+        assert_image_matches_raw(&img, &raw);
+        let rep = img.driver().check(CheckMode::ReadOnly).unwrap();
+        assert_eq!(
+            (rep.corruptions, rep.leaks),
+            (0, 0),
+            "-o {o} {extra:?}: {:?}",
+            rep.messages
+        );
+    }
+}
+
+#[test]
+fn reads_a_qemu_overlay_through_its_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 8 * MIB, 20, 11);
+    let base = dir.path().join("base.qcow2");
+    qemu_convert(&raw, "raw", &base, "qcow2", "", &[]);
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top),
+    ]);
+    qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
+    let mut expect = read_file(&raw);
+    expect[MIB as usize..MIB as usize + 100 * 1024].fill(0xab);
+    let img = Image::open(&top, &backing_gate(dir.path())).unwrap();
+    assert_eq!(img.chain_len(), 2);
+    let got = read_image(&img);
+    assert!(got == expect, "overlay contents differ");
+    // Without the gate's permission, the backing file is refused and named.
+    let e = Image::open(&top, &OpenOptions::new()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Refused);
+    assert!(e.to_string().contains("base.qcow2"), "{e}");
+}
+
+/// Write a raw source's content into a new vmi image, skipping zero runs.
+fn write_from_raw(img: &Image, raw: &Path) {
+    let data = read_file(raw);
+    let chunk = 64 * 1024;
+    for (i, c) in data.chunks(chunk).enumerate() {
+        if c.iter().any(|&b| b != 0) {
+            img.write_at(c, (i * chunk) as u64).unwrap();
+        }
+    }
+}
+
+/// Write through the compressed writer, whole clusters; the tail goes plain.
+fn write_compressed_from_raw(img: &Image, raw: &Path) {
+    let data = read_file(raw);
+    let w = img.driver().compressed_writer().expect("qcow2 compresses");
+    let cs = w.unit_size() as usize;
+    for (i, c) in data.chunks(cs).enumerate() {
+        if c.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let off = (i * cs) as u64;
+        match (c.len() == cs).then(|| w.compress(c).unwrap()).flatten() {
+            Some(z) => w.write_compressed(off, &z).unwrap(),
+            None => img.write_at(c, off).unwrap(),
+        }
+    }
+}
+
+const VMI_MATRIX: &[&str] = &[
+    "",
+    "compat=0.10",
+    "cluster_size=512",
+    "cluster_size=2M",
+    "refcount_bits=1",
+    "refcount_bits=64",
+    "lazy_refcounts=on",
+    "compression_type=zstd",
+    "preallocation=metadata",
+    "preallocation=falloc",
+];
+
+#[test]
+fn qemu_img_reads_what_vmi_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 10 * MIB + 512, 40, 3);
+    for (i, o) in VMI_MATRIX.iter().enumerate() {
+        let q = dir.path().join(format!("v{i}.qcow2"));
+        let img = Image::create(&q, Format::Qcow2, &opts(o, 10 * MIB + 512)).unwrap();
+        write_from_raw(&img, &raw);
+        img.close().unwrap();
+        assert_qemu_check_clean(&q, "qcow2");
+        assert_qemu_identical(&q, "qcow2", &raw, "raw");
+        let info = qemu_info(&q, "qcow2");
+        assert_eq!(info["virtual-size"], 10 * MIB + 512, "{o}");
+    }
+}
+
+#[test]
+fn qemu_img_reads_what_vmi_compresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 6 * MIB, 30, 5);
+    for (i, o) in [
+        "",
+        "compression_type=zstd",
+        "cluster_size=512",
+        "cluster_size=4k,refcount_bits=1",
+        "compat=0.10",
+        "cluster_size=2M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = dir.path().join(format!("c{i}.qcow2"));
+        let img = Image::create(&q, Format::Qcow2, &opts(o, 6 * MIB)).unwrap();
+        write_compressed_from_raw(&img, &raw);
+        img.close().unwrap();
+        assert_qemu_check_clean(&q, "qcow2");
+        assert_qemu_identical(&q, "qcow2", &raw, "raw");
+        let (_, j) = qemu_check(&q, "qcow2");
+        assert!(
+            j["compressed-clusters"].as_u64().unwrap_or(0) > 0,
+            "{o}: {j}"
+        );
+        // vmi reads its own compressed image and agrees with qemu's check.
+        let img = open_ro(&q);
+        assert_image_matches_raw(&img, &raw);
+        let rep = img.driver().check(CheckMode::ReadOnly).unwrap();
+        assert_eq!(rep.compressed_clusters, j["compressed-clusters"].as_u64());
+        assert_eq!(rep.allocated_clusters, j["allocated-clusters"].as_u64());
+        assert_eq!(rep.image_end_offset, j["image-end-offset"].as_u64(), "{o}");
+    }
+}
+
+#[test]
+fn vmi_overlay_over_a_qemu_base_reads_right_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 4 * MIB, 20, 9);
+    let base = dir.path().join("base.qcow2");
+    qemu_convert(&raw, "raw", &base, "qcow2", "", &[]);
+    let top = dir.path().join("top.qcow2");
+    let spec = vmi_disk::BackingSpec {
+        name: "base.qcow2".into(),
+        format: Some(Format::Qcow2),
+    };
+    for o in ["", "compat=0.10"] {
+        let _ = std::fs::remove_file(&top);
+        let mut img =
+            Image::create(&top, Format::Qcow2, &opts(o, 4 * MIB).backing(spec.clone())).unwrap();
+        let b = Image::open(&base, &OpenOptions::new().format(Some(Format::Qcow2))).unwrap();
+        img.set_backing(Some(b));
+        // Partial-cluster writes must copy the rest of the cluster from the base.
+        img.write_at(&[0xcd; 1000], 70_000).unwrap();
+        img.write_zeroes(2 * MIB, 65536).unwrap();
+        img.write_zeroes(3 * MIB + 100, 5000).unwrap();
+        img.close().unwrap();
+        let mut expect = read_file(&raw);
+        expect[70_000..71_000].fill(0xcd);
+        expect[2 * MIB as usize..2 * MIB as usize + 65536].fill(0);
+        expect[3 * MIB as usize + 100..3 * MIB as usize + 5100].fill(0);
+        let expect_path = dir.path().join("expect.raw");
+        std::fs::write(&expect_path, &expect).unwrap();
+        assert_qemu_check_clean(&top, "qcow2");
+        assert_qemu_identical(&top, "qcow2", &expect_path, "raw");
+        let info = qemu_info(&top, "qcow2");
+        assert_eq!(info["backing-filename"], "base.qcow2");
+        assert_eq!(info["backing-filename-format"], "qcow2");
+        let img = Image::open(&top, &backing_gate(dir.path())).unwrap();
+        assert_eq!(read_image(&img), expect, "{o}");
+    }
+}
+
+#[test]
+fn info_matches_qemu_format_specific() {
+    let dir = tempfile::tempdir().unwrap();
+    for o in [
+        "",
+        "compat=0.10",
+        "lazy_refcounts=on,refcount_bits=64",
+        "compression_type=zstd",
+        "extended_l2=on",
+    ] {
+        let q = dir.path().join("i.qcow2");
+        let _ = std::fs::remove_file(&q);
+        qemu_create(&q, "qcow2", o, 16 * MIB);
+        let info = qemu_info(&q, "qcow2");
+        let img = open_ro(&q);
+        let mine = img.driver().info();
+        let mut theirs = info["format-specific"].clone();
+        // Fields vmi does not model.
+        if let Some(d) = theirs["data"].as_object_mut() {
+            d.remove("bitmaps");
+            d.remove("data-file-raw");
+        }
+        assert_eq!(mine.format_specific, theirs, "-o {o}");
+        assert_eq!(mine.cluster_size, info["cluster-size"].as_u64());
+    }
+}
+
+#[test]
+fn snapshots_are_listed_and_active_data_stays_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("s.qcow2");
+    qemu_create(&q, "qcow2", "", 4 * MIB);
+    qemu_io(&q, "qcow2", "write -P 0x11 0 256k");
+    qemu_img(&["snapshot", "-c", "first", s(&q)]);
+    {
+        // vmi writes over clusters shared with the snapshot: copy-on-write.
+        let img = open_rw(&q);
+        img.write_at(&[0x22; 4096], 4096).unwrap();
+        img.close().unwrap();
+    }
+    assert_qemu_check_clean(&q, "qcow2");
+    let img = open_ro(&q);
+    let info = img.driver().info();
+    assert_eq!(info.snapshots.len(), 1);
+    assert_eq!(info.snapshots[0].name, "first");
+    let mut buf = vec![0u8; 12288];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0x11));
+    assert!(buf[4096..8192].iter().all(|&b| b == 0x22));
+    assert!(buf[8192..].iter().all(|&b| b == 0x11));
+    // The snapshot still holds the old data.
+    qemu_img(&["snapshot", "-a", "first", s(&q)]);
+    let img = open_ro(&q);
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x11));
+}
+
+// ----- check and repair -----
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// (L1 offset, refcount table offset, cluster size) of a qcow2 file.
+fn layout(p: &Path) -> (u64, u64, u64) {
+    let b = read_file(p);
+    (be64(&b, 40), be64(&b, 48), 1 << u32::from_be_bytes(b[20..24].try_into().unwrap()))
+}
+
+fn small_image(dir: &Path, name: &str) -> PathBuf {
+    let q = dir.join(name);
+    qemu_create(&q, "qcow2", "", 4 * MIB);
+    qemu_io(&q, "qcow2", "write -P 0x5a 0 192k");
+    q
+}
+
+/// Set the 16-bit refcount of host cluster `c` (first refcount block only).
+fn poke_refcount(p: &Path, c: u64, v: u16) {
+    let (_, rt, _) = layout(p);
+    let b = read_file(p);
+    let block = be64(&b, rt as usize);
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(&v.to_be_bytes(), block + 2 * c).unwrap();
+}
+
+fn vmi_check(p: &Path, mode: CheckMode) -> vmi_disk::CheckReport {
+    let img = if mode == CheckMode::ReadOnly {
+        open_ro(p)
+    } else {
+        open_rw(p)
+    };
+    let r = img.driver().check(mode).unwrap();
+    img.close().unwrap();
+    r
+}
+
+fn assert_same_as_qemu(p: &Path) {
+    let (_, j) = qemu_check(p, "qcow2");
+    let r = vmi_check(p, CheckMode::ReadOnly);
+    assert_eq!(
+        (r.leaks, r.corruptions),
+        (
+            j["leaks"].as_u64().unwrap_or(0),
+            j["corruptions"].as_u64().unwrap_or(0)
+        ),
+        "vmi {:?} vs qemu {j}",
+        r.messages
+    );
+}
+
+#[test]
+fn check_reports_and_repairs_a_leaked_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "leak.qcow2");
+    // Grow the file by one cluster and give it a refcount nobody references.
+    let len = std::fs::metadata(&q).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&q).unwrap();
+    f.set_len(len + 65536).unwrap();
+    poke_refcount(&q, len / 65536, 1);
+    assert_same_as_qemu(&q);
+    let r = vmi_check(&q, CheckMode::ReadOnly);
+    assert_eq!(r.leaks, 1);
+    let r = vmi_check(&q, CheckMode::RepairLeaks);
+    assert_eq!(r.leaks_fixed, 1);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn check_reports_a_bumped_refcount_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "bump.qcow2");
+    let b = read_file(&q);
+    let (l1, _, _) = layout(&q);
+    let l2 = be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    let data = be64(&b, l2 as usize) & 0x00ff_ffff_ffff_fe00;
+    poke_refcount(&q, data / 65536, 2);
+    assert_same_as_qemu(&q);
+    let r = vmi_check(&q, CheckMode::RepairAll);
+    assert!(r.leaks_fixed >= 1, "{r:?}");
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn check_reports_and_repairs_a_zeroed_refcount() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "zero.qcow2");
+    let b = read_file(&q);
+    let (l1, _, _) = layout(&q);
+    let l2 = be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    let data = be64(&b, l2 as usize + 8) & 0x00ff_ffff_ffff_fe00;
+    poke_refcount(&q, data / 65536, 0);
+    assert_same_as_qemu(&q);
+    assert!(vmi_check(&q, CheckMode::ReadOnly).corruptions >= 1);
+    let r = vmi_check(&q, CheckMode::RepairAll);
+    assert!(r.corruptions_fixed >= 1, "{r:?}");
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn check_reports_an_l2_entry_past_the_end_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "eof.qcow2");
+    let b = read_file(&q);
+    let (l1, _, _) = layout(&q);
+    let l2 = be64(&b, l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    let f = std::fs::OpenOptions::new().write(true).open(&q).unwrap();
+    let far: u64 = (1 << 63) | (100 << 20);
+    f.write_all_at(&far.to_be_bytes(), l2 + 16).unwrap();
+    assert_same_as_qemu(&q);
+    let r = vmi_check(&q, CheckMode::RepairAll);
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn dirty_image_gets_refcounts_rebuilt_on_writable_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "dirty.qcow2");
+    let len = std::fs::metadata(&q).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&q).unwrap();
+    f.set_len(len + 65536).unwrap();
+    poke_refcount(&q, len / 65536, 1);
+    f.write_all_at(&1u64.to_be_bytes(), 72).unwrap();
+    assert!(open_ro(&q).driver().info().dirty);
+    let img = open_rw(&q);
+    img.write_at(&[1; 512], 3 * MIB).unwrap();
+    img.close().unwrap();
+    assert!(!open_ro(&q).driver().info().dirty);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn corrupt_image_opens_read_only_but_not_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "corrupt.qcow2");
+    let f = std::fs::OpenOptions::new().write(true).open(&q).unwrap();
+    f.write_all_at(&2u64.to_be_bytes(), 72).unwrap();
+    let _ = open_ro(&q);
+    let e = Image::open(&q, &OpenOptions::new().write(true)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+}
+
+// ----- hostile images -----
+
+fn patch(p: &Path, at: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+fn open_err(p: &Path, opts: &OpenOptions) -> vmi_disk::Error {
+    Image::open(p, opts).unwrap_err()
+}
+
+#[test]
+fn hostile_backing_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("evil.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", s(&q), "1M",
+    ]);
+    let allow = backing_gate(dir.path());
+    let e = open_err(&q, &allow);
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+    assert!(e.to_string().contains("/etc/passwd"), "{e}");
+    let j = dir.path().join("json.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "json:{\"file.filename\":\"/etc/passwd\"}",
+        "-F",
+        "raw",
+        s(&j),
+        "1M",
+    ]);
+    let e = open_err(&j, &allow);
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+}
+
+#[test]
+fn external_data_file_is_refused_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("ext.qcow2");
+    qemu_create(&q, "qcow2", "data_file=ext.raw", 4 * MIB);
+    qemu_io(&q, "qcow2", "write -P 0x77 0 64k");
+    let e = open_err(&q, &OpenOptions::new());
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+    // Allowed explicitly, it reads through the data file.
+    let img = Image::open(
+        &q,
+        &OpenOptions::new().gate(Gate::new().allow_data_file(true).confine_to(dir.path())),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x77));
+}
+
+#[test]
+fn hostile_header_fields_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = small_image(dir.path(), "base.qcow2");
+    let bytes = read_file(&base);
+    let cases: &[(&str, u64, &[u8], &str)] = &[
+        ("l1", 36, &(1u32 << 31).to_be_bytes(), "L1"),
+        ("order", 96, &7u32.to_be_bytes(), "refcount_order 7"),
+        ("bits", 20, &30u32.to_be_bytes(), "cluster_bits"),
+        ("rt", 48, &(1u64 << 50).to_be_bytes(), "refcount table"),
+    ];
+    for (name, at, val, expect) in cases {
+        let p = dir.path().join(format!("{name}.qcow2"));
+        std::fs::write(&p, &bytes).unwrap();
+        patch(&p, *at, val);
+        let e = open_err(&p, &OpenOptions::new().format(Some(Format::Qcow2)));
+        assert!(e.to_string().contains(expect), "{name}: {e}");
+    }
+    // L1 size 2^40 entries cannot even be stated in the 32-bit field; a huge virtual size with
+    // a small L1 is refused.
+    let p = dir.path().join("size.qcow2");
+    std::fs::write(&p, &bytes).unwrap();
+    patch(&p, 24, &(1u64 << 60).to_be_bytes());
+    let e = open_err(&p, &OpenOptions::new().format(Some(Format::Qcow2)));
+    assert!(e.to_string().contains("L1"), "{e}");
+    // Truncated.
+    let p = dir.path().join("trunc.qcow2");
+    std::fs::write(&p, &bytes[..100]).unwrap();
+    let e = open_err(&p, &OpenOptions::new().format(Some(Format::Qcow2)));
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    let p = dir.path().join("trunc2.qcow2");
+    std::fs::write(&p, &bytes[..3 * 65536 + 10]).unwrap();
+    let img = open_ro(&p);
+    let mut buf = vec![0u8; 65536];
+    assert!(img.read_at(&mut buf, 0).is_err());
+}
+
+#[test]
+fn compressed_cluster_inflating_beyond_its_cluster_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("bomb.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=4k", MIB)).unwrap();
+    let w = img.driver().compressed_writer().unwrap();
+    // 64 KiB of zeroes deflated with the same window, stored as one 4 KiB cluster.
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut z = Vec::with_capacity(4096);
+    c.compress_vec(&[0u8; 65536], &mut z, flate2::FlushCompress::Finish)
+        .unwrap();
+    w.write_compressed(0, &z).unwrap();
+    img.close().unwrap();
+    let img = open_ro(&q);
+    let mut buf = vec![0u8; 4096];
+    let e = img.read_at(&mut buf, 0).unwrap_err();
+    assert!(e.to_string().contains("more than"), "{e}");
+}
+
+#[test]
+fn mutated_images_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("m.qcow2");
+    qemu_create(&q, "qcow2", "cluster_size=512", 256 * 1024);
+    qemu_io(&q, "qcow2", "write -P 0x5a 0 8k");
+    qemu_io(&q, "qcow2", "write -c -P 0x11 64k 512");
+    qemu_img(&["snapshot", "-c", "s1", s(&q)]);
+    let good = read_file(&q);
+    let mut rng = StdRng::seed_from_u64(0x9c02);
+    for _ in 0..2000 {
+        let mut b = good.clone();
+        for _ in 0..rng.gen_range(1..8) {
+            let at = if rng.gen_bool(0.5) {
+                rng.gen_range(0..112.min(b.len()))
+            } else {
+                rng.gen_range(0..b.len())
+            };
+            match rng.gen_range(0..3) {
+                0 => b[at] ^= 1 << rng.gen_range(0..8),
+                1 => b[at] = rng.gen(),
+                _ => b[at] = 0xff,
+            }
+        }
+        vmi_disk::fuzzing::exercise(Some(Format::Qcow2), &b);
+    }
+}
+
+// ----- measure -----
+
+#[test]
+fn measure_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    for (size, o) in [
+        (MIB, ""),
+        (10 << 30, ""),
+        (100 * MIB + 3, "cluster_size=512"),
+        (7 << 30, "cluster_size=2M"),
+        (1 << 30, "refcount_bits=1"),
+        (3 << 30, "preallocation=full"),
+    ] {
+        let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
+        if !o.is_empty() {
+            args.extend(["-o", o]);
+        }
+        let sz = size.to_string();
+        args.extend(["--size", &sz]);
+        let out = qemu_img(&args);
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let m = vmi_disk::formats::measure(Format::Qcow2, &opts(o, size), None).unwrap();
+        assert_eq!(Some(m.required), j["required"].as_u64(), "{size} {o}");
+        assert_eq!(Some(m.fully_allocated), j["fully-allocated"].as_u64(), "{size} {o}");
+    }
+    // From a source image.
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 32 * MIB, 30, 1);
+    let q = dir.path().join("src.qcow2");
+    qemu_convert(&raw, "raw", &q, "qcow2", "", &[]);
+    for o in ["", "cluster_size=512", "cluster_size=2M"] {
+        let mut args = vec!["measure", "--output=json", "-O", "qcow2", "-f", "qcow2"];
+        if !o.is_empty() {
+            args.extend(["-o", o]);
+        }
+        args.push(s(&q));
+        let out = qemu_img(&args);
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let src = open_ro(&q);
+        let m = vmi_disk::formats::measure(Format::Qcow2, &opts(o, 0), Some(&src)).unwrap();
+        assert_eq!(Some(m.required), j["required"].as_u64(), "source {o}");
+        assert_eq!(Some(m.fully_allocated), j["fully-allocated"].as_u64(), "source {o}");
+    }
+}
