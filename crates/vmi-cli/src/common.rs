@@ -17,10 +17,9 @@ pub struct GateArgs {
         global = true,
         value_name = "DIR",
         num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = ""
+        require_equals = true
     )]
-    pub allow_backing: Option<PathBuf>,
+    pub allow_backing: Option<Option<PathBuf>>,
 
     /// Open external data files named inside images (qcow2 data_file), confined like backing files.
     #[arg(long, global = true)]
@@ -35,11 +34,7 @@ impl GateArgs {
         let mut gate = Gate::new()
             .allow_backing(self.allow_backing.is_some() || backing_by_default)
             .allow_data_file(self.allow_data_file);
-        if let Some(dir) = self
-            .allow_backing
-            .as_ref()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
+        if let Some(Some(dir)) = &self.allow_backing {
             gate = gate.confine_to(dir.clone());
         }
         gate

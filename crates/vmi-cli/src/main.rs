@@ -54,7 +54,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let is_compare = std::env::args().nth(1).is_some_and(|a| a == "compare");
+    // The global flags take their values with `=`, so the first plain word is the command.
+    let is_compare = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|a| a == "compare");
     let error_code = if is_compare {
         EXIT_COMPARE_ERROR
     } else {

@@ -386,239 +386,263 @@ vmitest!(compare_exit_codes_are_qemus, |d| {
 
 // --- qcow2 through the command line -----------------------------------------------------------
 
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    raw_to_qcow2_to_raw_round_trips,
-    |d| {
-        let src = d.sparse_raw("src.img", 8 << 20);
-        d.vmi(&[
-            "convert",
-            "-f",
-            "raw",
+vmitest!(raw_to_qcow2_to_raw_round_trips, |d| {
+    let src = d.sparse_raw("src.img", 8 << 20);
+    d.vmi(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "src.img",
+        "mid.qcow2",
+    ])
+    .ok();
+    assert_qemu_check_clean(&d.path("mid.qcow2"), "qcow2");
+    assert!(qemu_compare(&src, "raw", &d.path("mid.qcow2"), "qcow2"));
+    d.vmi(&["convert", "-O", "raw", "mid.qcow2", "back.img"])
+        .ok();
+    assert!(qemu_compare(&src, "raw", &d.path("back.img"), "raw"));
+    let r = d.vmi(&["check", "mid.qcow2"]);
+    r.ok();
+    assert!(
+        r.stdout.contains("No errors were found on the image."),
+        "{r:#?}"
+    );
+    let j = d.vmi(&["check", "--output=json", "mid.qcow2"]).ok().json();
+    assert_eq!(j["filename"], "mid.qcow2");
+    assert_eq!(j["format"], "qcow2");
+    assert_eq!(j["check-errors"], 0);
+});
+
+vmitest!(info_on_a_qcow2_overlay_matches_qemu_img, |d| {
+    d.sparse_raw("base.img", 4 << 20);
+    let top = d.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.img",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    let ours = d.vmi(&["info", "--output=json", "top.qcow2"]).ok().json();
+    let qemu = qemu_info(&top, "qcow2");
+    for key in [
+        "virtual-size",
+        "format",
+        "cluster-size",
+        "backing-filename",
+        "backing-filename-format",
+        "dirty-flag",
+    ] {
+        assert_eq!(ours[key], qemu[key], "{key}: {ours:#} vs {qemu:#}");
+    }
+    assert_eq!(ours["format-specific"]["type"], "qcow2");
+    let chain = d
+        .vmi(&["info", "--backing-chain", "--output=json", "top.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(chain.as_array().map(Vec::len), Some(2), "{chain:#}");
+    assert_eq!(chain[1]["format"], "raw");
+});
+
+vmitest!(backing_files_are_refused_unless_allowed, |d| {
+    let base = d.sparse_raw("base.img", 4 << 20);
+    let top = d.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.img",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    let r = d.vmi(&["compare", "top.qcow2", "base.img"]);
+    r.code(2);
+    assert!(r.stderr.contains("--allow-backing"), "{r:#?}");
+    assert!(r.stderr.contains("base.img"), "{r:#?}");
+    d.vmi(&["--allow-backing", "compare", "top.qcow2", "base.img"])
+        .ok();
+    d.vmi(&[
+        "convert",
+        "--allow-backing",
+        "-O",
+        "raw",
+        "top.qcow2",
+        "flat.img",
+    ])
+    .ok();
+    assert!(qemu_compare(&base, "raw", &d.path("flat.img"), "raw"));
+});
+
+vmitest!(create_overlay_takes_the_backing_files_size, |d| {
+    d.sparse_raw("base.img", 4 << 20);
+    let r = d.vmi(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.img",
+        "-F",
+        "raw",
+        "top.qcow2",
+    ]);
+    r.ok();
+    assert!(r.stdout.contains("backing_file=base.img"), "{r:#?}");
+    let q = qemu_info(&d.path("top.qcow2"), "qcow2");
+    assert_eq!(q["virtual-size"], 4 << 20);
+    assert_eq!(q["backing-filename"], "base.img");
+    assert_qemu_check_clean(&d.path("top.qcow2"), "qcow2");
+});
+
+vmitest!(measure_qcow2_equals_qemu_img, |d| {
+    let img = d.sparse_raw("disk.img", 8 << 20);
+    let ours = d
+        .vmi(&["measure", "--output=json", "-O", "qcow2", "--size", "1G"])
+        .ok()
+        .json();
+    assert_eq!(ours, qemu_measure(&["-O", "qcow2", "--size", "1G"]));
+    let ours = d
+        .vmi(&[
+            "measure",
+            "--output=json",
             "-O",
             "qcow2",
-            "src.img",
-            "mid.qcow2",
-        ])
-        .ok();
-        assert_qemu_check_clean(&d.path("mid.qcow2"), "qcow2");
-        assert!(qemu_compare(&src, "raw", &d.path("mid.qcow2"), "qcow2"));
-        d.vmi(&["convert", "-O", "raw", "mid.qcow2", "back.img"])
-            .ok();
-        assert!(qemu_compare(&src, "raw", &d.path("back.img"), "raw"));
-        let r = d.vmi(&["check", "mid.qcow2"]);
-        r.ok();
-        assert!(
-            r.stdout.contains("No errors were found on the image."),
-            "{r:#?}"
-        );
-        let j = d.vmi(&["check", "--output=json", "mid.qcow2"]).ok().json();
-        assert_eq!(j["filename"], "mid.qcow2");
-        assert_eq!(j["format"], "qcow2");
-        assert_eq!(j["check-errors"], 0);
-    }
-);
-
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    info_on_a_qcow2_overlay_matches_qemu_img,
-    |d| {
-        d.sparse_raw("base.img", 4 << 20);
-        let top = d.path("top.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
             "-f",
-            "qcow2",
-            "-b",
-            "base.img",
-            "-F",
             "raw",
-            s(&top),
-        ]);
-        let ours = d.vmi(&["info", "--output=json", "top.qcow2"]).ok().json();
-        let qemu = qemu_info(&top, "qcow2");
-        for key in [
-            "virtual-size",
-            "format",
-            "cluster-size",
-            "backing-filename",
-            "backing-filename-format",
-            "dirty-flag",
-        ] {
-            assert_eq!(ours[key], qemu[key], "{key}: {ours:#} vs {qemu:#}");
-        }
-        assert_eq!(ours["format-specific"]["type"], "qcow2");
-        let chain = d
-            .vmi(&["info", "--backing-chain", "--output=json", "top.qcow2"])
-            .ok()
-            .json();
-        assert_eq!(chain.as_array().map(Vec::len), Some(2), "{chain:#}");
-        assert_eq!(chain[1]["format"], "raw");
-    }
-);
-
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    backing_files_are_refused_unless_allowed,
-    |d| {
-        let base = d.sparse_raw("base.img", 4 << 20);
-        let top = d.path("top.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.img",
-            "-F",
-            "raw",
-            s(&top),
-        ]);
-        let r = d.vmi(&["compare", "top.qcow2", "base.img"]);
-        r.code(2);
-        assert!(r.stderr.contains("--allow-backing"), "{r:#?}");
-        assert!(r.stderr.contains("base.img"), "{r:#?}");
-        d.vmi(&["--allow-backing", "compare", "top.qcow2", "base.img"])
-            .ok();
-        d.vmi(&[
-            "convert",
-            "--allow-backing",
-            "-O",
-            "raw",
-            "top.qcow2",
-            "flat.img",
+            "disk.img",
         ])
-        .ok();
-        assert!(qemu_compare(&base, "raw", &d.path("flat.img"), "raw"));
-    }
-);
+        .ok()
+        .json();
+    assert_eq!(ours, qemu_measure(&["-O", "qcow2", "-f", "raw", s(&img)]));
+});
 
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    create_overlay_takes_the_backing_files_size,
-    |d| {
-        d.sparse_raw("base.img", 4 << 20);
-        let r = d.vmi(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.img",
-            "-F",
-            "raw",
-            "top.qcow2",
-        ]);
-        r.ok();
-        assert!(r.stdout.contains("backing_file=base.img"), "{r:#?}");
-        let q = qemu_info(&d.path("top.qcow2"), "qcow2");
-        assert_eq!(q["virtual-size"], 4 << 20);
-        assert_eq!(q["backing-filename"], "base.img");
-        assert_qemu_check_clean(&d.path("top.qcow2"), "qcow2");
-    }
-);
+vmitest!(qcow2_made_by_qemu_resizes_and_maps, |d| {
+    let img = d.path("q.qcow2");
+    qemu_create(&img, "qcow2", "", 4 << 20);
+    d.vmi(&["resize", "q.qcow2", "+4M"]).ok();
+    assert_eq!(qemu_info(&img, "qcow2")["virtual-size"], 8 << 20);
+    let map = d.vmi(&["map", "--output=json", "q.qcow2"]).ok().json();
+    assert_eq!(map, qemu_map(&img, "qcow2"));
+});
 
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    measure_qcow2_equals_qemu_img,
-    |d| {
-        let img = d.sparse_raw("disk.img", 8 << 20);
-        let ours = d
-            .vmi(&["measure", "--output=json", "-O", "qcow2", "--size", "1G"])
-            .ok()
-            .json();
-        assert_eq!(ours, qemu_measure(&["-O", "qcow2", "--size", "1G"]));
-        let ours = d
-            .vmi(&[
-                "measure",
-                "--output=json",
-                "-O",
-                "qcow2",
-                "-f",
-                "raw",
-                "disk.img",
-            ])
-            .ok()
-            .json();
-        assert_eq!(ours, qemu_measure(&["-O", "qcow2", "-f", "raw", s(&img)]));
-    }
-);
+vmitest!(convert_with_the_sources_backing_is_a_shallow_copy, |d| {
+    let base = d.path("base.qcow2");
+    let top = d.path("top.qcow2");
+    qemu_create(&base, "qcow2", "", 4 << 20);
+    vmi_testkit::qemu_io(&base, "qcow2", "write -P 0x11 0 2M");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    vmi_testkit::qemu_io(&top, "qcow2", "write -P 0x22 1M 64k");
+    vmi_testkit::qemu_io(&top, "qcow2", "write -z 1536k 64k");
+    // The backing file is not read, so no --allow-backing is needed.
+    d.vmi(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+        "new.qcow2",
+    ])
+    .ok();
+    let new = d.path("new.qcow2");
+    assert_qemu_check_clean(&new, "qcow2");
+    assert_eq!(qemu_info(&new, "qcow2")["backing-filename"], "base.qcow2");
+    assert!(qemu_compare(&top, "qcow2", &new, "qcow2"));
+    let map = qemu_map(&new, "qcow2");
+    let top_layer: u64 = map
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(top_layer, 128 << 10, "{map:#}");
 
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    qcow2_made_by_qemu_resizes_and_maps,
-    |d| {
-        let img = d.path("q.qcow2");
-        qemu_create(&img, "qcow2", "", 4 << 20);
-        d.vmi(&["resize", "q.qcow2", "+4M"]).ok();
-        assert_eq!(qemu_info(&img, "qcow2")["virtual-size"], 8 << 20);
-        let map = d.vmi(&["map", "--output=json", "q.qcow2"]).ok().json();
-        assert_eq!(map, qemu_map(&img, "qcow2"));
-    }
-);
+    // Another backing file: everything is written, so the result still reads like the source.
+    qemu_create(&d.path("other.qcow2"), "qcow2", "", 4 << 20);
+    vmi_testkit::qemu_io(&d.path("other.qcow2"), "qcow2", "write -P 0x33 0 4M");
+    d.vmi(&[
+        "--allow-backing",
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "other.qcow2",
+        "top.qcow2",
+        "full.qcow2",
+    ])
+    .ok();
+    assert!(qemu_compare(&top, "qcow2", &d.path("full.qcow2"), "qcow2"));
+});
 
-vmitest!(
-    #[ignore = "needs the qcow2 driver"]
-    convert_with_the_sources_backing_is_a_shallow_copy,
-    |d| {
-        let base = d.path("base.qcow2");
-        let top = d.path("top.qcow2");
-        qemu_create(&base, "qcow2", "", 4 << 20);
-        vmi_testkit::qemu_io(&base, "qcow2", "write -P 0x11 0 2M");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ]);
-        vmi_testkit::qemu_io(&top, "qcow2", "write -P 0x22 1M 64k");
-        vmi_testkit::qemu_io(&top, "qcow2", "write -z 1536k 64k");
-        // The backing file is not read, so no --allow-backing is needed.
-        d.vmi(&[
-            "convert",
-            "-O",
-            "qcow2",
-            "-B",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "new.qcow2",
-        ])
-        .ok();
-        let new = d.path("new.qcow2");
-        assert_qemu_check_clean(&new, "qcow2");
-        assert_eq!(qemu_info(&new, "qcow2")["backing-filename"], "base.qcow2");
-        assert!(qemu_compare(&top, "qcow2", &new, "qcow2"));
-        let map = qemu_map(&new, "qcow2");
-        let top_layer: u64 = map
-            .as_array()
-            .expect("list")
-            .iter()
-            .filter(|e| e["depth"] == 0 && e["present"] == true)
-            .map(|e| e["length"].as_u64().unwrap_or(0))
-            .sum();
-        assert_eq!(top_layer, 128 << 10, "{map:#}");
-
-        // Another backing file: everything is written, so the result still reads like the source.
-        qemu_create(&d.path("other.qcow2"), "qcow2", "", 4 << 20);
-        vmi_testkit::qemu_io(&d.path("other.qcow2"), "qcow2", "write -P 0x33 0 4M");
-        d.vmi(&[
-            "--allow-backing",
-            "convert",
-            "-O",
-            "qcow2",
-            "-B",
-            "other.qcow2",
-            "top.qcow2",
-            "full.qcow2",
-        ])
-        .ok();
-        assert!(qemu_compare(&top, "qcow2", &d.path("full.qcow2"), "qcow2"));
-    }
-);
+vmitest!(allow_backing_dir_widens_the_confinement, |d| {
+    std::fs::create_dir(d.path("base")).expect("mkdir");
+    std::fs::create_dir(d.path("top")).expect("mkdir");
+    let base = d.sparse_raw("base/base.img", 1 << 20);
+    let top = d.path("top/top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base/base.img",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    let r = d.vmi(&[
+        "--allow-backing",
+        "compare",
+        "top/top.qcow2",
+        "base/base.img",
+    ]);
+    r.code(2);
+    assert!(r.stderr.contains("outside the allowed directory"), "{r:#?}");
+    assert!(r.stderr.contains("--allow-backing=DIR"), "{r:#?}");
+    d.vmi(&[
+        "--allow-backing=.",
+        "compare",
+        "top/top.qcow2",
+        "base/base.img",
+    ])
+    .ok();
+    let human = d.vmi(&[
+        "info",
+        "--allow-backing=.",
+        "--backing-chain",
+        "top/top.qcow2",
+    ]);
+    human.ok();
+    assert!(
+        human.stdout.contains("backing file: ../base/base.img"),
+        "{human:#?}"
+    );
+    assert!(
+        human.stdout.contains(&format!(
+            "image: {}",
+            base.canonicalize().unwrap().display()
+        )),
+        "{human:#?}"
+    );
+});

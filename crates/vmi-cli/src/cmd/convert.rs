@@ -136,7 +136,7 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
             }
         };
         let target = Target {
-            path: a.dst.clone(),
+            path: with_folder(&a.dst),
             format: a.out_format,
             create: CreateOptions {
                 size: 0,
@@ -157,6 +157,15 @@ fn beside(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
     match image.parent() {
         Some(d) if !p.is_absolute() && !d.as_os_str().is_empty() => d.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// `name` as `./name` when it has no folder part, so that code resolving names beside it gets a
+/// folder to resolve in.
+fn with_folder(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new(".").join(p),
         _ => p.to_path_buf(),
     }
 }
