@@ -107,6 +107,21 @@ vmitest!(create_prints_the_formatting_line_and_makes_the_file, |d| {
     assert_eq!(file_size(&d.path("disk.img")), 64 << 20);
 });
 
+vmitest!(create_replaces_an_existing_file_like_qemu_img, |d| {
+    d.vmi(&["create", "-q", "disk.img", "1M"]).ok();
+    d.vmi(&["create", "-q", "disk.img", "2M"]).ok();
+    assert_eq!(file_size(&d.path("disk.img")), 2 << 20);
+});
+
+vmitest!(create_refuses_to_replace_its_own_backing_file, |d| {
+    d.vmi(&["create", "-q", "-f", "qcow2", "disk.qcow2", "1M"])
+        .ok();
+    let r = d.vmi(&["create", "-f", "qcow2", "-b", "disk.qcow2", "disk.qcow2"]);
+    r.code(1);
+    assert!(r.stderr.contains("its own backing file"), "{r:#?}");
+    assert_qemu_check_clean(&d.path("disk.qcow2"), "qcow2");
+});
+
 vmitest!(create_quiet_prints_nothing, |d| {
     let r = d.vmi(&["create", "-q", "disk.img", "1M"]);
     r.ok();

@@ -6,7 +6,8 @@ use anyhow::{bail, Context as _};
 use std::path::{Path, PathBuf};
 use vmi_disk::{BackingMode, BackingSpec, CreateOptions, Format, Gate, Image};
 
-/// Create a new image FILE of SIZE bytes (suffixes k, M, G, T, P, E are powers of 1024).
+/// Create a new image FILE of SIZE bytes (suffixes k, M, G, T, P, E are powers of 1024). An
+/// existing file FILE is replaced, as qemu-img does.
 ///
 /// With -b, the new image is an overlay whose unallocated ranges read from BACKING; the backing
 /// file is opened (it was named by you, not by an image) to learn its format and, without SIZE,
@@ -96,12 +97,37 @@ pub fn run(_gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         options: opts,
     };
     let line = formatting_line(file, a.format, &create);
+    if let Some(b) = &create.backing {
+        let same = backing_path(file, &b.name)
+            .canonicalize()
+            .ok()
+            .zip(file.canonicalize().ok())
+            .is_some_and(|(x, y)| x == y);
+        if same {
+            bail!(
+                "{}: an image cannot be its own backing file",
+                file.display()
+            );
+        }
+    }
+    replace_existing(file)?;
     let img = Image::create(file, a.format, &create)?;
     img.close()?;
     if !a.quiet {
         outln!("{line}")?;
     }
     Ok(0)
+}
+
+/// qemu-img create overwrites an existing image: remove a regular file (or a symbolic link,
+/// never what it points to) at FILE first. Anything else (a folder, a device) is left for the
+/// create to refuse.
+fn replace_existing(file: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(file) {
+        Ok(m) if m.is_file() || m.file_type().is_symlink() => std::fs::remove_file(file)
+            .with_context(|| format!("{}: removing the existing file", file.display())),
+        _ => Ok(()),
+    }
 }
 
 /// qemu-img's `Formatting 'FILE', fmt=... size=...` line, printed once the image exists.
