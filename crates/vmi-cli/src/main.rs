@@ -19,13 +19,28 @@ const EXIT_ERROR: u8 = 1;
 /// Exit code `compare` uses for errors, so that 1 keeps meaning "the images differ".
 const EXIT_COMPARE_ERROR: u8 = 2;
 
+/// The exit-code table shown by `vmi --help` (and in docs/cli.md).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   success; compare: identical; check: no problems
+  1   error; compare: the images differ; check: the check could not complete
+  2   compare: error; check: corruptions found
+  3   check: only leaked clusters found
+  63  check: the format does not support checks";
+
 /// Virtual machine disk images: create, inspect, convert, check and compare them.
 ///
 /// Options and output follow qemu-img. Images are untrusted: files an image names (backing
 /// files, external data files) are not opened unless allowed with --allow-backing /
 /// --allow-data-file.
 #[derive(Debug, Parser)]
-#[command(name = "vmi", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "vmi",
+    version,
+    propagate_version = true,
+    max_term_width = 100,
+    after_help = EXIT_CODES_HELP
+)]
 struct Cli {
     #[command(flatten)]
     gate: GateArgs,

@@ -8,9 +8,6 @@ use std::path::{Path, PathBuf};
 use vmi_convert::{ConvertOptions, Target};
 use vmi_disk::{BackingMode, BackingSpec, CreateOptions, Format, Gate};
 
-/// Default zero-detection granularity (`-S`), as qemu-img.
-const DEFAULT_MIN_SPARSE: u64 = 4096;
-
 /// Convert SRC into a new image DST of format -O (raw by default).
 ///
 /// DST is written under a temporary name and renamed into place only when the copy succeeded.
@@ -35,8 +32,8 @@ pub struct Args {
     /// Compress the output (qcow2, vmdk streamOptimized).
     #[arg(short = 'c')]
     compress: bool,
-    /// Zero-detection granularity: zero runs at least this long are not written; 0 writes
-    /// every byte.
+    /// Zero-detection granularity (default 4k, as qemu-img): zero runs at least this long are
+    /// not written; 0 writes every byte.
     #[arg(short = 'S', value_name = "SIZE", value_parser = parse_size, default_value = "4k")]
     min_sparse: u64,
     /// DST already exists: write into it (with -O its format) instead of creating it.
@@ -72,7 +69,7 @@ pub struct Args {
 
 /// Run `vmi convert`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = (a.force_share, a.quiet, DEFAULT_MIN_SPARSE);
+    let _ = (a.force_share, a.quiet);
     // Open the top image alone first: a shallow copy (-B naming the source's own backing file)
     // never reads the backing chain, so it needs no --allow-backing.
     let top = common::open(&a.src, a.format, gate.gate(false), BackingMode::Skip, false)?;
