@@ -377,6 +377,20 @@ vmitest!(convert_progress_json_lines_parse, |d| {
     assert_eq!(last, Some(100.0), "{r:#?}");
 });
 
+vmitest!(compare_of_different_sizes_warns_like_qemu_img, |d| {
+    d.vmi(&["create", "-q", "a.img", "1M"]).ok();
+    d.vmi(&["create", "-q", "b.img", "2M"]).ok();
+    let r = d.vmi(&["compare", "a.img", "b.img"]);
+    r.ok();
+    assert_eq!(
+        r.stdout,
+        "Warning: Image size mismatch!\nImages are identical.\n"
+    );
+    let r = d.vmi(&["compare", "-s", "a.img", "b.img"]);
+    r.code(1);
+    assert_eq!(r.stdout, "Strict mode: Image size mismatch!\n");
+});
+
 vmitest!(compare_exit_codes_are_qemus, |d| {
     let a = d.sparse_raw("a.img", 4 << 20);
     std::fs::copy(&a, d.path("b.img")).expect("copy");

@@ -55,12 +55,16 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         progress: reporter.as_ref().map(|r| r.callback()),
     };
     let outcome = vmi_convert::compare(&img_a, &img_b, &opts)?;
+    let sizes_differ = img_a.virtual_size() != img_b.virtual_size();
     if let Some(r) = &reporter {
         r.finish(img_a.virtual_size().max(img_b.virtual_size()));
     }
     match outcome {
         CompareOutcome::Identical => {
             if !a.quiet {
+                if sizes_differ {
+                    outln!("Warning: Image size mismatch!")?;
+                }
                 outln!("Images are identical.")?;
             }
             Ok(0)
