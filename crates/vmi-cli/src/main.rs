@@ -115,3 +115,46 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Resize(a) => cmd::resize::run(gate, a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("vmi").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn backing_files_are_denied_without_the_flag() {
+        let cli = parse(&["info", "a.img"]);
+        assert!(!cli.gate.gate(false).backing_allowed());
+        assert!(
+            cli.gate.gate(true).backing_allowed(),
+            "--backing-chain allows"
+        );
+    }
+
+    #[test]
+    fn allow_backing_without_a_folder_confines_to_the_image_folder() {
+        let cli = parse(&["--allow-backing", "info", "a.img"]);
+        let gate = cli.gate.gate(false);
+        assert!(gate.backing_allowed());
+        assert_eq!(gate.root(), None, "rooted at the image when opened");
+    }
+
+    #[test]
+    fn allow_backing_with_a_folder_confines_to_it_after_the_command_too() {
+        let cli = parse(&["info", "--allow-backing=/srv/images", "a.img"]);
+        let gate = cli.gate.gate(false);
+        assert!(gate.backing_allowed());
+        assert_eq!(gate.root(), Some(std::path::Path::new("/srv/images")));
+    }
+
+    #[test]
+    fn resize_accepts_a_negative_size() {
+        assert!(matches!(
+            parse(&["resize", "--shrink", "a.img", "-1G"]).command,
+            Command::Resize(_)
+        ));
+    }
+}
