@@ -20,16 +20,15 @@ fn run() -> vmi_disk::Result<()> {
     let mut paths = Vec::new();
     let usage = |m: &str| vmi_disk::Error::usage(m.to_string());
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| usage(&format!("{a} needs a value")));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| usage(&format!("{a} needs a value")))
+        };
         match a.as_str() {
             "-f" => src_fmt = Some(value()?.parse::<Format>()?),
             "-O" => dst_fmt = value()?.parse()?,
             "-o" => fopts.parse(&value()?)?,
-            "-m" => {
-                opts.workers = value()?
-                    .parse()
-                    .map_err(|_| usage("-m needs a number"))?
-            }
+            "-m" => opts.workers = value()?.parse().map_err(|_| usage("-m needs a number"))?,
             "-S" => opts.min_sparse = parse_size(&value()?)?,
             "-c" => opts.compress = true,
             "-W" => opts.out_of_order = true,

@@ -8,14 +8,22 @@
 //!    a handful of mapping queries and no reads;
 //! 2. **workers** read the data ranges of a window, find zero blocks at `min_sparse` granularity and,
 //!    when compressing, compress whole units;
-//! 3. writes happen either **directly** on the worker (out-of-order writes to a random-access
-//!    target) or on a single **writer** thread that applies windows in guest order through a
-//!    reorder buffer (in-order writes, `sequential_only` targets, compressed output).
+//! 3. writes happen in one of three ways ([`WriteMode`]):
+//!    - **direct**: each worker writes its window as soon as it is ready (out-of-order writes, `-W`,
+//!      to a random-access target);
+//!    - **turns**: each worker writes its window itself, but only when every earlier window has been
+//!      written (in-order plain writes and `sequential_only` targets). The data is written by the
+//!      core that just read it, while it is still in cache;
+//!    - **writer**: workers compress and hand their windows to one writer thread that applies them
+//!      in guest order through a reorder buffer (compressed output), so workers go on compressing
+//!      instead of waiting for their turn.
 //!
-//! Memory is bounded whatever the image size: at most `workers` windows are being read, and in
-//! ordered mode the planner never runs more than [`in_flight_limit`] windows ahead of the writer, so
-//! at most `in_flight_limit(workers) × chunk` bytes of guest data (plus as much again of compressed
-//! output) are buffered. With the defaults (8 workers, 2 MiB windows) that is 36 MiB.
+//! Memory is bounded whatever the image size. The job queue holds descriptions, not data. In direct
+//! and turns mode only the `workers` windows being processed hold buffers: at most
+//! `workers × chunk` bytes (16 MiB with the defaults: 8 workers, 2 MiB windows). In writer mode the
+//! planner never runs more than [`in_flight_limit`] windows ahead of the writer, so at most
+//! `in_flight_limit(workers) × chunk` bytes of guest data plus their compressed form are buffered
+//! (52 MiB of guest data with the defaults).
 //!
 //! The first error from any thread stops every stage promptly and is returned.
 
@@ -49,8 +57,8 @@ const MAX_UNIT: u64 = 16 << 20;
 /// Windows queued for workers per worker.
 const QUEUE_PER_WORKER: usize = 2;
 
-/// How many windows the planner may be ahead of the ordered writer: every worker busy plus a full
-/// queue behind them. This is what bounds the reorder buffer.
+/// How many windows the planner may be ahead of the writer thread in [`WriteMode::Writer`]: every
+/// worker busy plus a full queue behind them. This is what bounds the reorder buffer.
 pub fn in_flight_limit(workers: usize) -> u64 {
     (workers * (1 + QUEUE_PER_WORKER) + 2) as u64
 }
@@ -119,6 +127,17 @@ pub struct Target {
     pub create: CreateOptions,
 }
 
+/// How windows reach the target (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Workers write as soon as a window is ready, in any order.
+    Direct,
+    /// Workers write their own windows, one after the other in guest order.
+    Turns,
+    /// One writer thread applies windows in guest order; workers only read and compress.
+    Writer,
+}
+
 /// What the planner decided for one guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -172,7 +191,7 @@ struct Batch {
 struct Shared {
     stop: AtomicBool,
     error: Mutex<Option<Error>>,
-    /// Windows the ordered writer has finished (ordered mode flow control).
+    /// Windows written so far in guest order (turns and writer mode).
     written: Mutex<u64>,
     written_cv: Condvar,
     done: AtomicU64,
@@ -250,8 +269,7 @@ struct Plan<'a> {
     shallow: bool,
     /// Compressed output: the writer and its unit size.
     compressed: Option<(&'a dyn CompressedWrite, u64)>,
-    /// Windows go through the ordered writer.
-    ordered: bool,
+    mode: WriteMode,
     window: u64,
 }
 
@@ -299,7 +317,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         need_zero: opts.target_has_data || opts.shallow,
         shallow: opts.shallow,
         compressed,
-        ordered: compressed.is_some() || dst.driver().sequential_only() || !opts.out_of_order,
+        mode: write_mode(dst, opts),
         window,
     };
     let shared = Shared {
@@ -321,7 +339,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
     std::thread::scope(|s| {
         for _ in 0..workers {
             let job_rx = job_rx.clone();
-            let batch_tx = plan.ordered.then(|| batch_tx.clone());
+            let batch_tx = (plan.mode == WriteMode::Writer).then(|| batch_tx.clone());
             let (pool_tx, pool_rx) = (pool_tx.clone(), pool_rx.clone());
             let (plan, shared) = (&plan, &shared);
             s.spawn(move || {
@@ -331,7 +349,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         }
         drop(job_rx);
         drop(batch_tx);
-        if plan.ordered {
+        if plan.mode == WriteMode::Writer {
             let (plan, shared, pool_tx) = (&plan, &shared, pool_tx.clone());
             s.spawn(move || {
                 let _guard = StopOnPanic(shared);
@@ -434,7 +452,7 @@ fn planner(plan: &Plan, shared: &Shared, job_tx: Sender<Job>, workers: usize) ->
             w = wend;
             continue;
         }
-        if plan.ordered {
+        if plan.mode == WriteMode::Writer {
             let mut written = shared.written.lock().unwrap_or_else(|p| p.into_inner());
             while seq >= *written + limit && !shared.stopped() {
                 written = shared
@@ -466,7 +484,37 @@ fn skipped(len: u64) -> ConvertStats {
     }
 }
 
-/// Take windows, read and prepare them, and write them (direct mode) or pass them to the writer.
+/// Which [`WriteMode`] a conversion into `dst` with `opts` uses.
+pub fn write_mode(dst: &Image, opts: &ConvertOptions) -> WriteMode {
+    if opts.compress {
+        WriteMode::Writer
+    } else if dst.driver().sequential_only() || !opts.out_of_order {
+        WriteMode::Turns
+    } else {
+        WriteMode::Direct
+    }
+}
+
+/// Wait until every window before `seq` is written; false when the conversion stopped instead.
+fn wait_turn(shared: &Shared, seq: u64) -> bool {
+    let mut written = shared.written.lock().unwrap_or_else(|p| p.into_inner());
+    while *written != seq && !shared.stopped() {
+        written = shared
+            .written_cv
+            .wait(written)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+    !shared.stopped()
+}
+
+/// Record that window `seq` is written and wake whoever holds the next one.
+fn end_turn(shared: &Shared, seq: u64) {
+    *shared.written.lock().unwrap_or_else(|p| p.into_inner()) = seq + 1;
+    shared.written_cv.notify_all();
+}
+
+/// Take windows, read and prepare them, and write them (direct and turns mode) or pass them to the
+/// writer thread.
 fn worker(
     plan: &Plan,
     shared: &Shared,
@@ -502,11 +550,17 @@ fn worker(
                 }
             }
             None => {
+                if plan.mode == WriteMode::Turns && !wait_turn(shared, job.seq) {
+                    break;
+                }
                 if let Err(e) = apply(plan, &buf, &ops) {
                     shared.fail(e);
                     break;
                 }
                 shared.account(guest_len, stats);
+                if plan.mode == WriteMode::Turns {
+                    end_turn(shared, job.seq);
+                }
                 let _ = pool_tx.try_send(buf);
             }
         }
@@ -530,9 +584,8 @@ fn writer(plan: &Plan, shared: &Shared, batch_rx: &Receiver<Batch>, pool_tx: &Se
             }
             shared.account(b.guest_len, b.stats);
             let _ = pool_tx.try_send(b.buf);
+            end_turn(shared, next);
             next += 1;
-            *shared.written.lock().unwrap_or_else(|p| p.into_inner()) = next;
-            shared.written_cv.notify_all();
         }
     }
 }

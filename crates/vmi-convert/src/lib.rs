@@ -18,8 +18,8 @@ pub use compare::{
     compare, CompareOptions, CompareOutcome, CONTENT_MISMATCH, SIZE_MISMATCH, STATUS_MISMATCH,
 };
 pub use convert::{
-    convert, convert_to_path, in_flight_limit, ConvertOptions, ConvertStats, Target, CHUNK,
-    MAX_WORKERS,
+    convert, convert_to_path, in_flight_limit, write_mode, ConvertOptions, ConvertStats, Target,
+    WriteMode, CHUNK, MAX_WORKERS,
 };
 pub use map::{map_entries, MapEntry};
 pub use progress::{Progress, ProgressFn};
