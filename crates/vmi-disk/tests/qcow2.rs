@@ -35,7 +35,11 @@ fn open_ro(p: &Path) -> Image {
 }
 
 fn open_rw(p: &Path) -> Image {
-    Image::open(p, &OpenOptions::new().format(Some(Format::Qcow2)).write(true)).unwrap()
+    Image::open(
+        p,
+        &OpenOptions::new().format(Some(Format::Qcow2)).write(true),
+    )
+    .unwrap()
 }
 
 fn backing_gate(dir: &Path) -> OpenOptions {
@@ -118,7 +122,15 @@ fn reads_a_qemu_overlay_through_its_backing_file() {
     qemu_convert(&raw, "raw", &base, "qcow2", "", &[]);
     let top = dir.path().join("top.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
     ]);
     qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
     let mut expect = read_file(&raw);
@@ -172,6 +184,7 @@ const VMI_MATRIX: &[&str] = &[
     "compression_type=zstd",
     "preallocation=metadata",
     "preallocation=falloc",
+    "preallocation=full,cluster_size=4k",
 ];
 
 #[test]
@@ -324,6 +337,49 @@ fn snapshots_are_listed_and_active_data_stays_right() {
     assert!(buf.iter().all(|&b| b == 0x11));
 }
 
+#[test]
+fn resize_grows_and_refuses_to_drop_allocated_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("r.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=512", MIB)).unwrap();
+    img.write_at(&[7; 512], MIB - 512).unwrap();
+    // Growing past what the first L1 cluster maps moves the L1 table.
+    img.resize(200 * MIB).unwrap();
+    img.write_at(&[8; 512], 200 * MIB - 512).unwrap();
+    let e = img.resize(MIB / 2).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    let img = open_rw(&q);
+    img.write_zeroes(200 * MIB - 512, 512).unwrap();
+    img.resize(MIB).unwrap();
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    assert_eq!(qemu_info(&q, "qcow2")["virtual-size"], MIB);
+    let mut buf = [0u8; 512];
+    open_ro(&q).read_at(&mut buf, MIB - 512).unwrap();
+    assert_eq!(buf, [7; 512]);
+}
+
+#[test]
+fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = small_image(dir.path(), "bm.qcow2");
+    qemu_img(&["bitmap", "--add", s(&q), "b0"]);
+    qemu_io(&q, "qcow2", "write -P 0x33 1M 64k");
+    // Read-only: the bitmap clusters are referenced, nothing leaks.
+    let r = vmi_check(&q, CheckMode::ReadOnly);
+    assert_eq!((r.leaks, r.corruptions), (0, 0), "{:?}", r.messages);
+    // Writing clears the bitmaps autoclear bit, as the spec asks of programs that do not
+    // maintain bitmaps; qemu then counts their clusters as leaks, and so does vmi.
+    let img = open_rw(&q);
+    img.write_at(&[1; 512], 0).unwrap();
+    img.close().unwrap();
+    assert_same_as_qemu(&q);
+    vmi_check(&q, CheckMode::RepairLeaks);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
 // ----- check and repair -----
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -333,7 +389,11 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// (L1 offset, refcount table offset, cluster size) of a qcow2 file.
 fn layout(p: &Path) -> (u64, u64, u64) {
     let b = read_file(p);
-    (be64(&b, 40), be64(&b, 48), 1 << u32::from_be_bytes(b[20..24].try_into().unwrap()))
+    (
+        be64(&b, 40),
+        be64(&b, 48),
+        1 << u32::from_be_bytes(b[20..24].try_into().unwrap()),
+    )
 }
 
 fn small_image(dir: &Path, name: &str) -> PathBuf {
@@ -486,7 +546,17 @@ fn hostile_backing_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("evil.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", s(&q), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        s(&q),
+        "1M",
     ]);
     let allow = backing_gate(dir.path());
     let e = open_err(&q, &allow);
@@ -514,7 +584,8 @@ fn hostile_backing_names_are_refused() {
 fn external_data_file_is_refused_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("ext.qcow2");
-    qemu_create(&q, "qcow2", "data_file=ext.raw", 4 * MIB);
+    let ext = dir.path().join("ext.raw");
+    qemu_create(&q, "qcow2", &format!("data_file={}", s(&ext)), 4 * MIB);
     qemu_io(&q, "qcow2", "write -P 0x77 0 64k");
     let e = open_err(&q, &OpenOptions::new());
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
@@ -636,7 +707,11 @@ fn measure_matches_qemu_img() {
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let m = vmi_disk::formats::measure(Format::Qcow2, &opts(o, size), None).unwrap();
         assert_eq!(Some(m.required), j["required"].as_u64(), "{size} {o}");
-        assert_eq!(Some(m.fully_allocated), j["fully-allocated"].as_u64(), "{size} {o}");
+        assert_eq!(
+            Some(m.fully_allocated),
+            j["fully-allocated"].as_u64(),
+            "{size} {o}"
+        );
     }
     // From a source image.
     let raw = dir.path().join("src.raw");
@@ -654,6 +729,10 @@ fn measure_matches_qemu_img() {
         let src = open_ro(&q);
         let m = vmi_disk::formats::measure(Format::Qcow2, &opts(o, 0), Some(&src)).unwrap();
         assert_eq!(Some(m.required), j["required"].as_u64(), "source {o}");
-        assert_eq!(Some(m.fully_allocated), j["fully-allocated"].as_u64(), "source {o}");
+        assert_eq!(
+            Some(m.fully_allocated),
+            j["fully-allocated"].as_u64(),
+            "source {o}"
+        );
     }
 }

@@ -8,11 +8,11 @@
 //! that disagree with refcounts). Repair writes a fresh refcount table and blocks at the end of the
 //! file from the counted references, so nothing the old structures said survives.
 
-use super::header::Header;
+use super::header::{Header, AUTOCLEAR_BITMAPS};
 use super::snapshot::Snapshot;
 use super::{
-    check_table, refcount, Inner, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
+    check_table, refcount, Inner, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    REFT_OFFSET_MASK,
 };
 use crate::check::{CheckMode, CheckReport};
 use crate::error::{Error, Result};
@@ -20,6 +20,13 @@ use crate::error::{Error, Result};
 /// Most host clusters a check counts references for: the counters take 4 bytes each, so this
 /// bounds the check's memory to 256 MiB.
 const MAX_CHECK_CLUSTERS: u64 = 1 << 26;
+/// Most bitmaps an image may hold (qemu's QCOW2_MAX_BITMAPS).
+const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory (qemu's QCOW2_MAX_BITMAP_DIRECTORY_SIZE: 1 KiB per bitmap).
+const MAX_BITMAP_DIRECTORY: u64 = 1024 * 65535;
+/// Most entries of one bitmap table: a 64 TiB disk at 512-byte granularity with 512-byte
+/// clusters needs 2^25; anything larger is hostile.
+const MAX_BITMAP_TABLE: u32 = 1 << 25;
 /// Most messages kept in a report; the counts stay exact.
 const MAX_MESSAGES: usize = 1000;
 
@@ -73,7 +80,15 @@ fn read_words(i: &Inner, off: u64, count: u64) -> Result<Vec<u64>> {
 }
 
 /// Walk all metadata and count references.
-fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Result<Scan> {
+/// `with_refcounts`: count the refcount table and blocks too (false when rebuilding them, so the
+/// old structures end up free).
+fn scan(
+    i: &mut Inner,
+    snaps: &[Snapshot],
+    snap_len: u64,
+    hdr: &Header,
+    with_refcounts: bool,
+) -> Result<Scan> {
     let cs = i.g.cs;
     let file_len = i.file_len()?;
     let nb = file_len.div_ceil(cs);
@@ -186,6 +201,13 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
                     }
                     continue;
                 }
+                if i.g.has_data_file {
+                    // Data clusters live in the external data file, not counted here.
+                    if active {
+                        allocated += 1;
+                    }
+                    continue;
+                }
                 let before = s.report.corruptions;
                 s.inc(cs, host, cs);
                 if s.report.corruptions != before && active {
@@ -197,8 +219,6 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
                         fragmented += 1;
                     }
                     next_contiguous = host + cs;
-                    let zero = i.g.version >= 3 && e & OFLAG_ZERO != 0 && !i.g.extended_l2;
-                    let _ = zero;
                     let rc = i.rc_get(host).unwrap_or(0);
                     if (rc == 1) != (e & OFLAG_COPIED != 0) {
                         s.report.corruptions += 1;
@@ -213,8 +233,13 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
     }
     // Refcount structures.
     let rt_bytes = i.reftable.len() as u64 * 8;
-    s.inc(cs, i.reftable_offset, rt_bytes);
-    for (ti, &te) in i.reftable.clone().iter().enumerate() {
+    let reftable = if with_refcounts {
+        s.inc(cs, i.reftable_offset, rt_bytes);
+        i.reftable.clone()
+    } else {
+        Vec::new()
+    };
+    for (ti, &te) in reftable.iter().enumerate() {
         let off = te & REFT_OFFSET_MASK;
         if off == 0 {
             continue;
@@ -231,10 +256,97 @@ fn scan(i: &mut Inner, snaps: &[Snapshot], snap_len: u64, hdr: &Header) -> Resul
     if hdr.nb_snapshots > 0 {
         s.inc(cs, hdr.snapshots_offset, snap_len);
     }
+    if let Some(ext) = &hdr.bitmaps {
+        // qemu ignores the extension (and its clusters) once the autoclear bit is clear.
+        if i.autoclear & AUTOCLEAR_BITMAPS != 0 {
+            count_bitmaps(i, &mut s, ext, file_len);
+        }
+    }
     s.report.allocated_clusters = Some(allocated);
     s.report.fragmented_clusters = Some(fragmented);
     s.report.compressed_clusters = Some(compressed);
     Ok(s)
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Count the clusters of the bitmaps extension (spec: "Bitmaps extension", "Bitmap directory",
+/// "Bitmap table"): the directory, each bitmap table, and each bitmap data cluster.
+fn count_bitmaps(i: &Inner, s: &mut Scan, ext: &[u8], file_len: u64) {
+    let cs = i.g.cs;
+    let (Some(nb), Some(dir_size), Some(dir_off)) = (be32(ext, 0), be64(ext, 8), be64(ext, 16))
+    else {
+        s.report.corruptions += 1;
+        s.note("ERROR bitmaps extension is too short".into());
+        return;
+    };
+    if nb > MAX_BITMAPS || dir_size > MAX_BITMAP_DIRECTORY {
+        s.report.corruptions += 1;
+        s.note(format!(
+            "ERROR bitmaps extension declares {nb} bitmaps in {dir_size} bytes"
+        ));
+        return;
+    }
+    if check_table("bitmap directory", dir_off, dir_size, cs, file_len).is_err() {
+        s.report.corruptions += 1;
+        s.note(format!(
+            "ERROR bitmap directory at {dir_off:#x} is outside the file"
+        ));
+        return;
+    }
+    s.inc(cs, dir_off, dir_size);
+    let mut dir = vec![0u8; dir_size as usize];
+    if i.st.read_at(&mut dir, dir_off).is_err() {
+        s.report.check_errors += 1;
+        return;
+    }
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        let (Some(t_off), Some(t_size), Some(name_size), Some(extra)) = (
+            be64(&dir, pos),
+            be32(&dir, pos + 8),
+            dir.get(pos + 18..pos + 20)
+                .map(|b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+            be32(&dir, pos + 20),
+        ) else {
+            s.report.corruptions += 1;
+            s.note("ERROR bitmap directory entry overruns the directory".into());
+            return;
+        };
+        let t_bytes = u64::from(t_size) * 8;
+        if t_size <= MAX_BITMAP_TABLE
+            && check_table("bitmap table", t_off, t_bytes, cs, file_len).is_ok()
+        {
+            s.inc(cs, t_off, t_bytes);
+            if let Ok(t) = read_words(i, t_off, u64::from(t_size)) {
+                for e in t {
+                    let off = e & L2E_OFFSET_MASK;
+                    if off != 0 {
+                        s.inc(cs, off, cs);
+                    }
+                }
+            }
+        } else {
+            s.report.corruptions += 1;
+            s.note(format!(
+                "ERROR bitmap table at {t_off:#x} is outside the file"
+            ));
+        }
+        let len = 24 + u64::from(extra) + name_size;
+        pos = match usize::try_from(len.div_ceil(8) * 8)
+            .ok()
+            .and_then(|l| pos.checked_add(l))
+        {
+            Some(p) => p,
+            None => return,
+        };
+    }
 }
 
 /// Compare counted references with stored refcounts; returns (refcount corruptions, leaks).
@@ -336,7 +448,7 @@ pub(super) fn rebuild_refcounts(
     snap_len: u64,
     hdr: &Header,
 ) -> Result<()> {
-    let s = scan(i, snaps, snap_len, hdr)?;
+    let s = scan(i, snaps, snap_len, hdr, false)?;
     write_refcounts(i, s.refs)
 }
 
@@ -348,7 +460,7 @@ pub(super) fn check(
     hdr: &Header,
     mode: CheckMode,
 ) -> Result<CheckReport> {
-    let mut s = scan(i, snaps, snap_len, hdr)?;
+    let mut s = scan(i, snaps, snap_len, hdr, true)?;
     let (corrupt, leaks) = compare(i, &mut s);
     let repair = match mode {
         CheckMode::ReadOnly => false,
@@ -373,27 +485,35 @@ pub(super) fn check(
             }
         }
         i.l2.clear();
-        s = scan(i, snaps, snap_len, hdr)?;
     }
-    write_refcounts(i, s.refs)?;
+    let fresh = scan(i, snaps, snap_len, hdr, false)?;
+    write_refcounts(i, fresh.refs)?;
     if mode == CheckMode::RepairAll {
         // Copied flags follow the rebuilt refcounts.
-        let s2 = scan(i, snaps, snap_len, hdr)?;
+        let s2 = scan(i, snaps, snap_len, hdr, true)?;
         for (is_l1, table, idx, one) in s2.copied_fixes {
             if is_l1 {
                 if let Some(e) = i.l1.get_mut(idx as usize) {
-                    *e = if one { *e | OFLAG_COPIED } else { *e & !OFLAG_COPIED };
+                    *e = if one {
+                        *e | OFLAG_COPIED
+                    } else {
+                        *e & !OFLAG_COPIED
+                    };
                     i.l1_dirty = true;
                 }
             } else {
                 let (e, _) = i.l2_entry(table, idx)?;
-                let v = if one { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
+                let v = if one {
+                    e | OFLAG_COPIED
+                } else {
+                    e & !OFLAG_COPIED
+                };
                 i.set_l2_entry(table, idx, v)?;
             }
         }
         i.flush()?;
     }
-    let mut after = scan(i, snaps, snap_len, hdr)?;
+    let mut after = scan(i, snaps, snap_len, hdr, true)?;
     compare(i, &mut after);
     let mut r = after.report;
     r.leaks_fixed = before.leaks.saturating_sub(r.leaks);

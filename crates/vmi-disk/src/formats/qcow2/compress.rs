@@ -44,8 +44,7 @@ pub fn inflate(kind: Compression, input: &[u8], cluster: usize, out: &mut Vec<u8
                         "qcow2 compressed cluster does not inflate (zstd): {e}"
                     ))
                 })?;
-                if hint == 0 || outb.pos() == outb.capacity() || before == (inb.pos(), outb.pos())
-                {
+                if hint == 0 || outb.pos() == outb.capacity() || before == (inb.pos(), outb.pos()) {
                     break;
                 }
             }

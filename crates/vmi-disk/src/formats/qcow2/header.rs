@@ -55,13 +55,13 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible feature bit 4: extended L2 entries (subclusters).
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// Every incompatible bit this driver understands.
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
-    | INCOMPAT_CORRUPT
-    | INCOMPAT_DATA_FILE
-    | INCOMPAT_COMPRESSION
-    | INCOMPAT_EXTL2;
+pub const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 /// Compatible feature bit 0: lazy refcounts.
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+/// Autoclear feature bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// Byte offset of `size` (virtual disk size).
 pub const OFF_SIZE: u64 = 24;
@@ -134,8 +134,8 @@ pub struct Header {
     pub data_file: Option<String>,
     /// Feature name table entries: (type 0/1/2, bit, name).
     pub feature_names: Vec<(u8, u8, String)>,
-    /// Whether a bitmaps extension is present.
-    pub has_bitmaps: bool,
+    /// The bitmaps extension's data, when present (kept for `check`; vmi does not write bitmaps).
+    pub bitmaps: Option<Vec<u8>>,
 }
 
 impl Header {
@@ -183,7 +183,9 @@ pub fn looks_like_qcow2(head: &[u8]) -> bool {
 pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
     let magic = be32(buf, 0)?;
     if magic != MAGIC {
-        return Err(Error::invalid(format!("not a qcow2 image (magic {magic:#010x})")));
+        return Err(Error::invalid(format!(
+            "not a qcow2 image (magic {magic:#010x})"
+        )));
     }
     let version = be32(buf, 4)?;
     if version != 2 && version != 3 {
@@ -276,7 +278,7 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
         backing_format: None,
         data_file: None,
         feature_names: Vec::new(),
-        has_bitmaps: false,
+        bitmaps: None,
     };
     parse_extensions(buf, &mut h)?;
     if unknown != 0 {
@@ -314,7 +316,9 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
         h.backing_name = Some(name);
     }
     if size > i64::MAX as u64 {
-        return Err(Error::invalid(format!("qcow2 virtual size {size} is too large")));
+        return Err(Error::invalid(format!(
+            "qcow2 virtual size {size} is too large"
+        )));
     }
     let _ = file_len;
     Ok(h)
@@ -367,7 +371,7 @@ fn parse_extensions(buf: &[u8], h: &mut Header) -> Result<()> {
                     h.feature_names.push((e[0], e[1], name));
                 }
             }
-            EXT_BITMAPS => h.has_bitmaps = true,
+            EXT_BITMAPS => h.bitmaps = Some(data.to_vec()),
             EXT_CRYPTO => {
                 return Err(Error::unsupported("encrypted qcow2 images (crypto header)"));
             }
@@ -427,7 +431,11 @@ fn put_ext(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
 /// Serialise a new header with extensions and backing name; must fit in one cluster.
 pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
     let cs = 1usize << n.cluster_bits;
-    let hlen = if n.version == 3 { V3_HEADER_LEN } else { V2_HEADER_LEN };
+    let hlen = if n.version == 3 {
+        V3_HEADER_LEN
+    } else {
+        V2_HEADER_LEN
+    };
     let mut out = vec![0u8; hlen as usize];
     let put32 = |out: &mut Vec<u8>, at: usize, v: u32| {
         out[at..at + 4].copy_from_slice(&v.to_be_bytes());

@@ -79,7 +79,7 @@ impl Geo {
             l2_entries: cs / 8 / words,
             words,
             refcount_order: h.refcount_order,
-            rc_per_block: cs * 8 >> h.refcount_order,
+            rc_per_block: (cs * 8) >> h.refcount_order,
             compression: h.compression,
             extended_l2: h.extended_l2(),
             has_data_file,
@@ -245,7 +245,12 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     }
     let l1 = if h.l1_size > 0 {
         check_table("L1 table", h.l1_table_offset, l1_bytes, cs, file_len)?;
-        read_u64s(st.as_ref(), h.l1_table_offset, u64::from(h.l1_size), "L1 table")?
+        read_u64s(
+            st.as_ref(),
+            h.l1_table_offset,
+            u64::from(h.l1_size),
+            "L1 table",
+        )?
     } else {
         Vec::new()
     };
@@ -366,12 +371,6 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             i.incompatible &= !header::INCOMPAT_DIRTY;
             i.header_dirty = true;
         }
-        // Autoclear bits describe structures vmi does not maintain (bitmaps): clear them so that
-        // readers know those structures may be stale (spec: "Autoclear feature bits").
-        if i.autoclear != 0 {
-            i.autoclear = 0;
-            i.header_dirty = true;
-        }
         i.flush()?;
     }
     Ok(Box::new(drv))
@@ -391,10 +390,7 @@ struct NewImage {
 
 fn parse_create_options(opts: &CreateOptions) -> Result<NewImage> {
     let o = &opts.options;
-    let version = match o
-        .choice("compat", &["0.10", "v2", "1.1", "v3"])?
-        .as_deref()
-    {
+    let version = match o.choice("compat", &["0.10", "v2", "1.1", "v3"])?.as_deref() {
         Some("0.10" | "v2") => 2,
         _ => 3,
     };
@@ -411,9 +407,7 @@ fn parse_create_options(opts: &CreateOptions) -> Result<NewImage> {
         )));
     }
     if version == 2 && rbits != 16 {
-        return Err(Error::usage(
-            "refcount_bits other than 16 need compat=1.1",
-        ));
+        return Err(Error::usage("refcount_bits other than 16 need compat=1.1"));
     }
     let lazy = o.bool("lazy_refcounts")?.unwrap_or(false);
     if lazy && version == 2 {
@@ -483,16 +477,14 @@ pub(crate) fn create(
         extended_l2: n.extended_l2,
         refcount_table_offset: cs,
         refcount_table_clusters: 1,
-        backing: n
-            .backing
-            .as_ref()
-            .map(|b| (b.name.as_str(), b.format)),
+        backing: n.backing.as_ref().map(|b| (b.name.as_str(), b.format)),
     })?;
     let st: Arc<dyn Storage> = Arc::from(storage);
     st.set_len(0).map_err(io_err("truncating".into()))?;
     st.write_at(&bytes, 0)
         .map_err(io_err("writing qcow2 header".into()))?;
-    st.set_len(2 * cs).map_err(io_err("sizing new image".into()))?;
+    st.set_len(2 * cs)
+        .map_err(io_err("sizing new image".into()))?;
     let h = header::parse_fixed(&bytes, 2 * cs)?;
     let g = Geo::new(&h, false);
     let per_l1 = g.l2_entries * cs;
@@ -621,11 +613,7 @@ impl Inner {
 
     fn insert_l2(&mut self, off: u64, data: Vec<u64>, dirty: bool) -> Result<()> {
         while self.l2.len() >= self.g.cache_tables() {
-            let victim = self
-                .l2
-                .iter()
-                .min_by_key(|(_, c)| c.stamp)
-                .map(|(k, _)| *k);
+            let victim = self.l2.iter().min_by_key(|(_, c)| c.stamp).map(|(k, _)| *k);
             let Some(v) = victim else { break };
             if self.l2.get(&v).is_some_and(|c| c.dirty) {
                 // Refcounts before the table that points at the clusters they count.
@@ -839,11 +827,7 @@ impl Inner {
 
     fn insert_rb(&mut self, off: u64, data: Vec<u8>, dirty: bool) -> Result<()> {
         while self.rb.len() >= self.g.cache_tables() {
-            let victim = self
-                .rb
-                .iter()
-                .min_by_key(|(_, c)| c.stamp)
-                .map(|(k, _)| *k);
+            let victim = self.rb.iter().min_by_key(|(_, c)| c.stamp).map(|(k, _)| *k);
             let Some(v) = victim else { break };
             self.write_rb(v)?;
             self.rb.remove(&v);
@@ -877,10 +861,9 @@ impl Inner {
         }
         self.load_rb(off)?;
         let order = self.g.refcount_order;
-        Ok(self
-            .rb
-            .get(&off)
-            .map_or(0, |c| refcount::get(&c.data, cluster % self.g.rc_per_block, order)))
+        Ok(self.rb.get(&off).map_or(0, |c| {
+            refcount::get(&c.data, cluster % self.g.rc_per_block, order)
+        }))
     }
 
     fn rc_add(&mut self, host: u64, delta: i64) -> Result<u64> {
@@ -1017,7 +1000,17 @@ impl Inner {
     /// bit says refcounts may be stale; vmi keeps them exact but follows the protocol).
     fn begin_write(&mut self) -> Result<()> {
         self.check_writable()?;
-        if self.g.lazy_refcounts && !self.set_dirty && self.incompatible & header::INCOMPAT_DIRTY == 0
+        if self.autoclear != 0 {
+            // Autoclear bits vouch for structures vmi does not maintain (bitmaps): clear them
+            // before the first change so readers know those structures may be stale (spec:
+            // "autoclear_features"). qemu then reports the bitmap clusters as leaks.
+            self.autoclear = 0;
+            self.write_header()?;
+            self.st.sync().map_err(io_err("syncing".into()))?;
+        }
+        if self.g.lazy_refcounts
+            && !self.set_dirty
+            && self.incompatible & header::INCOMPAT_DIRTY == 0
         {
             self.incompatible |= header::INCOMPAT_DIRTY;
             self.set_dirty = true;
@@ -1252,7 +1245,9 @@ impl Inner {
             crate::storage::write_zero_bytes(self.st.as_ref(), len, end - len)
                 .map_err(io_err("preallocating".into()))?;
         } else if end > len {
-            self.st.set_len(end).map_err(io_err("preallocating".into()))?;
+            self.st
+                .set_len(end)
+                .map_err(io_err("preallocating".into()))?;
         }
         Ok(())
     }
@@ -1264,7 +1259,8 @@ impl Inner {
             let mut off = new_size;
             while off < self.size {
                 let (p, n) = self.map(off, self.size - off)?;
-                if p != Piece::Unallocated {
+                // Zero clusters hold nothing to lose.
+                if !matches!(p, Piece::Unallocated | Piece::Zero) {
                     return Err(Error::usage(format!(
                         "cannot shrink to {new_size}: guest offset {off} is allocated"
                     )));

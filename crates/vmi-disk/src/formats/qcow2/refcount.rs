@@ -16,9 +16,9 @@ pub fn get(block: &[u8], index: u64, order: u32) -> u64 {
     } else {
         let n = (bits / 8) as usize;
         let at = index as usize * n;
-        block
-            .get(at..at + n)
-            .map_or(0, |b| b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)))
+        block.get(at..at + n).map_or(0, |b| {
+            b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+        })
     }
 }
 
@@ -81,7 +81,11 @@ mod tests {
             let per = 512 * 8 / (1u64 << order);
             for idx in [0, 1, per / 2, per - 1] {
                 set(&mut block, idx, order, max(order));
-                assert_eq!(get(&block, idx, order), max(order), "order {order} idx {idx}");
+                assert_eq!(
+                    get(&block, idx, order),
+                    max(order),
+                    "order {order} idx {idx}"
+                );
                 set(&mut block, idx, order, 1);
                 assert_eq!(get(&block, idx, order), 1);
             }
