@@ -733,28 +733,24 @@ vmitest!(check_reports_leaks_with_exit_3, |d| {
     assert_eq!(j["leaks"], 1);
 });
 
-vmitest!(
-    #[ignore = "the qcow2 driver's leak repair currently leaves two leaked clusters behind"]
-    check_repairs_leaks_with_r_leaks,
-    |d| {
-        let (img, l2_entry, _) = qcow2_with_one_cluster(&d, "leak.qcow2");
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&img)
-            .expect("open");
-        f.write_all_at(&[0u8; 8], l2_entry)
-            .expect("drop the reference");
-        drop(f);
-        let r = d.vmi(&["check", "-r", "leaks", "leak.qcow2"]);
-        r.ok();
-        assert!(
-            r.stdout
-                .contains("The following inconsistencies were found and repaired:"),
-            "{r:#?}"
-        );
-        assert_qemu_check_clean(&img, "qcow2");
-    }
-);
+vmitest!(check_repairs_leaks_with_r_leaks, |d| {
+    let (img, l2_entry, _) = qcow2_with_one_cluster(&d, "leak.qcow2");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open");
+    f.write_all_at(&[0u8; 8], l2_entry)
+        .expect("drop the reference");
+    drop(f);
+    let r = d.vmi(&["check", "-r", "leaks", "leak.qcow2"]);
+    r.ok();
+    assert!(
+        r.stdout
+            .contains("The following inconsistencies were found and repaired:"),
+        "{r:#?}"
+    );
+    assert_qemu_check_clean(&img, "qcow2");
+});
 
 vmitest!(check_reports_corruptions_with_exit_2, |d| {
     let (img, _, refcount_entry) = qcow2_with_one_cluster(&d, "bad.qcow2");
