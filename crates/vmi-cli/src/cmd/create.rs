@@ -188,12 +188,6 @@ fn option_table(format: Format) -> &'static [OptionHelp] {
             ),
             BACKING_FILE,
             BACKING_FMT,
-            ("data_file", "str", "File name of an external data file"),
-            (
-                "data_file_raw",
-                "bool (on/off)",
-                "The external data file must stay valid as a raw image",
-            ),
             ("cluster_size", "size", "qcow2 cluster size"),
             (
                 "preallocation",
@@ -274,6 +268,11 @@ fn option_table(format: Format) -> &'static [OptionHelp] {
                 "static",
                 "bool (on/off)",
                 "VDI static (pre-allocated) image",
+            ),
+            (
+                "preallocation",
+                "str",
+                "Preallocation mode (allowed values: off, metadata, falloc, full)",
             ),
         ],
         Format::Iso => &[],
