@@ -214,6 +214,27 @@ vmitest!(check_on_raw_exits_63_like_qemu_img, |d| {
 
 // --- measure -------------------------------------------------------------------------------
 
+/// The sizes qemu-img reports (other keys, such as `bitmaps`, vary between qemu versions).
+fn assert_same_measure(ours: &Value, qemu: &Value) {
+    for key in ["required", "fully-allocated"] {
+        assert_eq!(ours[key], qemu[key], "{key}: {ours:#} vs {qemu:#}");
+    }
+}
+
+/// Every field qemu-img prints for every range is the same in ours.
+fn assert_map_has_qemus_fields(ours: &Value, qemu: &Value) {
+    let (o, q) = (
+        ours.as_array().expect("list"),
+        qemu.as_array().expect("list"),
+    );
+    assert_eq!(o.len(), q.len(), "{ours:#}\n{qemu:#}");
+    for (o, q) in o.iter().zip(q) {
+        for (key, value) in q.as_object().expect("object") {
+            assert_eq!(&o[key.as_str()], value, "{key}: {o} vs {q}");
+        }
+    }
+}
+
 fn qemu_measure(args: &[&str]) -> Value {
     let mut a = vec!["measure", "--output=json"];
     a.extend_from_slice(args);
@@ -226,7 +247,7 @@ vmitest!(measure_raw_equals_qemu_img, |d| {
         .vmi(&["measure", "--output=json", "-O", "raw", "--size", "1G"])
         .ok()
         .json();
-    assert_eq!(ours, qemu_measure(&["-O", "raw", "--size", "1G"]));
+    assert_same_measure(&ours, &qemu_measure(&["-O", "raw", "--size", "1G"]));
     let ours = d
         .vmi(&[
             "measure",
@@ -239,7 +260,7 @@ vmitest!(measure_raw_equals_qemu_img, |d| {
         ])
         .ok()
         .json();
-    assert_eq!(ours, qemu_measure(&["-O", "raw", "-f", "raw", s(&img)]));
+    assert_same_measure(&ours, &qemu_measure(&["-O", "raw", "-f", "raw", s(&img)]));
     let human = d.vmi(&["measure", "--size", "1G"]);
     human.ok();
     assert_eq!(
@@ -318,7 +339,15 @@ vmitest!(map_json_matches_qemu_img_on_sparse_raw, |d| {
     );
     assert_eq!(ours.len(), qemu.len(), "{ours:#?}\n{qemu:#?}");
     for (o, q) in ours.iter().zip(qemu) {
-        for key in ["start", "length", "depth", "data", "compressed"] {
+        for key in [
+            "start",
+            "length",
+            "depth",
+            "present",
+            "zero",
+            "data",
+            "compressed",
+        ] {
             assert_eq!(o[key], q[key], "{key}: {o} vs {q}");
         }
         if q["data"] == true {
@@ -537,7 +566,7 @@ vmitest!(measure_qcow2_equals_qemu_img, |d| {
         .vmi(&["measure", "--output=json", "-O", "qcow2", "--size", "1G"])
         .ok()
         .json();
-    assert_eq!(ours, qemu_measure(&["-O", "qcow2", "--size", "1G"]));
+    assert_same_measure(&ours, &qemu_measure(&["-O", "qcow2", "--size", "1G"]));
     let ours = d
         .vmi(&[
             "measure",
@@ -550,7 +579,7 @@ vmitest!(measure_qcow2_equals_qemu_img, |d| {
         ])
         .ok()
         .json();
-    assert_eq!(ours, qemu_measure(&["-O", "qcow2", "-f", "raw", s(&img)]));
+    assert_same_measure(&ours, &qemu_measure(&["-O", "qcow2", "-f", "raw", s(&img)]));
 });
 
 vmitest!(qcow2_made_by_qemu_resizes_and_maps, |d| {
@@ -559,7 +588,7 @@ vmitest!(qcow2_made_by_qemu_resizes_and_maps, |d| {
     d.vmi(&["resize", "q.qcow2", "+4M"]).ok();
     assert_eq!(qemu_info(&img, "qcow2")["virtual-size"], 8 << 20);
     let map = d.vmi(&["map", "--output=json", "q.qcow2"]).ok().json();
-    assert_eq!(map, qemu_map(&img, "qcow2"));
+    assert_map_has_qemus_fields(&map, &qemu_map(&img, "qcow2"));
 });
 
 vmitest!(convert_with_the_sources_backing_is_a_shallow_copy, |d| {
