@@ -386,6 +386,15 @@ vmitest!(convert_raw_to_raw_is_identical_for_qemu_img, |d| {
     assert!(qemu_compare(&src, "raw", &d.path("dst.img"), "raw"));
 });
 
+vmitest!(convert_n_refuses_to_write_into_its_source, |d| {
+    d.sparse_raw("src.img", 1 << 20);
+    let before = std::fs::read(d.path("src.img")).expect("read");
+    let r = d.vmi(&["convert", "-n", "-O", "raw", "src.img", "./src.img"]);
+    r.code(1);
+    assert!(r.stderr.contains("being read"), "{r:#?}");
+    assert_eq!(std::fs::read(d.path("src.img")).expect("read"), before);
+});
+
 vmitest!(convert_progress_json_lines_parse, |d| {
     d.sparse_raw("src.img", 8 << 20);
     let r = d.vmi(&[

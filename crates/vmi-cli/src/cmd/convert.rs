@@ -99,6 +99,12 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         if !a.options.is_empty() || a.backing.is_some() {
             bail!("-o and -B describe a new image; they cannot be used with -n");
         }
+        if same_file(&a.src, &a.dst) {
+            bail!(
+                "{}: -n would write into the image being read; convert into another file",
+                a.dst.display()
+            );
+        }
         let dst = common::open(
             &a.dst,
             Some(a.out_format),
