@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Conversion benchmarks: vmi against qemu-img (and `cp --sparse=always` as the floor) on the same
 # inputs. Measured, not asserted: prints a table of median wall times over RUNS runs, the ratio
-# vmi/qemu-img, output sizes (allocated bytes) and peak RSS.
+# vmi/qemu-img, output sizes (allocated bytes) and peak RSS. vmi's output is checked against the
+# source with `qemu-img compare` (a wrong result reads MISMATCH instead of a time).
 #
 # Usage: bench/convert.sh                      # every case on every input
 #        BENCH_SIZE_MIB=256 BENCH_CASES=raw-raw BENCH_INPUTS=zero,random,half bench/convert.sh
@@ -12,6 +13,9 @@
 #   BENCH_INPUTS     comma-separated inputs: zero, random, half, debian (default: all available)
 #   BENCH_RUNS       runs per measurement (default 3; the median is reported)
 #   BENCH_FLAGS      flags given to both tools (default "-m 16 -W")
+#   BENCH_QEMU_FSYNC also time qemu-img followed by an fsync of its output (default 1): vmi makes
+#                    its output durable before renaming it into place, qemu-img leaves it in the
+#                    page cache, so this column is the like-for-like comparison
 #   VMI              the vmi binary (default: target/release/vmi, built here with cargo --release)
 #
 # Inputs are cached under bench/cache/ (delete it to regenerate). The Debian 12 image (a ~2 GiB ext4
@@ -111,7 +115,7 @@ derived() { # derived RAW FMT [qemu-img convert options...] -> path
     local tag
     tag=$(printf '%s' "$*" | tr -c 'a-zA-Z0-9' '_')
     [ "$fmt" = vpc ] && ext=vhd
-    local f="${raw%.raw}.$tag.$ext"
+    local f="${raw%.raw}${tag:+.$tag}.$ext"
     if [ ! -f "$f" ]; then
         qemu-img convert -f raw -O "$fmt" "$@" "$raw" "$f.tmp" >&2 && mv "$f.tmp" "$f" || return 1
     fi
@@ -157,20 +161,20 @@ alloc() { # allocated bytes of a file (0 when missing)
     [ -e "$1" ] && echo $(($(stat -c '%b * %B' "$1"))) || echo 0
 }
 
-human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || echo "$1"; }
+human() { awk -v b="$1" 'BEGIN { printf "%.1fM", b / 1048576 }'; }
 
 printf '# %s, %s, qemu-img %s, %s MiB synthetic inputs, %s runs (median), flags "%s"\n' \
     "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc) CPUs" \
     "$(qemu-img --version | head -n 1 | awk '{print $3}')" "$size_mib" "$runs" "$flags"
-printf '%-16s %-8s %10s %10s %7s %10s %10s %10s %10s\n' \
-    case input "$vmi_label" qemu-img ratio vmi-out qemu-out vmi-rss qemu-rss
+qemu_fsync=${BENCH_QEMU_FSYNC:-1}
+row() { printf '%-16s %-8s %11s %9s %6s %10s %10s %9s %9s %9s\n' "$@"; }
+row case input "$vmi_label" qemu-img ratio qemu+fsync vmi-out qemu-out vmi-rss qemu-rss
 for entry in "${have_inputs[@]}"; do
     input=${entry%%=*}
     raw=${entry#*=}
     # The floor: a sparse-aware copy of the raw input.
     r=$(time_it "$out/cp.raw" cp --sparse=always "$raw" "$out/cp.raw")
-    printf '%-16s %-8s %10s %10s %7s %10s %10s %10s %10s\n' "cp --sparse" "$input" \
-        "${r%% *}" - - "$(human "$(alloc "$out/cp.raw")")" - "${r##* }K" -
+    row "cp --sparse" "$input" "${r%% *}" - - - "$(human "$(alloc "$out/cp.raw")")" - "${r##* }K" -
     for c in "${CASES[@]}"; do
         IFS='|' read -r name sfmt sderive dfmt dopts <<<"$c"
         if [ -n "$wanted" ] && [[ ",$wanted," != *",$name,"* ]]; then continue; fi
@@ -187,13 +191,25 @@ for entry in "${have_inputs[@]}"; do
         # shellcheck disable=SC2086
         v=$(time_it "$out/vmi.$ext" "${vmi_cmd[@]}" -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/vmi.$ext")
         vsize=$(alloc "$out/vmi.$ext")
+        # A fast wrong answer is no answer: check vmi's output against the source with qemu-img.
+        if [ "${v%% *}" != failed ] && ! qemu-img compare -q -f "$sfmt" -F "$dfmt" "$src" "$out/vmi.$ext"; then
+            log "  MISMATCH: vmi's $name output differs from the source"
+            v="MISMATCH ${v##* }"
+        fi
         # shellcheck disable=SC2086
         q=$(time_it "$out/qemu.$ext" qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/qemu.$ext")
         qsize=$(alloc "$out/qemu.$ext")
+        qs=-
+        if [ "$qemu_fsync" = 1 ]; then
+            # shellcheck disable=SC2086
+            qs=$(time_it "$out/qemu.$ext" bash -c '"$@" && sync "${@: -1}"' _ \
+                qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/qemu.$ext")
+            qs=${qs%% *}
+        fi
         vt=${v%% *}
         qt=${q%% *}
         ratio=-
-        if [ "$vt" != failed ] && [ "$qt" != failed ]; then
+        if [ "$vt" != failed ] && [ "$vt" != MISMATCH ] && [ "$qt" != failed ]; then
             ratio=$(awk -v a="$vt" -v b="$qt" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
         fi
         vrss=-
@@ -201,8 +217,9 @@ for entry in "${have_inputs[@]}"; do
         [ "$vt" != failed ] && vrss="${v##* }K"
         [ "$qt" != failed ] && qrss="${q##* }K"
         [ "$vt" = failed ] && vsize=0
-        printf '%-16s %-8s %10s %10s %7s %10s %10s %10s %10s\n' "$name" "$input" "$vt" "$qt" \
-            "$ratio" "$(human "$vsize")" "$(human "$qsize")" "$vrss" "$qrss"
+        [ "$vt" = MISMATCH ] && ratio=-
+        row "$name" "$input" "$vt" "$qt" "$ratio" "$qs" "$(human "$vsize")" "$(human "$qsize")" \
+            "$vrss" "$qrss"
         rm -f "$out"/vmi.* "$out"/qemu.*
     done
     rm -f "$out/cp.raw"

@@ -11,6 +11,7 @@
 
 mod compare;
 mod convert;
+mod install;
 mod map;
 mod progress;
 
@@ -18,8 +19,9 @@ pub use compare::{
     compare, CompareOptions, CompareOutcome, CONTENT_MISMATCH, SIZE_MISMATCH, STATUS_MISMATCH,
 };
 pub use convert::{
-    convert, convert_to_path, in_flight_limit, write_mode, ConvertOptions, ConvertStats, Target,
-    WriteMode, CHUNK, MAX_WORKERS,
+    convert, in_flight_limit, write_mode, ConvertOptions, ConvertStats, WriteMode, CHUNK,
+    MAX_WORKERS,
 };
+pub use install::{convert_to_path, Target};
 pub use map::{map_entries, MapEntry};
 pub use progress::{Progress, ProgressFn};

@@ -5,7 +5,7 @@
 //! does, so `--output=json` lists the same entries.
 
 use serde::Serialize;
-use vmi_disk::{BlockKind, BlockStatus, Image, Result};
+use vmi_disk::{BlockKind, BlockStatus, Format, Image, Result};
 
 /// One entry of `map --output=json`, with qemu-img's keys in qemu-img's order.
 ///
@@ -27,7 +27,7 @@ pub struct MapEntry {
     pub data: bool,
     /// Stored compressed.
     pub compressed: bool,
-    /// Host offset for uncompressed data.
+    /// Host offset for uncompressed data (and, as qemu-img reports it, for holes in raw files).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
 }
@@ -76,11 +76,16 @@ impl MapEntry {
 /// size 0 has no entries). Memory use is constant: entries are produced as the map is walked.
 pub fn map_entries(img: &Image, f: &mut dyn FnMut(MapEntry) -> Result<()>) -> Result<()> {
     let size = img.virtual_size();
+    let identity_mapped = matches!(img.format(), Format::Raw | Format::Iso);
     let mut cur: Option<MapEntry> = None;
     let mut pos = 0u64;
     while pos < size {
         let bs = img.block_status(pos, size - pos)?;
-        let e = MapEntry::of(&bs);
+        let mut e = MapEntry::of(&bs);
+        if identity_mapped && bs.depth == 0 && bs.kind == BlockKind::Zero {
+            // A hole in a raw file still has a host offset: qemu-img prints it.
+            e.offset = Some(bs.start);
+        }
         match &mut cur {
             Some(c) if c.continues_with(&e) => c.length += e.length,
             _ => {

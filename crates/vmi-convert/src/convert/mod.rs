@@ -6,8 +6,9 @@
 //!    guest space into windows of [`CHUNK`] bytes (a whole number of compressed units when
 //!    compressing). A window that holds nothing to copy is never queued, so an empty terabyte costs
 //!    a handful of mapping queries and no reads;
-//! 2. **workers** read the data ranges of a window, find zero blocks at `min_sparse` granularity and,
-//!    when compressing, compress whole units;
+//! 2. **workers** read the data ranges of a window, find zero blocks at `min_sparse` granularity
+//!    (raised to the target's cluster size, so no cluster is half written) and, when compressing,
+//!    compress whole units;
 //! 3. writes happen in one of three ways ([`WriteMode`]):
 //!    - **direct**: each worker writes its window as soon as it is ready (out-of-order writes, `-W`,
 //!      to a random-access target);
@@ -30,16 +31,10 @@
 use crate::progress::{Progress, ProgressFn};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use vmi_disk::gate::Gate;
 use vmi_disk::storage::is_zero;
-use vmi_disk::{
-    BlockKind, BlockStatus, CompressedWrite, CreateOptions, Error, Format, Image, OpenOptions,
-    Result,
-};
+use vmi_disk::{BlockKind, BlockStatus, CompressedWrite, Error, Image, Result};
 
 /// Guest bytes per window: the unit of reading, zero detection and ordering. 2 MiB keeps syscalls
 /// large and is a multiple of every qcow2/VMDK/VHDX allocation unit up to 2 MiB.
@@ -114,17 +109,6 @@ pub struct ConvertStats {
     pub data_bytes: u64,
     /// Guest bytes skipped or written as zero.
     pub zero_bytes: u64,
-}
-
-/// Where [`convert_to_path`] writes.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Final path.
-    pub path: PathBuf,
-    /// Output format.
-    pub format: Format,
-    /// Creation options (size is filled from the source when 0).
-    pub create: CreateOptions,
 }
 
 /// How windows reach the target (see the module documentation).
@@ -263,12 +247,18 @@ struct Plan<'a> {
     dst: &'a Image,
     size: u64,
     min_sparse: u64,
+    /// Granularity of zero detection in data: `min_sparse`, raised to the target's cluster size so
+    /// that no cluster is half written and half skipped (qemu-img aligns the same way).
+    zero_block: u64,
     /// Write zeroes explicitly rather than skipping zero ranges.
     need_zero: bool,
     /// Copy only what the top image holds (`-B`).
     shallow: bool,
-    /// Compressed output: the writer and its unit size.
-    compressed: Option<(&'a dyn CompressedWrite, u64)>,
+    /// Compressed output: the target's compressed writer.
+    compressed: Option<&'a dyn CompressedWrite>,
+    /// Write whole allocation units (compressed output, and sequential targets that have units):
+    /// windows are unit-aligned and every unit is written once, whole, or not at all.
+    unit: Option<u64>,
     mode: WriteMode,
     window: u64,
 }
@@ -285,27 +275,32 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         ))
         .with_path(dst.path()));
     }
-    let compressed = if opts.compress {
-        let cw = dst.driver().compressed_writer().ok_or_else(|| {
-            Error::unsupported(format!(
-                "{} images cannot be written compressed",
-                dst.format()
-            ))
-            .with_path(dst.path())
-        })?;
-        let unit = cw.unit_size();
-        if unit == 0 || unit > MAX_UNIT {
-            return Err(Error::limit(format!(
-                "compressed unit of {unit} bytes (at most {MAX_UNIT} supported)"
-            ))
-            .with_path(dst.path()));
+    let unit_writer = dst.driver().compressed_writer();
+    if opts.compress && unit_writer.is_none() {
+        return Err(Error::unsupported(format!(
+            "{} images cannot be written compressed",
+            dst.format()
+        ))
+        .with_path(dst.path()));
+    }
+    let compressed = unit_writer.filter(|_| opts.compress);
+    // A sequential target must not see a unit twice (a zero block skipped inside a grain would
+    // split it), so it is written in whole units too.
+    let unit = match unit_writer {
+        Some(cw) if opts.compress || dst.driver().sequential_only() => {
+            let unit = cw.unit_size();
+            if unit == 0 || unit > MAX_UNIT {
+                return Err(Error::limit(format!(
+                    "compressed unit of {unit} bytes (at most {MAX_UNIT} supported)"
+                ))
+                .with_path(dst.path()));
+            }
+            Some(unit)
         }
-        Some((cw, unit))
-    } else {
-        None
+        _ => None,
     };
-    let window = match compressed {
-        Some((_, unit)) => CHUNK.div_ceil(unit) * unit,
+    let window = match unit {
+        Some(unit) => CHUNK.div_ceil(unit) * unit,
         None => CHUNK,
     };
     let workers = opts.effective_workers();
@@ -314,9 +309,11 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         dst,
         size,
         min_sparse: opts.min_sparse,
+        zero_block: zero_block(dst, opts.min_sparse),
         need_zero: opts.target_has_data || opts.shallow,
         shallow: opts.shallow,
         compressed,
+        unit,
         mode: write_mode(dst, opts),
         window,
     };
@@ -373,12 +370,34 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
     })
 }
 
-/// Decide what to do with one block-status answer.
-fn classify(plan: &Plan, bs: &BlockStatus) -> Class {
-    if plan.shallow && bs.depth > 0 {
-        return Class::Skip;
+/// Zero-detection granularity for `dst`: `min_sparse` (0 = off), at least the target's allocation
+/// unit when it has a power-of-two one no larger than a window.
+fn zero_block(dst: &Image, min_sparse: u64) -> u64 {
+    if min_sparse == 0 {
+        return 0;
     }
-    match bs.kind {
+    match dst.driver().info().cluster_size {
+        Some(c) if c.is_power_of_two() && c <= CHUNK => min_sparse.max(c),
+        _ => min_sparse,
+    }
+}
+
+/// Decide what to do with one block-status answer.
+fn classify(plan: &Plan, bs: &BlockStatus) -> Result<Class> {
+    if plan.shallow && bs.depth > 0 {
+        return Ok(Class::Skip);
+    }
+    let unopened_backing =
+        plan.src.driver().backing().is_some() && plan.src.backing_image().is_none();
+    if bs.kind == BlockKind::Unallocated && bs.depth == 0 && unopened_backing && !plan.shallow {
+        // Skipping would silently drop whatever the backing file holds there.
+        return Err(Error::usage(format!(
+            "guest range {}+{} comes from the backing file, which was not opened",
+            bs.start, bs.len
+        ))
+        .with_path(plan.src.path()));
+    }
+    Ok(match bs.kind {
         BlockKind::Data | BlockKind::Compressed => Class::Data,
         // Shallow copy of an image whose backing was not opened: the target's backing answers.
         BlockKind::Unallocated if plan.shallow && plan.src.driver().backing().is_some() => {
@@ -388,7 +407,7 @@ fn classify(plan: &Plan, bs: &BlockStatus) -> Class {
         BlockKind::Zero | BlockKind::Unallocated if plan.min_sparse == 0 => Class::Data,
         BlockKind::Zero | BlockKind::Unallocated if plan.need_zero => Class::Zero,
         BlockKind::Zero | BlockKind::Unallocated => Class::Skip,
-    }
+    })
 }
 
 /// Walk the source's block status and queue windows; returns when everything is queued, or early
@@ -416,7 +435,7 @@ fn planner(plan: &Plan, shared: &Shared, job_tx: Sender<Job>, workers: usize) ->
                     let end = bs.start.checked_add(bs.len).ok_or_else(|| {
                         Error::invalid("block status range overflows").with_path(plan.src.path())
                     })?;
-                    let c = (bs.start, end, classify(plan, &bs));
+                    let c = (bs.start, end, classify(plan, &bs)?);
                     cached = Some(c);
                     c
                 }
@@ -609,7 +628,7 @@ fn prepare(plan: &Plan, job: &Job, buf: &mut Vec<u8>) -> Result<(Vec<Op>, Conver
     let mut ops = Vec::new();
     let mut stats = ConvertStats::default();
     let rel = |off: u64| usize::try_from(off - job.start).map_err(|_| internal("window offset"));
-    match plan.compressed {
+    match plan.unit {
         None => {
             if job.segs.iter().any(|s| s.class == Class::Data) {
                 sized(buf, rel(job.end)?);
@@ -628,7 +647,7 @@ fn prepare(plan: &Plan, job: &Job, buf: &mut Vec<u8>) -> Result<(Vec<Op>, Conver
                 }
             }
         }
-        Some((cw, unit)) => {
+        Some(unit) => {
             let unit_len = usize::try_from(unit).map_err(|_| internal("unit size"))?;
             sized(
                 buf,
@@ -667,18 +686,19 @@ fn prepare(plan: &Plan, job: &Job, buf: &mut Vec<u8>) -> Result<(Vec<Op>, Conver
                             stats.zero_bytes += len;
                         }
                     } else {
-                        match cw
-                            .compress(whole)
-                            .map_err(|e| e.with_path(plan.dst.path()))?
-                        {
-                            Some(c) => ops.push(Op::Compressed { offset: u, data: c }),
-                            None => ops.push(Op::Write {
-                                offset: u,
-                                at: a,
-                                len: n,
-                            }),
+                        let packed = match plan.compressed {
+                            Some(cw) => cw
+                                .compress(whole)
+                                .map_err(|e| e.with_path(plan.dst.path()))?,
+                            None => None,
+                        };
+                        match packed {
+                            Some(c) => {
+                                ops.push(Op::Compressed { offset: u, data: c });
+                                stats.data_bytes += len;
+                            }
+                            None => push_write(&mut ops, &mut stats, u, a, n),
                         }
-                        stats.data_bytes += len;
                     }
                 }
                 u = uend;
@@ -725,11 +745,11 @@ fn split_zeroes(
     offset: u64,
     buf_at: usize,
 ) {
-    if plan.min_sparse == 0 {
+    if plan.zero_block == 0 {
         push_write(ops, stats, offset, buf_at, data.len());
         return;
     }
-    let ms = plan.min_sparse;
+    let ms = plan.zero_block;
     let mut i = 0usize;
     while i < data.len() {
         let pos = offset + i as u64;
@@ -761,7 +781,7 @@ fn apply(plan: &Plan, buf: &[u8], ops: &[Op]) -> Result<()> {
             }
             Op::Zero { offset, len } => plan.dst.write_zeroes(*offset, *len)?,
             Op::Compressed { offset, data } => {
-                let (cw, _) = plan.compressed.ok_or_else(|| internal("compressed op"))?;
+                let cw = plan.compressed.ok_or_else(|| internal("compressed op"))?;
                 cw.write_compressed(*offset, data)
                     .map_err(|e| e.with_path(plan.dst.path()))?;
             }
@@ -770,655 +790,5 @@ fn apply(plan: &Plan, buf: &[u8], ops: &[Op]) -> Result<()> {
     Ok(())
 }
 
-/// Temporary files and folders of an unfinished [`convert_to_path`], removed on drop unless the
-/// conversion completed (also when a panic unwinds through it).
-#[derive(Default)]
-struct TempGuard {
-    files: Vec<PathBuf>,
-    dir: Option<PathBuf>,
-    done: bool,
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        for f in &self.files {
-            let _ = std::fs::remove_file(f);
-        }
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-/// Counter that makes temporary names unique within the process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A name `.NAME.vmi-tmp-<pid>-<n>` beside the destination that does not exist yet.
-fn temp_name(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
-    loop {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut s = std::ffi::OsString::from(".");
-        s.push(name);
-        s.push(format!(".vmi-tmp-{}-{n}", std::process::id()));
-        let p = dir.join(s);
-        if std::fs::symlink_metadata(&p).is_err() {
-            return p;
-        }
-    }
-}
-
-/// Whether images of `format` may consist of several files that name each other by file name, so
-/// they must be created under their final names (in a temporary folder).
-fn multi_file(format: Format, path: &Path) -> bool {
-    format == Format::Vmdk || !vmi_disk::formats::companion_files(format, path).is_empty()
-}
-
-fn fsync_path(p: &Path) -> Result<()> {
-    File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io("syncing", e).with_path(p))
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to)
-        .map_err(|e| Error::io(format!("renaming {} into place", from.display()), e).with_path(to))
-}
-
-/// Open the backing file a new target records, so partial allocation units are completed from it.
-/// The user named this file, so it may live anywhere; its own chain stays confined to its folder.
-fn open_target_backing(target: &Path, name: &str, format: Option<Format>) -> Result<Image> {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    let guess = dir.join(name);
-    let root = guess.parent().unwrap_or(dir).to_path_buf();
-    let gate = Gate::new().allow_backing(true).confine_to(root);
-    let path = gate.resolve(vmi_disk::Referral::Backing, target, name)?;
-    Image::open(&path, &OpenOptions::new().format(format).gate(gate))
-        .map_err(|e| e.context("opening the target's backing file"))
-}
-
-/// Create `target` under a temporary name beside it, convert `src` into it, and rename it into
-/// place only when everything succeeded.
-///
-/// Single-file formats are created as `.NAME.vmi-tmp-<pid>-<n>` in the destination's folder.
-/// Formats whose image is several files (VMDK extents named inside the descriptor) are created
-/// under their final names in a temporary folder there; the companions are renamed into place
-/// first and the main file last. Every file is fsynced before its rename and the folder after, so
-/// a crash leaves either the old destination or the complete new one. On any error (or panic) the
-/// temporary files are removed and the destination is untouched.
-pub fn convert_to_path(
-    src: &Image,
-    target: &Target,
-    opts: &ConvertOptions,
-) -> Result<ConvertStats> {
-    let path = &target.path;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::usage("the target path has no file name").with_path(path))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut create = target.create.clone();
-    if create.size == 0 {
-        create.size = src.virtual_size();
-    }
-    let mut guard = TempGuard::default();
-    let multi = multi_file(target.format, path);
-    let tmp_main = if multi {
-        let d = temp_name(&dir, name);
-        std::fs::create_dir(&d)
-            .map_err(|e| Error::io("creating a temporary folder", e).with_path(&d))?;
-        guard.dir = Some(d.clone());
-        d.join(name)
-    } else {
-        let t = temp_name(&dir, name);
-        guard.files.push(t.clone());
-        t
-    };
-
-    let mut dst = Image::create(&tmp_main, target.format, &create)?;
-    if let Some(spec) = &create.backing {
-        let b = open_target_backing(path, &spec.name, spec.format)?;
-        dst.set_backing(Some(b));
-    }
-    let stats = convert(src, &dst, opts)?;
-    dst.close()?;
-
-    if multi {
-        let tmp_dir = guard
-            .dir
-            .clone()
-            .ok_or_else(|| internal("temporary folder"))?;
-        let mut companions = Vec::new();
-        let entries = std::fs::read_dir(&tmp_dir)
-            .map_err(|e| Error::io("listing the temporary folder", e).with_path(&tmp_dir))?;
-        for entry in entries {
-            let entry = entry
-                .map_err(|e| Error::io("listing the temporary folder", e).with_path(&tmp_dir))?;
-            if entry.file_name() != name {
-                companions.push(entry.path());
-            }
-        }
-        companions.sort();
-        for c in companions.iter().chain(std::iter::once(&tmp_main)) {
-            fsync_path(c)?;
-        }
-        for c in &companions {
-            let fname = c.file_name().ok_or_else(|| internal("companion name"))?;
-            let final_path = dir.join(fname);
-            rename(c, &final_path)?;
-            // Until the main file is in place, a failure removes the companions as well.
-            guard.files.push(final_path);
-        }
-        rename(&tmp_main, path)?;
-    } else {
-        fsync_path(&tmp_main)?;
-        rename(&tmp_main, path)?;
-    }
-    guard.done = true;
-    if let Some(d) = &guard.dir {
-        let _ = std::fs::remove_dir(d);
-    }
-    fsync_path(&dir)?;
-    Ok(stats)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::any::Any;
-    use std::sync::Arc;
-    use vmi_disk::storage::{FailPoint, MemStorage, Storage};
-    use vmi_disk::{Driver, MapKind, Mapping};
-
-    const UNIT: u64 = 64 * 1024;
-
-    /// How a test source lays out one 64 KiB unit.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    enum U {
-        Data,
-        Zero,
-        Unalloc,
-    }
-
-    /// A source whose mapping is given unit by unit; data lives at its guest offset in `storage`.
-    #[derive(Debug)]
-    struct Layout {
-        storage: MemStorage,
-        units: Vec<U>,
-        backing: Option<vmi_disk::BackingSpec>,
-    }
-
-    impl Driver for Layout {
-        fn format(&self) -> Format {
-            Format::Raw
-        }
-        fn virtual_size(&self) -> u64 {
-            self.units.len() as u64 * UNIT
-        }
-        fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
-            let i = (offset / UNIT) as usize;
-            let kind = self.units[i];
-            let mut end = (offset / UNIT + 1) * UNIT;
-            while (end / UNIT) < self.units.len() as u64
-                && self.units[(end / UNIT) as usize] == kind
-            {
-                end += UNIT;
-            }
-            Ok(Mapping {
-                start: offset,
-                len: (end - offset).min(len),
-                kind: match kind {
-                    U::Data => MapKind::Data { file: 0, offset },
-                    U::Zero => MapKind::Zero,
-                    U::Unalloc => MapKind::Unallocated,
-                },
-            })
-        }
-        fn file(&self, _index: usize) -> Result<&dyn Storage> {
-            Ok(&self.storage)
-        }
-        fn backing(&self) -> Option<&vmi_disk::BackingSpec> {
-            self.backing.as_ref()
-        }
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
-    }
-
-    /// A target that records every write, can insist on increasing order, and can take
-    /// "compressed" units (stored verbatim, so the result is checkable).
-    #[derive(Debug)]
-    struct Recorder {
-        storage: MemStorage,
-        size: u64,
-        sequential: bool,
-        unit: Option<u64>,
-        log: Mutex<Vec<(u64, u64, &'static str)>>,
-    }
-
-    impl Recorder {
-        fn new(size: u64) -> Self {
-            Recorder {
-                storage: MemStorage::from_bytes(vec![0; size as usize]),
-                size,
-                sequential: false,
-                unit: None,
-                log: Mutex::new(Vec::new()),
-            }
-        }
-        fn record(&self, offset: u64, len: u64, what: &'static str) -> Result<()> {
-            let mut log = self.log.lock().unwrap();
-            if self.sequential {
-                if let Some(&(o, l, _)) = log.last() {
-                    if offset < o + l {
-                        return Err(Error::usage(format!(
-                            "write at {offset} after write ending at {}",
-                            o + l
-                        )));
-                    }
-                }
-            }
-            log.push((offset, len, what));
-            Ok(())
-        }
-    }
-
-    impl Driver for Recorder {
-        fn format(&self) -> Format {
-            Format::Raw
-        }
-        fn virtual_size(&self) -> u64 {
-            self.size
-        }
-        fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
-            Ok(Mapping {
-                start: offset,
-                len: len.min(self.size - offset),
-                kind: MapKind::Data { file: 0, offset },
-            })
-        }
-        fn file(&self, _index: usize) -> Result<&dyn Storage> {
-            Ok(&self.storage)
-        }
-        fn is_writable(&self) -> bool {
-            true
-        }
-        fn write_at(&self, buf: &[u8], offset: u64, _b: Option<&Image>) -> Result<()> {
-            self.record(offset, buf.len() as u64, "data")?;
-            self.storage
-                .write_at(buf, offset)
-                .map_err(|e| Error::io("w", e))
-        }
-        fn write_zeroes(&self, offset: u64, len: u64, _b: Option<&Image>) -> Result<()> {
-            self.record(offset, len, "zero")?;
-            self.storage
-                .write_zeroes(offset, len)
-                .map_err(|e| Error::io("z", e))
-        }
-        fn sequential_only(&self) -> bool {
-            self.sequential
-        }
-        fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
-            self.unit.map(|_| self as &dyn CompressedWrite)
-        }
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
-    }
-
-    impl CompressedWrite for Recorder {
-        fn unit_size(&self) -> u64 {
-            self.unit.unwrap_or(0)
-        }
-        fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
-            assert_eq!(
-                data.len() as u64,
-                self.unit_size(),
-                "units are compressed whole"
-            );
-            // Units starting with 0xff "do not compress" and are written plain.
-            Ok((data[0] != 0xff).then(|| data.to_vec()))
-        }
-        fn write_compressed(&self, offset: u64, c: &[u8]) -> Result<()> {
-            assert_eq!(offset % self.unit_size(), 0);
-            self.record(offset, c.len() as u64, "compressed")?;
-            let n = (c.len() as u64).min(self.size - offset) as usize;
-            self.storage
-                .write_at(&c[..n], offset)
-                .map_err(|e| Error::io("c", e))
-        }
-    }
-
-    /// Guest content for a layout: unit `i` of kind Data holds bytes derived from `i`.
-    fn content(units: &[U]) -> Vec<u8> {
-        let mut v = vec![0u8; units.len() * UNIT as usize];
-        for (i, u) in units.iter().enumerate() {
-            if *u == U::Data {
-                for (j, b) in v[i * UNIT as usize..(i + 1) * UNIT as usize]
-                    .iter_mut()
-                    .enumerate()
-                {
-                    *b = (i * 7 + j / 4096 + 1) as u8;
-                }
-            }
-        }
-        v
-    }
-
-    fn source(units: &[U]) -> Image {
-        let storage = MemStorage::from_bytes(content(units));
-        source_over(storage, units)
-    }
-
-    fn source_over(storage: MemStorage, units: &[U]) -> Image {
-        let d = Layout {
-            storage,
-            units: units.to_vec(),
-            backing: None,
-        };
-        Image::from_driver(Box::new(d), Path::new("src.img"))
-    }
-
-    fn recorder(rec: Recorder) -> Image {
-        Image::from_driver(Box::new(rec), Path::new("dst.img"))
-    }
-
-    fn rec(img: &Image) -> &Recorder {
-        img.driver().as_any().downcast_ref::<Recorder>().unwrap()
-    }
-
-    fn opts(workers: usize, out_of_order: bool) -> ConvertOptions {
-        ConvertOptions {
-            workers,
-            min_sparse: 4096,
-            out_of_order,
-            ..Default::default()
-        }
-    }
-
-    fn mixed_units(n: usize) -> Vec<U> {
-        (0..n)
-            .map(|i| match i % 5 {
-                0 | 3 => U::Data,
-                1 => U::Zero,
-                _ => U::Unalloc,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn every_worker_count_and_ordering_produces_the_source_content() {
-        let units = mixed_units(97);
-        for workers in [1, 2, 8] {
-            for ooo in [false, true] {
-                let src = source(&units);
-                let dst = recorder(Recorder::new(src.virtual_size()));
-                convert(&src, &dst, &opts(workers, ooo)).unwrap();
-                assert_eq!(
-                    rec(&dst).storage.to_vec(),
-                    content(&units),
-                    "{workers} {ooo}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn zero_and_unallocated_ranges_are_neither_read_nor_written() {
-        let units = [U::Zero, U::Unalloc, U::Data, U::Zero];
-        let storage = MemStorage::from_bytes(content(&units));
-        // Reading anything but unit 2 would fail.
-        storage.fail(FailPoint::ReadAt(10));
-        storage.fail(FailPoint::ReadAt(UNIT + 10));
-        storage.fail(FailPoint::ReadAt(3 * UNIT + 10));
-        let src = source_over(storage, &units);
-        let dst = recorder(Recorder::new(src.virtual_size()));
-        let stats = convert(&src, &dst, &opts(2, false)).unwrap();
-        assert_eq!(
-            *rec(&dst).log.lock().unwrap(),
-            vec![(2 * UNIT, UNIT, "data")]
-        );
-        assert_eq!(
-            stats,
-            ConvertStats {
-                data_bytes: UNIT,
-                zero_bytes: 3 * UNIT
-            }
-        );
-    }
-
-    #[test]
-    fn a_target_with_data_gets_explicit_zeroes() {
-        let units = [U::Data, U::Zero, U::Unalloc, U::Data];
-        let src = source(&units);
-        let dst = recorder(Recorder::new(src.virtual_size()));
-        rec(&dst)
-            .storage
-            .write_at(&[0xee; 4 * UNIT as usize], 0)
-            .unwrap();
-        let o = ConvertOptions {
-            target_has_data: true,
-            ..opts(2, false)
-        };
-        convert(&src, &dst, &o).unwrap();
-        assert_eq!(rec(&dst).storage.to_vec(), content(&units));
-        assert!(rec(&dst)
-            .log
-            .lock()
-            .unwrap()
-            .contains(&(UNIT, 2 * UNIT, "zero")));
-    }
-
-    #[test]
-    fn zero_blocks_inside_data_are_skipped_at_min_sparse_granularity() {
-        let units = [U::Data; 2];
-        let mut bytes = content(&units);
-        bytes[4096..3 * 4096].fill(0);
-        let src = source_over(MemStorage::from_bytes(bytes.clone()), &units);
-        let dst = recorder(Recorder::new(src.virtual_size()));
-        let stats = convert(&src, &dst, &opts(1, false)).unwrap();
-        assert_eq!(stats.zero_bytes, 2 * 4096);
-        assert_eq!(
-            *rec(&dst).log.lock().unwrap(),
-            vec![(0, 4096, "data"), (3 * 4096, 2 * UNIT - 3 * 4096, "data")]
-        );
-        assert_eq!(rec(&dst).storage.to_vec(), bytes);
-    }
-
-    #[test]
-    fn min_sparse_zero_writes_every_byte() {
-        let units = [U::Data, U::Zero, U::Unalloc];
-        let src = source(&units);
-        let dst = recorder(Recorder::new(src.virtual_size()));
-        let o = ConvertOptions {
-            min_sparse: 0,
-            ..opts(1, false)
-        };
-        let stats = convert(&src, &dst, &o).unwrap();
-        assert_eq!(stats.data_bytes, 3 * UNIT);
-        assert_eq!(*rec(&dst).log.lock().unwrap(), vec![(0, 3 * UNIT, "data")]);
-    }
-
-    #[test]
-    fn a_sequential_target_sees_increasing_offsets_with_many_workers() {
-        let units = mixed_units(300);
-        let src = source(&units);
-        let mut r = Recorder::new(src.virtual_size());
-        r.sequential = true;
-        let dst = recorder(r);
-        // out_of_order is ignored for a sequential-only target.
-        convert(&src, &dst, &opts(8, true)).unwrap();
-        assert_eq!(rec(&dst).storage.to_vec(), content(&units));
-    }
-
-    #[test]
-    fn compressed_output_is_written_whole_units_in_order() {
-        let mut units = mixed_units(70);
-        units[40] = U::Data;
-        let mut bytes = content(&units);
-        bytes[40 * UNIT as usize] = 0xff; // this unit "does not compress"
-        let src = source_over(MemStorage::from_bytes(bytes.clone()), &units);
-        let mut r = Recorder::new(src.virtual_size());
-        r.sequential = true;
-        r.unit = Some(UNIT);
-        let dst = recorder(r);
-        let o = ConvertOptions {
-            compress: true,
-            ..opts(4, true)
-        };
-        convert(&src, &dst, &o).unwrap();
-        assert_eq!(rec(&dst).storage.to_vec(), bytes);
-        let log = rec(&dst).log.lock().unwrap();
-        assert!(log.contains(&(40 * UNIT, UNIT, "data")));
-        assert!(log
-            .iter()
-            .filter(|l| l.2 == "compressed")
-            .all(|l| l.0 % UNIT == 0 && l.1 == UNIT));
-    }
-
-    #[test]
-    fn a_partial_last_unit_is_padded_with_zeroes_for_compression() {
-        // A 100 KiB image with 64 KiB units: the second unit has 36 KiB of guest data.
-        let size = 100 * 1024;
-        let bytes: Vec<u8> = (0..size).map(|i| (i % 251 + 1) as u8).collect();
-        let s = MemStorage::from_bytes(bytes.clone());
-        let src = Image::from_storage(
-            Box::new(s),
-            Path::new("src.raw"),
-            Some(Format::Raw),
-            false,
-            &Gate::new(),
-        )
-        .unwrap();
-        let mut r = Recorder::new(size as u64);
-        r.unit = Some(UNIT);
-        let dst = recorder(r);
-        let o = ConvertOptions {
-            compress: true,
-            ..opts(2, false)
-        };
-        convert(&src, &dst, &o).unwrap();
-        assert_eq!(rec(&dst).storage.to_vec(), bytes);
-    }
-
-    #[test]
-    fn compressing_into_a_format_without_compression_is_refused() {
-        let src = source(&[U::Data]);
-        let dst = recorder(Recorder::new(UNIT));
-        let o = ConvertOptions {
-            compress: true,
-            ..opts(1, false)
-        };
-        let e = convert(&src, &dst, &o).unwrap_err();
-        assert_eq!(e.kind(), vmi_disk::ErrorKind::Unsupported);
-    }
-
-    #[test]
-    fn shallow_copies_the_top_layer_only_and_zeroes_what_it_zeroes() {
-        let top_units = [U::Unalloc, U::Data, U::Zero, U::Unalloc];
-        let mut src = source(&top_units);
-        let base = source(&[U::Data; 4]);
-        src.set_backing(Some(base));
-        let dst = recorder(Recorder::new(src.virtual_size()));
-        let o = ConvertOptions {
-            shallow: true,
-            ..opts(2, false)
-        };
-        convert(&src, &dst, &o).unwrap();
-        assert_eq!(
-            *rec(&dst).log.lock().unwrap(),
-            vec![(UNIT, UNIT, "data"), (2 * UNIT, UNIT, "zero")]
-        );
-    }
-
-    #[test]
-    fn a_read_error_mid_way_stops_the_conversion_and_names_the_source() {
-        let units = vec![U::Data; 200];
-        let storage = MemStorage::from_bytes(content(&units));
-        storage.fail(FailPoint::ReadAt(100 * UNIT + 5));
-        let src = source_over(storage, &units);
-        for workers in [1, 4] {
-            for ooo in [false, true] {
-                let dst = recorder(Recorder::new(src.virtual_size()));
-                let e = convert(&src, &dst, &opts(workers, ooo)).unwrap_err();
-                assert_eq!(e.path(), Some(Path::new("src.img")), "{e}");
-                // Nothing far beyond the failure point was planned and written.
-                let log = rec(&dst).log.lock().unwrap();
-                let limit = 100 * UNIT + in_flight_limit(workers) * CHUNK;
-                assert!(log.iter().all(|l| l.0 < limit), "{workers} {ooo}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_write_error_is_returned_with_the_target_name() {
-        let units = vec![U::Data; 100];
-        let src = source(&units);
-        let storage = MemStorage::new();
-        storage.fail(FailPoint::WriteAt(50 * UNIT));
-        let dst = Image::create_on(
-            Box::new(storage),
-            Path::new("out.raw"),
-            Format::Raw,
-            &CreateOptions::new(src.virtual_size()),
-        )
-        .unwrap();
-        for ooo in [false, true] {
-            let e = convert(&src, &dst, &opts(3, ooo)).unwrap_err();
-            assert_eq!(e.path(), Some(Path::new("out.raw")), "{e}");
-        }
-    }
-
-    #[test]
-    fn a_smaller_target_is_refused() {
-        let src = source(&[U::Data, U::Data]);
-        let dst = recorder(Recorder::new(UNIT));
-        let e = convert(&src, &dst, &opts(1, false)).unwrap_err();
-        assert_eq!(e.kind(), vmi_disk::ErrorKind::Usage);
-    }
-
-    #[test]
-    fn progress_is_monotonic_and_reaches_the_total() {
-        let units = mixed_units(200);
-        let src = source(&units);
-        let dst = recorder(Recorder::new(src.virtual_size()));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s2 = Arc::clone(&seen);
-        let o = ConvertOptions {
-            progress: Some(Arc::new(move |p: Progress| s2.lock().unwrap().push(p))),
-            ..opts(4, true)
-        };
-        convert(&src, &dst, &o).unwrap();
-        let seen = seen.lock().unwrap();
-        assert!(seen.windows(2).all(|w| w[0].done < w[1].done));
-        assert_eq!(seen.last().map(|p| p.done), Some(src.virtual_size()));
-    }
-
-    #[test]
-    fn an_empty_terabyte_needs_no_windows() {
-        let storage = MemStorage::new();
-        let src = Image::from_driver(
-            Box::new(Layout {
-                storage,
-                units: vec![U::Unalloc; 1 << 24],
-                backing: None,
-            }),
-            Path::new("big"),
-        );
-        // The recorder's storage stays empty: nothing is written.
-        let dst = recorder(Recorder {
-            storage: MemStorage::new(),
-            size: src.virtual_size(),
-            sequential: false,
-            unit: None,
-            log: Mutex::new(Vec::new()),
-        });
-        let stats = convert(&src, &dst, &opts(2, false)).unwrap();
-        assert_eq!(stats.zero_bytes, 1 << 40);
-        assert!(rec(&dst).log.lock().unwrap().is_empty());
-    }
-}
+mod tests;

@@ -1,0 +1,266 @@
+//! Installing a conversion's result: [`convert_to_path`] builds the destination under a temporary
+//! name beside it and renames it into place only when everything succeeded, so a failed or
+//! interrupted conversion never leaves a partial image at the destination (or clobbers an older
+//! one).
+
+use crate::convert::{convert, ConvertOptions, ConvertStats};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use vmi_disk::gate::Gate;
+use vmi_disk::{CreateOptions, Error, Format, Image, OpenOptions, Result};
+
+/// An internal invariant broke.
+fn internal(what: &str) -> Error {
+    Error::new(
+        vmi_disk::ErrorKind::Io,
+        format!("internal error: {what} out of range"),
+    )
+}
+
+/// Where [`convert_to_path`] writes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Final path.
+    pub path: PathBuf,
+    /// Output format.
+    pub format: Format,
+    /// Creation options (size is filled from the source when 0).
+    pub create: CreateOptions,
+}
+
+/// Temporary files and folders of an unfinished [`convert_to_path`], removed on drop unless the
+/// conversion completed (also when a panic unwinds through it).
+#[derive(Default)]
+struct TempGuard {
+    files: Vec<PathBuf>,
+    dir: Option<PathBuf>,
+    done: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Counter that makes temporary names unique within the process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name `.NAME.vmi-tmp-<pid>-<n>` beside the destination that does not exist yet.
+fn temp_name(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
+    loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut s = std::ffi::OsString::from(".");
+        s.push(name);
+        s.push(format!(".vmi-tmp-{}-{n}", std::process::id()));
+        let p = dir.join(s);
+        if std::fs::symlink_metadata(&p).is_err() {
+            return p;
+        }
+    }
+}
+
+/// Whether images of `format` may consist of several files that name each other by file name, so
+/// they must be created under their final names (in a temporary folder).
+fn multi_file(format: Format, path: &Path) -> bool {
+    format == Format::Vmdk || !vmi_disk::formats::companion_files(format, path).is_empty()
+}
+
+fn fsync_path(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io("syncing", e).with_path(p))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to)
+        .map_err(|e| Error::io(format!("renaming {} into place", from.display()), e).with_path(to))
+}
+
+/// Open the backing file a new target records, so partial allocation units are completed from it.
+/// The user named this file, so it may live anywhere; its own chain stays confined to its folder.
+fn open_target_backing(target: &Path, name: &str, format: Option<Format>) -> Result<Image> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let guess = dir.join(name);
+    let root = guess.parent().unwrap_or(dir).to_path_buf();
+    let gate = Gate::new().allow_backing(true).confine_to(root);
+    let path = gate.resolve(vmi_disk::Referral::Backing, target, name)?;
+    Image::open(&path, &OpenOptions::new().format(format).gate(gate))
+        .map_err(|e| e.context("opening the target's backing file"))
+}
+
+/// Create `target` under a temporary name beside it, convert `src` into it, and rename it into
+/// place only when everything succeeded.
+///
+/// Single-file formats are created as `.NAME.vmi-tmp-<pid>-<n>` in the destination's folder.
+/// Formats whose image is several files (VMDK extents named inside the descriptor) are created
+/// under their final names in a temporary folder there; the companions are renamed into place
+/// first and the main file last. Every file is fsynced before its rename and the folder after, so
+/// a crash leaves either the old destination or the complete new one. On any error (or panic) the
+/// temporary files are removed and the destination is untouched.
+pub fn convert_to_path(
+    src: &Image,
+    target: &Target,
+    opts: &ConvertOptions,
+) -> Result<ConvertStats> {
+    let path = &target.path;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::usage("the target path has no file name").with_path(path))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut create = target.create.clone();
+    if create.size == 0 {
+        create.size = src.virtual_size();
+    }
+    let mut guard = TempGuard::default();
+    let multi = multi_file(target.format, path);
+    let tmp_main = if multi {
+        let d = temp_name(&dir, name);
+        std::fs::create_dir(&d)
+            .map_err(|e| Error::io("creating a temporary folder", e).with_path(&d))?;
+        guard.dir = Some(d.clone());
+        d.join(name)
+    } else {
+        let t = temp_name(&dir, name);
+        guard.files.push(t.clone());
+        t
+    };
+
+    let mut dst = Image::create(&tmp_main, target.format, &create)?;
+    if let Some(spec) = &create.backing {
+        let b = open_target_backing(path, &spec.name, spec.format)?;
+        dst.set_backing(Some(b));
+    }
+    let stats = convert(src, &dst, opts)?;
+    dst.close()?;
+
+    install(&mut guard, &tmp_main, path, &dir)?;
+    Ok(stats)
+}
+
+/// Move a finished image from its temporary place to `path`: companions (every other file in the
+/// temporary folder, i.e. the extents `formats::companion_files` would list) first, the main file
+/// last, each fsynced before its rename, then the folder fsynced.
+fn install(guard: &mut TempGuard, tmp_main: &Path, path: &Path, dir: &Path) -> Result<()> {
+    if let Some(tmp_dir) = guard.dir.clone() {
+        let main_name = tmp_main
+            .file_name()
+            .ok_or_else(|| internal("main file name"))?;
+        let mut companions = Vec::new();
+        let entries = std::fs::read_dir(&tmp_dir)
+            .map_err(|e| Error::io("listing the temporary folder", e).with_path(&tmp_dir))?;
+        for entry in entries {
+            let entry = entry
+                .map_err(|e| Error::io("listing the temporary folder", e).with_path(&tmp_dir))?;
+            if entry.file_name() != main_name {
+                companions.push(entry.path());
+            }
+        }
+        companions.sort();
+        for c in companions
+            .iter()
+            .chain(std::iter::once(&tmp_main.to_path_buf()))
+        {
+            fsync_path(c)?;
+        }
+        for c in &companions {
+            let fname = c.file_name().ok_or_else(|| internal("companion name"))?;
+            let final_path = dir.join(fname);
+            rename(c, &final_path)?;
+            // Until the main file is in place, a failure removes the companions as well.
+            guard.files.push(final_path);
+        }
+        rename(tmp_main, path)?;
+    } else {
+        fsync_path(tmp_main)?;
+        rename(tmp_main, path)?;
+    }
+    guard.done = true;
+    if let Some(d) = &guard.dir {
+        let _ = std::fs::remove_dir(d);
+    }
+    fsync_path(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multi_file_image_is_installed_companions_first_and_the_folder_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(".img.vmdk.vmi-tmp-1-0");
+        std::fs::create_dir(&tmp).unwrap();
+        for (f, body) in [
+            ("img.vmdk", "descriptor"),
+            ("img-s001.vmdk", "e1"),
+            ("img-s002.vmdk", "e2"),
+        ] {
+            std::fs::write(tmp.join(f), body).unwrap();
+        }
+        // An older image of the same name is replaced.
+        std::fs::write(dir.path().join("img.vmdk"), "old").unwrap();
+        let mut guard = TempGuard {
+            files: Vec::new(),
+            dir: Some(tmp.clone()),
+            done: false,
+        };
+        let dest = dir.path().join("img.vmdk");
+        install(&mut guard, &tmp.join("img.vmdk"), &dest, dir.path()).unwrap();
+        drop(guard);
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "descriptor");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("img-s002.vmdk")).unwrap(),
+            "e2"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn an_unfinished_multi_file_image_is_removed_with_its_moved_companions() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(".x.vmi-tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("x-s001.vmdk"), "e1").unwrap();
+        std::fs::write(tmp.join("x.vmdk"), "descriptor").unwrap();
+        let mut guard = TempGuard {
+            files: Vec::new(),
+            dir: Some(tmp.clone()),
+            done: false,
+        };
+        // The destination is a non-empty folder, so the main file's rename fails after the
+        // companion moved.
+        let dest = dir.path().join("x.vmdk");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("keep"), "").unwrap();
+        assert!(install(&mut guard, &tmp.join("x.vmdk"), &dest, dir.path()).is_err());
+        drop(guard);
+        assert!(!dir.path().join("x-s001.vmdk").exists());
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_target_backing_resolves_beside_the_target_and_refuses_protocols() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.raw"), vec![7u8; 4096]).unwrap();
+        let target = dir.path().join("new.qcow2");
+        let b = open_target_backing(&target, "base.raw", Some(Format::Raw)).unwrap();
+        assert_eq!(b.virtual_size(), 4096);
+        let e = open_target_backing(&target, "nbd:localhost:10809", None).unwrap_err();
+        assert_eq!(e.kind(), vmi_disk::ErrorKind::Refused, "{e}");
+    }
+}
