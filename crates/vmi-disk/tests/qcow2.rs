@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vmi_disk::{
-    CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, OpenOptions,
+    BlockKind, CheckMode, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, OpenOptions,
 };
 use vmi_testkit::conformance::{run, Caps};
 use vmi_testkit::*;
@@ -70,6 +70,13 @@ fn conforms_with_512_byte_clusters() {
 }
 
 #[test]
+fn conforms_with_extended_l2_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), Format::Qcow2, "extended_l2=on", caps());
+    assert_qemu_check_clean(&dir.path().join("conf.qcow2"), "qcow2");
+}
+
+#[test]
 fn conforms_with_2m_clusters() {
     let dir = tempfile::tempdir().unwrap();
     run(dir.path(), Format::Qcow2, "cluster_size=2M", caps());
@@ -110,6 +117,20 @@ fn reads_what_qemu_img_writes() {
             "-o {o} {extra:?}: {:?}",
             rep.messages
         );
+        let (_, j) = qemu_check(&q, "qcow2");
+        for (mine, key) in [
+            (rep.allocated_clusters, "allocated-clusters"),
+            (rep.fragmented_clusters, "fragmented-clusters"),
+            (rep.compressed_clusters, "compressed-clusters"),
+            (rep.image_end_offset, "image-end-offset"),
+        ] {
+            // qemu-img leaves zero counts out of its JSON.
+            assert_eq!(
+                mine.unwrap_or(0),
+                j[key].as_u64().unwrap_or(0),
+                "{key} for -o {o} {extra:?}"
+            );
+        }
     }
 }
 
@@ -121,24 +142,45 @@ fn reads_a_qemu_overlay_through_its_backing_file() {
     let base = dir.path().join("base.qcow2");
     qemu_convert(&raw, "raw", &base, "qcow2", "", &[]);
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
-    let mut expect = read_file(&raw);
-    expect[MIB as usize..MIB as usize + 100 * 1024].fill(0xab);
-    let img = Image::open(&top, &backing_gate(dir.path())).unwrap();
-    assert_eq!(img.chain_len(), 2);
-    let got = read_image(&img);
-    assert!(got == expect, "overlay contents differ");
+    for o in ["", "extended_l2=on"] {
+        let _ = std::fs::remove_file(&top);
+        let mut args = vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ];
+        if !o.is_empty() {
+            args.extend(["-o", o]);
+        }
+        args.push(s(&top));
+        qemu_img(&args);
+        // Unaligned writes: with extended L2 entries qemu allocates single subclusters.
+        qemu_io(&top, "qcow2", "write -P 0xab 1M 100k");
+        qemu_io(&top, "qcow2", "write -P 0xcd 2052k 4k");
+        let mut expect = read_file(&raw);
+        expect[MIB as usize..MIB as usize + 100 * 1024].fill(0xab);
+        expect[2052 * 1024..2056 * 1024].fill(0xcd);
+        let img = Image::open(&top, &backing_gate(dir.path())).unwrap();
+        assert_eq!(img.chain_len(), 2);
+        assert!(read_image(&img) == expect, "{o}: overlay contents differ");
+        drop(img);
+        // vmi writes into the partly allocated cluster: the rest comes from the base.
+        let img = Image::open(&top, &backing_gate(dir.path()).write(true)).unwrap();
+        img.write_at(&[0xef; 700], 2060 * 1024).unwrap();
+        img.write_at(&[0x12; 300], 2053 * 1024).unwrap();
+        img.close().unwrap();
+        expect[2060 * 1024..2060 * 1024 + 700].fill(0xef);
+        expect[2053 * 1024..2053 * 1024 + 300].fill(0x12);
+        let expect_path = dir.path().join("expect.raw");
+        std::fs::write(&expect_path, &expect).unwrap();
+        assert_qemu_check_clean(&top, "qcow2");
+        assert_qemu_identical(&top, "qcow2", &expect_path, "raw");
+    }
     // Without the gate's permission, the backing file is refused and named.
     let e = Image::open(&top, &OpenOptions::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused);
@@ -156,7 +198,7 @@ fn write_from_raw(img: &Image, raw: &Path) {
     }
 }
 
-/// Write through the compressed writer, whole clusters; the tail goes plain.
+/// Write through the compressed writer; clusters that do not shrink go plain.
 fn write_compressed_from_raw(img: &Image, raw: &Path) {
     let data = read_file(raw);
     let w = img.driver().compressed_writer().expect("qcow2 compresses");
@@ -166,7 +208,8 @@ fn write_compressed_from_raw(img: &Image, raw: &Path) {
             continue;
         }
         let off = (i * cs) as u64;
-        match (c.len() == cs).then(|| w.compress(c).unwrap()).flatten() {
+        // The partial last cluster is compressed too (padded by the writer).
+        match w.compress(c).unwrap() {
             Some(z) => w.write_compressed(off, &z).unwrap(),
             None => img.write_at(c, off).unwrap(),
         }
@@ -185,6 +228,8 @@ const VMI_MATRIX: &[&str] = &[
     "preallocation=metadata",
     "preallocation=falloc",
     "preallocation=full,cluster_size=4k",
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=2M",
 ];
 
 #[test]
@@ -208,12 +253,14 @@ fn qemu_img_reads_what_vmi_writes() {
 fn qemu_img_reads_what_vmi_compresses() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");
-    scattered_raw(&raw, 6 * MIB, 30, 5);
+    let size = 6 * MIB + 1536;
+    scattered_raw(&raw, size, 30, 5);
     for (i, o) in [
         "",
         "compression_type=zstd",
         "cluster_size=512",
         "cluster_size=4k,refcount_bits=1",
+        "extended_l2=on,compression_type=zstd",
         "compat=0.10",
         "cluster_size=2M",
     ]
@@ -221,7 +268,7 @@ fn qemu_img_reads_what_vmi_compresses() {
     .enumerate()
     {
         let q = dir.path().join(format!("c{i}.qcow2"));
-        let img = Image::create(&q, Format::Qcow2, &opts(o, 6 * MIB)).unwrap();
+        let img = Image::create(&q, Format::Qcow2, &opts(o, size)).unwrap();
         write_compressed_from_raw(&img, &raw);
         img.close().unwrap();
         assert_qemu_check_clean(&q, "qcow2");
@@ -238,7 +285,51 @@ fn qemu_img_reads_what_vmi_compresses() {
         assert_eq!(rep.compressed_clusters, j["compressed-clusters"].as_u64());
         assert_eq!(rep.allocated_clusters, j["allocated-clusters"].as_u64());
         assert_eq!(rep.image_end_offset, j["image-end-offset"].as_u64(), "{o}");
+        assert_eq!(
+            rep.fragmented_clusters,
+            j["fragmented-clusters"].as_u64(),
+            "{o}"
+        );
+        assert_eq!(rep.total_clusters, j["total-clusters"].as_u64(), "{o}");
     }
+}
+
+#[test]
+fn writes_from_several_threads_land_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("t.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=4k", 8 * MIB)).unwrap();
+    let w = img.driver().compressed_writer().unwrap();
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let img = &img;
+            sc.spawn(move || {
+                for k in 0..64u64 {
+                    // Interleaved, unaligned, plain and compressed writes.
+                    let off = (k * 4 + t) * 32 * 1024 + 100;
+                    img.write_at(&pattern(t * 1000 + k, 5000), off).unwrap();
+                    let unit = ((k * 4 + t) * 32 + 16) * 1024;
+                    let data = vec![(t + k) as u8; 4096];
+                    let z = w.compress(&data).unwrap().unwrap();
+                    w.write_compressed(unit, &z).unwrap();
+                }
+            });
+        }
+    });
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    let mut expect = vec![0u8; 8 * MIB as usize];
+    for t in 0..4u64 {
+        for k in 0..64u64 {
+            let off = ((k * 4 + t) * 32 * 1024 + 100) as usize;
+            expect[off..off + 5000].copy_from_slice(&pattern(t * 1000 + k, 5000));
+            let unit = (((k * 4 + t) * 32 + 16) * 1024) as usize;
+            expect[unit..unit + 4096].fill((t + k) as u8);
+        }
+    }
+    let raw = dir.path().join("expect.raw");
+    std::fs::write(&raw, &expect).unwrap();
+    assert_qemu_identical(&q, "qcow2", &raw, "raw");
 }
 
 #[test]
@@ -253,7 +344,7 @@ fn vmi_overlay_over_a_qemu_base_reads_right_in_qemu() {
         name: "base.qcow2".into(),
         format: Some(Format::Qcow2),
     };
-    for o in ["", "compat=0.10"] {
+    for o in ["", "compat=0.10", "extended_l2=on"] {
         let _ = std::fs::remove_file(&top);
         let mut img =
             Image::create(&top, Format::Qcow2, &opts(o, 4 * MIB).backing(spec.clone())).unwrap();
@@ -362,6 +453,53 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
 }
 
 #[test]
+fn freed_clusters_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("reuse.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("", 16 * MIB)).unwrap();
+    img.write_at(&pattern(3, MIB as usize), 0).unwrap();
+    img.flush().unwrap();
+    let before = std::fs::metadata(&q).unwrap().len();
+    img.write_zeroes(0, MIB).unwrap();
+    img.flush().unwrap();
+    img.write_at(&pattern(4, MIB as usize), 8 * MIB).unwrap();
+    img.close().unwrap();
+    assert_eq!(std::fs::metadata(&q).unwrap().len(), before);
+    assert_qemu_check_clean(&q, "qcow2");
+    let mut expect = vec![0u8; 16 * MIB as usize];
+    expect[8 * MIB as usize..9 * MIB as usize].copy_from_slice(&pattern(4, MIB as usize));
+    assert_eq!(read_image(&open_ro(&q)), expect);
+}
+
+#[test]
+fn a_huge_sparse_image_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("huge.qcow2");
+    let size = 8u64 << 40;
+    let img = Image::create(&q, Format::Qcow2, &opts("", size)).unwrap();
+    img.write_at(b"first", 0).unwrap();
+    img.write_at(b"last", size - 4).unwrap();
+    img.close().unwrap();
+    assert!(std::fs::metadata(&q).unwrap().len() < 4 * MIB);
+    assert_qemu_check_clean(&q, "qcow2");
+    let img = open_ro(&q);
+    // The rest of the first L2 table's range, then every empty L2 range in one answer.
+    let st = img.block_status(65536, size - 65536).unwrap();
+    assert_eq!(
+        (st.kind, st.len),
+        (BlockKind::Unallocated, 512 * MIB - 65536)
+    );
+    let st = img.block_status(512 * MIB, size - 512 * MIB).unwrap();
+    assert_eq!(
+        (st.kind, st.len),
+        (BlockKind::Unallocated, size - 1024 * MIB)
+    );
+    let mut buf = [0u8; 4];
+    img.read_at(&mut buf, size - 4).unwrap();
+    assert_eq!(&buf, b"last");
+}
+
+#[test]
 fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
     let dir = tempfile::tempdir().unwrap();
     let q = small_image(dir.path(), "bm.qcow2");
@@ -378,6 +516,80 @@ fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
     assert_same_as_qemu(&q);
     vmi_check(&q, CheckMode::RepairLeaks);
     assert_qemu_check_clean(&q, "qcow2");
+}
+
+/// A storage the test keeps a handle on, to inject faults and take the bytes afterwards.
+#[derive(Debug, Clone)]
+struct Shared(std::sync::Arc<vmi_disk::storage::MemStorage>);
+
+impl vmi_disk::storage::Storage for Shared {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+}
+
+#[test]
+fn a_crash_at_any_write_leaves_no_corruption() {
+    use vmi_disk::storage::{FailPoint, MemStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("base.qcow2");
+    let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=4k", 4 * MIB)).unwrap();
+    img.write_at(&pattern(1, 64 * 1024), 0).unwrap();
+    let w = img.driver().compressed_writer().unwrap();
+    let z = w.compress(&[9u8; 4096]).unwrap().unwrap();
+    w.write_compressed(MIB, &z).unwrap();
+    img.close().unwrap();
+    let base = read_file(&q);
+    let crashed = dir.path().join("crashed.qcow2");
+    for n in 0.. {
+        let mem = Shared(std::sync::Arc::new(MemStorage::from_bytes(base.clone())));
+        mem.0.fail(FailPoint::WritesAfter(n));
+        let done = (|| -> vmi_disk::Result<()> {
+            let img = Image::from_storage(
+                Box::new(mem.clone()),
+                &q,
+                Some(Format::Qcow2),
+                true,
+                &Gate::new(),
+            )?;
+            // Overwrite in place, copy-on-write a compressed cluster, allocate new tables far
+            // away, zero clusters, reuse freed ones and grow the image.
+            img.write_at(&[1; 100], 10)?;
+            img.write_at(&[2; 100], MIB + 10)?;
+            img.write_at(&[3; 8192], 3 * MIB)?;
+            img.write_zeroes(4096, 8192)?;
+            img.flush()?;
+            // Reuses the clusters freed above.
+            img.write_at(&[5; 8192], 2 * MIB)?;
+            img.resize(64 * MIB)?;
+            img.write_at(&[4; 4096], 60 * MIB)?;
+            img.close()
+        })();
+        std::fs::write(&crashed, mem.0.to_vec()).unwrap();
+        let (code, j) = qemu_check(&crashed, "qcow2");
+        assert_eq!(
+            j["corruptions"].as_u64().unwrap_or(0),
+            0,
+            "crash after {n} writes: qemu-img check exit {code}: {j}"
+        );
+        if done.is_ok() {
+            assert_eq!(code, 0, "{j}");
+            break;
+        }
+        assert!(n < 500, "the update never completed");
+    }
 }
 
 // ----- check and repair -----
@@ -659,26 +871,42 @@ fn compressed_cluster_inflating_beyond_its_cluster_is_an_error() {
 #[test]
 fn mutated_images_never_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let q = dir.path().join("m.qcow2");
-    qemu_create(&q, "qcow2", "cluster_size=512", 256 * 1024);
-    qemu_io(&q, "qcow2", "write -P 0x5a 0 8k");
-    qemu_io(&q, "qcow2", "write -c -P 0x11 64k 512");
-    qemu_img(&["snapshot", "-c", "s1", s(&q)]);
-    let good = read_file(&q);
+    let mut bases = Vec::new();
+    for (i, o) in [
+        "cluster_size=512",
+        "cluster_size=16k,extended_l2=on",
+        "cluster_size=1k,compression_type=zstd",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = dir.path().join(format!("m{i}.qcow2"));
+        qemu_create(&q, "qcow2", o, 256 * 1024);
+        qemu_io(&q, "qcow2", "write -P 0x5a 0 8k");
+        qemu_io(&q, "qcow2", "write -c -P 0x11 64k 16k");
+        qemu_io(&q, "qcow2", "write -z 128k 16k");
+        qemu_img(&["snapshot", "-c", "s1", s(&q)]);
+        bases.push(read_file(&q));
+    }
     let mut rng = StdRng::seed_from_u64(0x9c02);
-    for _ in 0..2000 {
-        let mut b = good.clone();
+    for n in 0..2000 {
+        let mut b = bases[n % bases.len()].clone();
         for _ in 0..rng.gen_range(1..8) {
+            // Half the mutations hit the header, the rest the tables and data after it.
             let at = if rng.gen_bool(0.5) {
                 rng.gen_range(0..112.min(b.len()))
             } else {
                 rng.gen_range(0..b.len())
             };
-            match rng.gen_range(0..3) {
+            match rng.gen_range(0..4) {
                 0 => b[at] ^= 1 << rng.gen_range(0..8),
                 1 => b[at] = rng.gen(),
-                _ => b[at] = 0xff,
+                2 => b[at] = 0xff,
+                _ => b[at] = 0,
             }
+        }
+        if n % 50 == 0 {
+            b.truncate(rng.gen_range(0..b.len()));
         }
         vmi_disk::fuzzing::exercise(Some(Format::Qcow2), &b);
     }
@@ -696,6 +924,8 @@ fn measure_matches_qemu_img() {
         (7 << 30, "cluster_size=2M"),
         (1 << 30, "refcount_bits=1"),
         (3 << 30, "preallocation=full"),
+        (5 << 30, "extended_l2=on"),
+        (MIB + 1, "compat=0.10,preallocation=metadata"),
     ] {
         let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
         if !o.is_empty() {
@@ -718,7 +948,7 @@ fn measure_matches_qemu_img() {
     scattered_raw(&raw, 32 * MIB, 30, 1);
     let q = dir.path().join("src.qcow2");
     qemu_convert(&raw, "raw", &q, "qcow2", "", &[]);
-    for o in ["", "cluster_size=512", "cluster_size=2M"] {
+    for o in ["", "cluster_size=512", "cluster_size=2M", "extended_l2=on"] {
         let mut args = vec!["measure", "--output=json", "-O", "qcow2", "-f", "qcow2"];
         if !o.is_empty() {
             args.extend(["-o", o]);

@@ -35,7 +35,7 @@ struct Scan {
     refs: Vec<u32>,
     report: CheckReport,
     /// (host offset of an entry to clear, its width in bytes) for `RepairAll`.
-    bad_entries: Vec<u64>,
+    bad_entries: Vec<(u64, usize)>,
     /// L1/L2 entries whose copied flag is wrong: (is_l1, table offset or l1 index, index).
     copied_fixes: Vec<(bool, u64, u64, bool)>,
 }
@@ -110,7 +110,6 @@ fn scan(
         l1s.push((false, sn.l1_offset, u64::from(sn.l1_size)));
     }
     let (mut allocated, mut fragmented, mut compressed) = (0u64, 0u64, 0u64);
-    let mut next_contiguous = 0u64;
     for (active, l1_off, l1_size) in l1s {
         if l1_size == 0 {
             continue;
@@ -144,14 +143,14 @@ fn scan(
                     "ERROR l2_offset={l2off:#x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
                 if active {
-                    s.bad_entries.push(i.l1_offset + l1i as u64 * 8);
+                    s.bad_entries.push((i.l1_offset + l1i as u64 * 8, 8));
                 }
                 continue;
             }
             if l2off + cs > file_len {
                 s.inc(cs, l2off, cs);
                 if active {
-                    s.bad_entries.push(i.l1_offset + l1i as u64 * 8);
+                    s.bad_entries.push((i.l1_offset + l1i as u64 * 8, 8));
                 }
                 continue;
             }
@@ -175,6 +174,8 @@ fn scan(
                 }
             };
             let w = i.g.words as usize;
+            // Contiguity is judged within one L2 table, as qemu-img does.
+            let mut next_contiguous = 0u64;
             for (idx, ent) in l2.chunks_exact(w).enumerate() {
                 let e = ent[0];
                 let entry_at = l2off + (idx * w * 8) as u64;
@@ -182,8 +183,10 @@ fn scan(
                     let (host, len) = i.g.compressed_span(e);
                     s.inc(cs, host, len);
                     if active {
+                        // qemu counts compressed clusters as fragmented by nature.
                         allocated += 1;
                         compressed += 1;
+                        fragmented += 1;
                     }
                     continue;
                 }
@@ -197,7 +200,7 @@ fn scan(
                         "ERROR offset={host:#x}: Cluster is not properly aligned; L2 entry corrupted"
                     ));
                     if active {
-                        s.bad_entries.push(entry_at);
+                        s.bad_entries.push((entry_at, w * 8));
                     }
                     continue;
                 }
@@ -211,7 +214,7 @@ fn scan(
                 let before = s.report.corruptions;
                 s.inc(cs, host, cs);
                 if s.report.corruptions != before && active {
-                    s.bad_entries.push(entry_at);
+                    s.bad_entries.push((entry_at, w * 8));
                 }
                 if active {
                     allocated += 1;
@@ -432,6 +435,7 @@ fn write_refcounts(i: &mut Inner, mut refs: Vec<u32>) -> Result<()> {
         .map_err(|e| Error::io("writing refcount table", e))?;
     i.st.sync().map_err(|e| Error::io("syncing", e))?;
     i.rb.clear();
+    i.free.clear();
     i.reftable = reftable;
     i.reftable_offset = table_off;
     i.reftable_dirty = false;
@@ -473,8 +477,8 @@ pub(super) fn check(
     let before = s.report.clone();
     if mode == CheckMode::RepairAll {
         // Entries pointing outside the file or unaligned: the data is gone; clear the entries.
-        for at in std::mem::take(&mut s.bad_entries) {
-            i.st.write_at(&0u64.to_be_bytes(), at)
+        for (at, width) in std::mem::take(&mut s.bad_entries) {
+            i.st.write_at(&vec![0u8; width], at)
                 .map_err(|e| Error::io(format!("clearing entry at {at:#x}"), e))?;
             if let Some(l1i) = at
                 .checked_sub(i.l1_offset)
@@ -502,13 +506,13 @@ pub(super) fn check(
                     i.l1_dirty = true;
                 }
             } else {
-                let (e, _) = i.l2_entry(table, idx)?;
+                let (e, bitmap) = i.l2_entry(table, idx)?;
                 let v = if one {
                     e | OFLAG_COPIED
                 } else {
                     e & !OFLAG_COPIED
                 };
-                i.set_l2_entry(table, idx, v)?;
+                i.set_l2_entry(table, idx, v, bitmap)?;
             }
         }
         i.flush()?;

@@ -7,6 +7,66 @@
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// The header as stored (spec: "Header"), all fields big-endian. Version 2 headers end after
+/// `snapshots_offset` (72 bytes); they are read into a zero-filled copy of this struct.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawHeader {
+    /// Bytes 0-3: "QFI\xfb".
+    pub magic: U32,
+    /// Bytes 4-7: version number (2 or 3).
+    pub version: U32,
+    /// Bytes 8-15: offset of the backing file name in the image file (0: none).
+    pub backing_file_offset: U64,
+    /// Bytes 16-19: length of the backing file name in bytes (no terminating NUL).
+    pub backing_file_size: U32,
+    /// Bytes 20-23: log2 of the cluster size.
+    pub cluster_bits: U32,
+    /// Bytes 24-31: virtual disk size in bytes.
+    pub size: U64,
+    /// Bytes 32-35: 0 no encryption, 1 AES, 2 LUKS.
+    pub crypt_method: U32,
+    /// Bytes 36-39: number of entries in the active L1 table.
+    pub l1_size: U32,
+    /// Bytes 40-47: offset of the active L1 table (cluster-aligned).
+    pub l1_table_offset: U64,
+    /// Bytes 48-55: offset of the refcount table (cluster-aligned).
+    pub refcount_table_offset: U64,
+    /// Bytes 56-59: number of clusters the refcount table occupies.
+    pub refcount_table_clusters: U32,
+    /// Bytes 60-63: number of internal snapshots.
+    pub nb_snapshots: U32,
+    /// Bytes 64-71: offset of the snapshot table (cluster-aligned).
+    pub snapshots_offset: U64,
+    /// Bytes 72-79 (v3): incompatible feature bits.
+    pub incompatible_features: U64,
+    /// Bytes 80-87 (v3): compatible feature bits.
+    pub compatible_features: U64,
+    /// Bytes 88-95 (v3): autoclear feature bits.
+    pub autoclear_features: U64,
+    /// Bytes 96-99 (v3): log2 of the refcount width in bits.
+    pub refcount_order: U32,
+    /// Bytes 100-103 (v3): length of the header structure in bytes.
+    pub header_length: U32,
+    /// Byte 104 (v3, header_length > 104): compression type, 0 zlib, 1 zstd.
+    pub compression_type: u8,
+    /// Bytes 105-111: padding to a multiple of 8.
+    pub padding: [u8; 7],
+}
+
+/// A header extension's type and length (spec: "Header extensions"), followed by its data padded
+/// to 8 bytes.
+#[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawExtension {
+    /// Header extension type.
+    pub kind: U32,
+    /// Length of the header extension data.
+    pub len: U32,
+}
 
 /// "QFI\xfb": the magic every qcow2 image begins with (spec: "magic").
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -165,12 +225,6 @@ fn be32(b: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-fn be64(b: &[u8], at: usize) -> Result<u64> {
-    let hi = be32(b, at)?;
-    let lo = be32(b, at + 4)?;
-    Ok((u64::from(hi) << 32) | u64::from(lo))
-}
-
 /// Quick check for probing: magic and a supported version with sane cluster bits.
 pub fn looks_like_qcow2(head: &[u8]) -> bool {
     matches!(be32(head, 0), Ok(MAGIC))
@@ -181,44 +235,60 @@ pub fn looks_like_qcow2(head: &[u8]) -> bool {
 /// Parse the fixed header from `buf` (the first bytes of the file, at least `V2_HEADER_LEN`).
 /// `file_len` bounds every offset. Extensions are parsed by [`parse_extensions`].
 pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
-    let magic = be32(buf, 0)?;
+    let mut fixed = [0u8; V3_HEADER_LEN as usize];
+    let avail = buf.len().min(fixed.len());
+    if avail < V2_HEADER_LEN as usize {
+        return Err(Error::invalid(format!(
+            "qcow2 header truncated: {} bytes, at least {V2_HEADER_LEN} needed",
+            buf.len()
+        )));
+    }
+    fixed[..avail].copy_from_slice(&buf[..avail]);
+    let raw = RawHeader::read_from_bytes(&fixed[..])
+        .map_err(|_| Error::invalid("qcow2 header has the wrong size"))?;
+    let magic = raw.magic.get();
     if magic != MAGIC {
         return Err(Error::invalid(format!(
             "not a qcow2 image (magic {magic:#010x})"
         )));
     }
-    let version = be32(buf, 4)?;
+    let version = raw.version.get();
     if version != 2 && version != 3 {
         return Err(Error::unsupported(format!("qcow2 version {version}")));
     }
-    let backing_file_offset = be64(buf, 8)?;
-    let backing_file_size = be32(buf, 16)?;
-    let cluster_bits = be32(buf, 20)?;
+    let backing_file_offset = raw.backing_file_offset.get();
+    let backing_file_size = raw.backing_file_size.get();
+    let cluster_bits = raw.cluster_bits.get();
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
         return Err(Error::invalid(format!(
             "qcow2 cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
         )));
     }
-    let size = be64(buf, 24)?;
-    let crypt = be32(buf, 32)?;
+    let size = raw.size.get();
+    let crypt = raw.crypt_method.get();
     if crypt != 0 {
         return Err(Error::unsupported(format!(
             "encrypted qcow2 images (crypt_method {crypt})"
         )));
     }
-    let l1_size = be32(buf, 36)?;
-    let l1_table_offset = be64(buf, 40)?;
-    let refcount_table_offset = be64(buf, 48)?;
-    let refcount_table_clusters = be32(buf, 56)?;
-    let nb_snapshots = be32(buf, 60)?;
-    let snapshots_offset = be64(buf, 64)?;
+    let l1_size = raw.l1_size.get();
+    let l1_table_offset = raw.l1_table_offset.get();
+    let refcount_table_offset = raw.refcount_table_offset.get();
+    let refcount_table_clusters = raw.refcount_table_clusters.get();
+    let nb_snapshots = raw.nb_snapshots.get();
+    let snapshots_offset = raw.snapshots_offset.get();
+    if version == 3 && avail < V3_MIN_HEADER_LEN as usize {
+        return Err(Error::invalid(format!(
+            "qcow2 version 3 header truncated: {avail} bytes, at least {V3_MIN_HEADER_LEN} needed"
+        )));
+    }
     let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 3 {
         (
-            be64(buf, 72)?,
-            be64(buf, 80)?,
-            be64(buf, 88)?,
-            be32(buf, 96)?,
-            be32(buf, 100)?,
+            raw.incompatible_features.get(),
+            raw.compatible_features.get(),
+            raw.autoclear_features.get(),
+            raw.refcount_order.get(),
+            raw.header_length.get(),
         )
     } else {
         (0, 0, 0, 4, V2_HEADER_LEN)
@@ -240,13 +310,12 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
         )));
     }
     let compression = if header_length > V3_MIN_HEADER_LEN {
-        match buf.get(104).copied() {
-            Some(0) => Compression::Zlib,
-            Some(1) => Compression::Zstd,
-            Some(t) => {
+        match raw.compression_type {
+            0 => Compression::Zlib,
+            1 => Compression::Zstd,
+            t => {
                 return Err(Error::unsupported(format!("qcow2 compression type {t}")));
             }
-            None => Compression::Zlib,
         }
     } else {
         Compression::Zlib
@@ -320,7 +389,12 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
             "qcow2 virtual size {size} is too large"
         )));
     }
-    let _ = file_len;
+    if u64::from(h.header_length) > file_len {
+        return Err(Error::invalid(format!(
+            "qcow2 file is {file_len} bytes, shorter than its {}-byte header",
+            h.header_length
+        )));
+    }
     Ok(h)
 }
 
@@ -334,8 +408,11 @@ fn parse_extensions(buf: &[u8], h: &mut Header) -> Result<()> {
             // qemu treats running off the header cluster as the end of the extensions.
             return Ok(());
         }
-        let kind = be32(buf, pos)?;
-        let len = be32(buf, pos + 4)? as usize;
+        let (ext, _) = RawExtension::read_from_prefix(&buf[pos..limit]).map_err(|_| {
+            Error::invalid(format!("qcow2 header extension at byte {pos} is truncated"))
+        })?;
+        let kind = ext.kind.get();
+        let len = ext.len.get() as usize;
         let data_start = pos + 8;
         let data = data_start
             .checked_add(len)
@@ -422,8 +499,11 @@ const FEATURE_NAMES: &[(u8, u8, &str)] = &[
 ];
 
 fn put_ext(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let ext = RawExtension {
+        kind: U32::new(kind),
+        len: U32::new(data.len() as u32),
+    };
+    out.extend_from_slice(ext.as_bytes());
     out.extend_from_slice(data);
     out.resize(out.len().div_ceil(8) * 8, 0);
 }
@@ -436,16 +516,13 @@ pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
     } else {
         V2_HEADER_LEN
     };
-    let mut out = vec![0u8; hlen as usize];
-    let put32 = |out: &mut Vec<u8>, at: usize, v: u32| {
-        out[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    };
-    put32(&mut out, 0, MAGIC);
-    put32(&mut out, 4, n.version);
-    put32(&mut out, 20, n.cluster_bits);
-    out[24..32].copy_from_slice(&n.size.to_be_bytes());
-    out[48..56].copy_from_slice(&n.refcount_table_offset.to_be_bytes());
-    put32(&mut out, 56, n.refcount_table_clusters);
+    let mut raw = RawHeader::new_zeroed();
+    raw.magic.set(MAGIC);
+    raw.version.set(n.version);
+    raw.cluster_bits.set(n.cluster_bits);
+    raw.size.set(n.size);
+    raw.refcount_table_offset.set(n.refcount_table_offset);
+    raw.refcount_table_clusters.set(n.refcount_table_clusters);
     if n.version == 3 {
         let mut incompat = 0u64;
         if n.compression != Compression::Zlib {
@@ -454,15 +531,16 @@ pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
         if n.extended_l2 {
             incompat |= INCOMPAT_EXTL2;
         }
-        out[72..80].copy_from_slice(&incompat.to_be_bytes());
-        out[80..88].copy_from_slice(&n.compatible.to_be_bytes());
-        put32(&mut out, 96, n.refcount_order);
-        put32(&mut out, 100, hlen);
-        out[104] = match n.compression {
+        raw.incompatible_features.set(incompat);
+        raw.compatible_features.set(n.compatible);
+        raw.refcount_order.set(n.refcount_order);
+        raw.header_length.set(hlen);
+        raw.compression_type = match n.compression {
             Compression::Zlib => 0,
             Compression::Zstd => 1,
         };
     }
+    let mut out = raw.as_bytes()[..hlen as usize].to_vec();
     if let Some((_, Some(fmt))) = n.backing {
         put_ext(&mut out, EXT_BACKING_FORMAT, fmt.name().as_bytes());
     }
@@ -490,7 +568,7 @@ pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
         }
         let off = out.len() as u64;
         out[8..16].copy_from_slice(&off.to_be_bytes());
-        put32(&mut out, 16, name.len() as u32);
+        out[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
         out.extend_from_slice(name.as_bytes());
     }
     if out.len() > cs {
@@ -555,6 +633,20 @@ mod tests {
         b[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
         let e = parse_fixed(&b, 1 << 20).unwrap_err();
         assert!(e.to_string().contains("bit(s) 9"), "{e}");
+    }
+
+    #[test]
+    fn unknown_incompatible_bits_take_their_name_from_the_feature_table() {
+        let mut b = new(3);
+        b.truncate(V3_HEADER_LEN as usize);
+        let mut entry = [0u8; 48];
+        entry[1] = 9;
+        entry[2..16].copy_from_slice(b"future feature");
+        put_ext(&mut b, EXT_FEATURE_TABLE, &entry);
+        put_ext(&mut b, EXT_END, &[]);
+        b[72..80].copy_from_slice(&(1u64 << 9).to_be_bytes());
+        let e = parse_fixed(&b, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("9 (future feature)"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,17 @@ const MAX_L1_SIZE: u64 = 32 << 20;
 const CACHE_BYTES: u64 = 16 << 20;
 /// Fewest tables a cache holds, whatever the cluster size.
 const MIN_CACHED_TABLES: usize = 4;
+/// Extended L2 bitmap: every subcluster allocated (spec: "Extended L2 Entries", bits 0-31).
+const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
+/// Extended L2 bitmap: every subcluster reads as zeroes (bits 32-63).
+const BITMAP_ALL_ZERO: u64 = 0xffff_ffff << 32;
+/// Subclusters per cluster with extended L2 entries.
+const SUBCLUSTERS: u64 = 32;
+/// Smallest cluster qemu allows extended L2 entries with (smaller subclusters than 512 bytes
+/// would be pointless).
+const MIN_EXTL2_CLUSTER: u64 = 16 * 1024;
+/// Most freed clusters remembered for reuse (8 bytes each).
+const MAX_FREE_LIST: usize = 1 << 16;
 /// Sector size compressed cluster lengths are counted in (spec: "512-byte sectors").
 const SECTOR: u64 = 512;
 
@@ -147,6 +158,13 @@ struct Inner {
     writable: bool,
     /// The dirty bit was set by this session (lazy refcounts) and is cleared on close.
     set_dirty: bool,
+    /// Clusters whose references were dropped in cached metadata: their refcounts are lowered
+    /// only after that metadata is on disk, so a crash can leak them but never leave a reference
+    /// to a cluster with refcount 0.
+    pending_free: Vec<u64>,
+    /// Clusters freed (refcount 0, nothing on disk pointing at them) that single-cluster
+    /// allocations reuse before growing the file; at most [`MAX_FREE_LIST`].
+    free: Vec<u64>,
 }
 
 /// An open qcow2 image.
@@ -224,7 +242,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             head.truncate(1usize << bits);
         }
     }
-    let mut h = header::parse_fixed(&head, file_len)?;
+    let h = header::parse_fixed(&head, file_len)?;
     let cs = h.cluster_size();
     // Active L1 table.
     let l1_bytes = u64::from(h.l1_size) * 8;
@@ -308,27 +326,17 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     } else {
         None
     };
-    if h.data_file.is_none() && h.incompatible & header::INCOMPAT_DATA_FILE == 0 {
-        h.data_file = None;
-    }
     let backing = h.backing_name.clone().map(|name| BackingSpec {
         name,
         format: h.backing_format.as_deref().and_then(|f| f.parse().ok()),
     });
     let g = Geo::new(&h, data_file.is_some());
     let dirty_at_open = h.incompatible & header::INCOMPAT_DIRTY != 0;
-    if ctx.writable {
-        if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "qcow2 image is marked corrupt; it can be opened read-only or repaired with check",
-            ));
-        }
-        if g.extended_l2 {
-            return Err(Error::unsupported(
-                "writing qcow2 images with extended L2 entries (read-only support)",
-            ));
-        }
+    if ctx.writable && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            "qcow2 image is marked corrupt (incompatible bit 1); it can only be opened read-only",
+        ));
     }
     let end = file_len.div_ceil(cs) * cs;
     let inner = Inner {
@@ -351,6 +359,8 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         tick: 0,
         writable: ctx.writable,
         set_dirty: false,
+        pending_free: Vec::new(),
+        free: Vec::new(),
     };
     let drv = Qcow2Driver {
         st,
@@ -424,10 +434,13 @@ fn parse_create_options(opts: &CreateOptions) -> Result<NewImage> {
         .choice("preallocation", &["off", "metadata", "falloc", "full"])?
         .unwrap_or_else(|| "off".into());
     let extended_l2 = o.bool("extended_l2")?.unwrap_or(false);
-    if extended_l2 {
-        return Err(Error::unsupported(
-            "creating qcow2 images with extended_l2=on (extended L2 is read-only in vmi)",
-        ));
+    if extended_l2 && version == 2 {
+        return Err(Error::usage("extended_l2=on needs compat=1.1"));
+    }
+    if extended_l2 && cs < MIN_EXTL2_CLUSTER {
+        return Err(Error::usage(format!(
+            "extended_l2=on needs a cluster size of at least {MIN_EXTL2_CLUSTER} bytes"
+        )));
     }
     let mut backing = opts.backing.clone();
     let bf = o.str("backing_file");
@@ -516,6 +529,8 @@ pub(crate) fn create(
         tick: 0,
         writable: true,
         set_dirty: false,
+        pending_free: Vec::new(),
+        free: Vec::new(),
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -576,6 +591,11 @@ pub(crate) fn measure(opts: &CreateOptions, source: Option<&Image>) -> Result<Me
     let l2e = if n.extended_l2 { 16 } else { 8 };
     let mut meta = cs; // header
     let l2_tables = (aligned / cs).div_ceil(cs / l2e);
+    if l2_tables * 8 > MAX_L1_SIZE {
+        return Err(Error::usage(format!(
+            "virtual size {vsize} needs an L1 table larger than {MAX_L1_SIZE} bytes (try a larger cluster size)"
+        )));
+    }
     meta += l2_tables * cs;
     meta += (l2_tables * 8).div_ceil(cs) * cs;
     meta += refcount::metadata_size((meta + aligned) / cs, cs, n.refcount_order);
@@ -596,6 +616,27 @@ impl Inner {
         self.st.len().map_err(io_err("reading file size".into()))
     }
 
+    /// Refuse to treat `[off, off+len)` as an L2 table, refcount block or data cluster when it
+    /// overlaps the header, the active L1 table or the refcount table: a hostile image could
+    /// otherwise make a write overwrite metadata.
+    fn check_no_overlap(&self, what: &str, off: u64, len: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let l1 = (self.l1_offset, self.l1.len() as u64 * 8);
+        let rt = (self.reftable_offset, self.reftable.len() as u64 * 8);
+        for (name, start, n) in [
+            ("header", 0, cs),
+            ("L1 table", l1.0, l1.1),
+            ("refcount table", rt.0, rt.1),
+        ] {
+            if n > 0 && off < start.saturating_add(n) && start < off.saturating_add(len) {
+                return Err(Error::invalid(format!(
+                    "qcow2 {what} at {off:#x} overlaps the {name} at {start:#x}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     // ----- L2 tables -----
 
     fn load_l2(&mut self, off: u64) -> Result<()> {
@@ -607,6 +648,7 @@ impl Inner {
         let cs = self.g.cs;
         let file_len = self.file_len()?;
         check_table("L2 table", off, cs, cs, file_len)?;
+        self.check_no_overlap("L2 table", off, cs)?;
         let data = read_u64s(self.st.as_ref(), off, cs / 8, "L2 table")?;
         self.insert_l2(off, data, false)
     }
@@ -657,17 +699,35 @@ impl Inner {
         Ok((e, b))
     }
 
-    fn set_l2_entry(&mut self, off: u64, idx: u64, v: u64) -> Result<()> {
+    /// Set the entry of guest cluster `idx`: its descriptor and, with extended L2 entries, its
+    /// subcluster bitmap (ignored otherwise).
+    fn set_l2_entry(&mut self, off: u64, idx: u64, desc: u64, bitmap: u64) -> Result<()> {
         self.load_l2(off)?;
+        let w = self.g.words;
         let c = self
             .l2
             .get_mut(&off)
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
-        if let Some(e) = c.data.get_mut(idx as usize) {
-            *e = v;
+        let i = (idx * w) as usize;
+        if let Some(e) = c.data.get_mut(i) {
+            *e = desc;
             c.dirty = true;
         }
+        if w == 2 {
+            if let Some(b) = c.data.get_mut(i + 1) {
+                *b = bitmap;
+            }
+        }
         Ok(())
+    }
+
+    /// Bitmap of a cluster whose every subcluster is allocated (0 without extended L2).
+    fn all_alloc(&self) -> u64 {
+        if self.g.extended_l2 {
+            BITMAP_ALL_ALLOC
+        } else {
+            0
+        }
     }
 
     /// Entry for guest cluster `gc` in the active tables: None when its L2 table is unallocated.
@@ -751,10 +811,19 @@ impl Inner {
             Some(e) => e & L1E_OFFSET_MASK == 0,
         };
         if unmapped {
-            // The whole L2 range is unallocated.
-            let range_end = (l1i + 1)
-                .saturating_mul(self.g.l2_entries)
-                .saturating_mul(cs);
+            // The whole L2 range is unallocated, and so are the ranges of the empty L1 entries
+            // that follow.
+            let per_l1 = self.g.l2_entries.saturating_mul(cs);
+            let mut next = l1i + 1;
+            while next.saturating_mul(per_l1) < offset + len
+                && self
+                    .l1
+                    .get(next as usize)
+                    .is_some_and(|e| e & L1E_OFFSET_MASK == 0)
+            {
+                next += 1;
+            }
+            let range_end = next.saturating_mul(per_l1);
             return Ok((Piece::Unallocated, len.min(range_end - offset)));
         }
         let table_end = (l1i + 1) * self.g.l2_entries * cs;
@@ -818,6 +887,7 @@ impl Inner {
         let cs = self.g.cs;
         let file_len = self.file_len()?;
         check_table("refcount block", off, cs, cs, file_len)?;
+        self.check_no_overlap("refcount block", off, cs)?;
         let mut data = vec![0u8; cs as usize];
         self.st
             .read_at(&mut data, off)
@@ -943,7 +1013,7 @@ impl Inner {
             self.rc_add(new + k * cs, 1)?;
         }
         for k in 0..old_clusters {
-            self.rc_add(old + k * cs, -1)?;
+            self.pending_free.push(old + k * cs);
         }
         Ok(())
     }
@@ -966,6 +1036,18 @@ impl Inner {
         Ok(off)
     }
 
+    /// One cluster with refcount 1: a freed one when there is one, else appended.
+    fn alloc_one(&mut self) -> Result<u64> {
+        while let Some(c) = self.free.pop() {
+            // Defensive: only a cluster nobody counts may be handed out again.
+            if self.rc_get(c)? == 0 {
+                self.rc_add(c, 1)?;
+                return Ok(c);
+            }
+        }
+        self.alloc(1)
+    }
+
     /// Drop the references an L2 entry holds (data cluster or compressed span).
     fn release(&mut self, entry: u64) -> Result<()> {
         let cs = self.g.cs;
@@ -975,13 +1057,13 @@ impl Inner {
             let last = (host + len - 1) / cs * cs;
             let mut c = first;
             while c <= last {
-                self.rc_add(c, -1)?;
+                self.pending_free.push(c);
                 c += cs;
             }
         } else {
             let host = entry & L2E_OFFSET_MASK;
-            if host != 0 && self.rc_add(host, -1)? == 0 {
-                let _ = self.st.punch_hole(host, cs);
+            if host != 0 {
+                self.pending_free.push(host);
             }
         }
         Ok(())
@@ -1030,7 +1112,7 @@ impl Inner {
         })?;
         let off = l1e & L1E_OFFSET_MASK;
         if off == 0 {
-            let new = self.alloc(1)?;
+            let new = self.alloc_one()?;
             self.insert_l2(new, vec![0; (cs / 8) as usize], true)?;
             self.l1[l1i] = new | OFLAG_COPIED;
             self.l1_dirty = true;
@@ -1051,16 +1133,22 @@ impl Inner {
             .get(&off)
             .map(|c| c.data.clone())
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
-        let new = self.alloc(1)?;
+        let new = self.alloc_one()?;
         self.insert_l2(new, data, true)?;
-        self.rc_add(off, -1)?;
+        self.pending_free.push(off);
         self.l1[l1i] = new | OFLAG_COPIED;
         self.l1_dirty = true;
         Ok((new, idx))
     }
 
     /// The current guest contents of cluster `gc` (for copy-on-write of a partial write).
-    fn read_cluster(&mut self, gc: u64, entry: u64, backing: Option<&Image>) -> Result<Vec<u8>> {
+    fn read_cluster(
+        &mut self,
+        gc: u64,
+        entry: u64,
+        bitmap: u64,
+        backing: Option<&Image>,
+    ) -> Result<Vec<u8>> {
         let cs = self.g.cs;
         let mut buf = vec![0u8; cs as usize];
         if entry & OFLAG_COMPRESSED != 0 {
@@ -1068,6 +1156,31 @@ impl Inner {
             return Ok(buf);
         }
         let host = entry & L2E_OFFSET_MASK;
+        if self.g.extended_l2 {
+            // Subcluster by subcluster: zero, allocated here, or from the backing image.
+            let sub = cs / SUBCLUSTERS;
+            let file_len = self.file_len()?;
+            for sc in 0..SUBCLUSTERS {
+                let range = (sc * sub) as usize..((sc + 1) * sub) as usize;
+                if bitmap & (1 << (32 + sc)) != 0 {
+                    continue;
+                }
+                if bitmap & (1 << sc) != 0 {
+                    let at = host + sc * sub;
+                    let n = sub.min(file_len.saturating_sub(at)) as usize;
+                    self.st
+                        .read_at(&mut buf[range.start..range.start + n], at)
+                        .map_err(io_err(format!("reading subcluster at {at:#x}")))?;
+                } else if let Some(b) = backing {
+                    let start = gc * cs + sc * sub;
+                    let avail = b.virtual_size().saturating_sub(start).min(sub) as usize;
+                    if avail > 0 {
+                        b.read_at(&mut buf[range.start..range.start + avail], start)?;
+                    }
+                }
+            }
+            return Ok(buf);
+        }
         if self.g.version >= 3 && entry & OFLAG_ZERO != 0 {
             return Ok(buf);
         }
@@ -1100,32 +1213,46 @@ impl Inner {
             let n = ((cs - in_off) as usize).min(buf.len() - done);
             let piece = &buf[done..done + n];
             let (l2off, idx) = self.l2_for_write(gc)?;
-            let (e, _) = self.l2_entry(l2off, idx)?;
+            let (e, bitmap) = self.l2_entry(l2off, idx)?;
             let host = e & L2E_OFFSET_MASK;
             let plain = e & OFLAG_COMPRESSED == 0;
-            let zero = self.g.version >= 3 && e & OFLAG_ZERO != 0;
+            // Whether the written bytes may go straight to the host cluster: not a zero cluster
+            // and, with subclusters, every touched subcluster already allocated.
+            let in_place = if self.g.extended_l2 {
+                let sub = cs / SUBCLUSTERS;
+                let first = in_off / sub;
+                let last = (in_off + n as u64 - 1) / sub;
+                let want = ((1u64 << (last + 1)) - 1) & !((1u64 << first) - 1);
+                bitmap & want == want && (bitmap >> 32) & want == 0
+            } else {
+                !(self.g.version >= 3 && e & OFLAG_ZERO != 0)
+            };
             let owned = plain && host != 0 && self.rc_get(host)? == 1;
-            if owned && !zero {
+            if owned {
+                self.check_no_overlap("data cluster", host, cs)?;
+            }
+            if owned && in_place {
                 self.st
                     .write_at(piece, host + in_off)
                     .map_err(io_err(format!("writing data at {:#x}", host + in_off)))?;
                 if e & OFLAG_COPIED == 0 {
-                    self.set_l2_entry(l2off, idx, host | OFLAG_COPIED)?;
+                    self.set_l2_entry(l2off, idx, host | OFLAG_COPIED, bitmap)?;
                 }
             } else {
                 let mut data = if n as u64 == cs {
                     piece.to_vec()
                 } else {
-                    let mut d = self.read_cluster(gc, e, backing)?;
+                    let mut d = self.read_cluster(gc, e, bitmap, backing)?;
                     d[in_off as usize..in_off as usize + n].copy_from_slice(piece);
                     d
                 };
                 data.resize(cs as usize, 0);
-                let target = if owned { host } else { self.alloc(1)? };
+                let target = if owned { host } else { self.alloc_one()? };
                 self.st
                     .write_at(&data, target)
                     .map_err(io_err(format!("writing cluster at {target:#x}")))?;
-                self.set_l2_entry(l2off, idx, target | OFLAG_COPIED)?;
+                let all = self.all_alloc();
+                self.set_l2_entry(l2off, idx, target | OFLAG_COPIED, all)?;
                 if !owned {
                     self.release(e)?;
                 }
@@ -1135,8 +1262,17 @@ impl Inner {
         Ok(())
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
+    /// `declared_backing`: the image names a backing file (opened or not), so unallocated
+    /// clusters are not known to read as zeroes.
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        backing: Option<&Image>,
+        declared_backing: bool,
+    ) -> Result<()> {
         self.begin_write()?;
+        let shows_through = backing.is_some() || declared_backing;
         let cs = self.g.cs;
         let end = offset
             .checked_add(len)
@@ -1146,6 +1282,17 @@ impl Inner {
             let gc = pos / cs;
             let in_off = pos % cs;
             let n = (cs - in_off).min(end - pos);
+            let l1i = gc / self.g.l2_entries;
+            let no_table = self
+                .l1
+                .get(l1i as usize)
+                .is_none_or(|e| e & L1E_OFFSET_MASK == 0);
+            if no_table && !shows_through {
+                // Nothing is allocated in this L2 range and nothing shows through: already zero.
+                let range_end = (l1i + 1) * self.g.l2_entries * cs;
+                pos = range_end.min(end).max(pos + n);
+                continue;
+            }
             // A whole cluster, or the partial last cluster of the image.
             let whole = in_off == 0 && (n == cs || pos + n >= self.size);
             if !whole {
@@ -1155,20 +1302,19 @@ impl Inner {
                 continue;
             }
             if self.g.version >= 3 {
-                let cur = self.lookup(gc)?;
-                if cur.is_none() && backing.is_none() {
-                    pos += n;
-                    continue;
-                }
                 let (l2off, idx) = self.l2_for_write(gc)?;
                 let (e, _) = self.l2_entry(l2off, idx)?;
-                self.set_l2_entry(l2off, idx, OFLAG_ZERO)?;
+                if self.g.extended_l2 {
+                    self.set_l2_entry(l2off, idx, 0, BITMAP_ALL_ZERO)?;
+                } else {
+                    self.set_l2_entry(l2off, idx, OFLAG_ZERO, 0)?;
+                }
                 self.release(e)?;
-            } else if backing.is_none() {
+            } else if !shows_through {
                 if self.lookup(gc)?.is_some() {
                     let (l2off, idx) = self.l2_for_write(gc)?;
                     let (e, _) = self.l2_entry(l2off, idx)?;
-                    self.set_l2_entry(l2off, idx, 0)?;
+                    self.set_l2_entry(l2off, idx, 0, 0)?;
                     self.release(e)?;
                 }
             } else {
@@ -1224,7 +1370,8 @@ impl Inner {
             .map_err(io_err(format!("writing compressed cluster at {start:#x}")))?;
         let sectors = (stop - 1) / SECTOR - start / SECTOR;
         let entry = OFLAG_COMPRESSED | (sectors << self.g.csize_shift()) | start;
-        self.set_l2_entry(l2off, idx, entry)?;
+        // Compressed clusters carry no subcluster bitmap (spec: must be zero).
+        self.set_l2_entry(l2off, idx, entry, 0)?;
         self.release(old)?;
         let next = stop.div_ceil(SECTOR) * SECTOR;
         self.ctail = if next % cs == 0 { 0 } else { next };
@@ -1237,7 +1384,8 @@ impl Inner {
         for gc in 0..clusters {
             let (l2off, idx) = self.l2_for_write(gc)?;
             let host = self.alloc(1)?;
-            self.set_l2_entry(l2off, idx, host | OFLAG_COPIED)?;
+            let all = self.all_alloc();
+            self.set_l2_entry(l2off, idx, host | OFLAG_COPIED, all)?;
         }
         let end = self.end;
         let len = self.file_len()?;
@@ -1288,7 +1436,7 @@ impl Inner {
                 self.l1_offset = new;
                 if old != 0 {
                     for k in 0..old_clusters {
-                        self.rc_add(old + k * cs, -1)?;
+                        self.pending_free.push(old + k * cs);
                     }
                 }
             }
@@ -1367,6 +1515,19 @@ impl Inner {
         }
         if self.header_dirty {
             self.write_header()?;
+        }
+        if !self.pending_free.is_empty() {
+            // Nothing on disk references these clusters any more.
+            self.st.sync().map_err(io_err("syncing".into()))?;
+            for c in std::mem::take(&mut self.pending_free) {
+                if self.rc_add(c, -1)? == 0 {
+                    let _ = self.st.punch_hole(c, self.g.cs);
+                    if self.free.len() < MAX_FREE_LIST && c != self.ctail / self.g.cs * self.g.cs {
+                        self.free.push(c);
+                    }
+                }
+            }
+            self.write_refcounts()?;
         }
         // Keep the file a whole number of sectors: a compressed cluster may end mid-sector.
         let len = self.file_len()?;
@@ -1462,11 +1623,12 @@ impl Driver for Qcow2Driver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
-        self.lock().write_zeroes(offset, len, backing)
+        self.lock()
+            .write_zeroes(offset, len, backing, self.backing.is_some())
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
-        (self.writable && !self.lock().g.extended_l2).then_some(self as &dyn CompressedWrite)
+        self.writable.then_some(self as &dyn CompressedWrite)
     }
 
     fn flush(&self) -> Result<()> {
@@ -1495,8 +1657,9 @@ impl Driver for Qcow2Driver {
         let mut i = self.lock();
         if mode != CheckMode::ReadOnly {
             i.check_writable()?;
-            i.flush()?;
         }
+        // The check reads tables from the file: cached changes go there first.
+        i.flush()?;
         check::check(
             &mut i,
             &self.snapshots,
@@ -1517,6 +1680,20 @@ impl CompressedWrite for Qcow2Driver {
     }
 
     fn compress(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cs = self.hdr.cluster_size() as usize;
+        if data.len() > cs {
+            return Err(Error::usage(format!(
+                "compressing {} bytes: more than one {cs}-byte cluster",
+                data.len()
+            )));
+        }
+        if data.len() < cs {
+            // The last cluster of an image whose size is not a cluster multiple: a compressed
+            // cluster always inflates to a whole cluster, so pad it with zeroes as qemu does.
+            let mut padded = data.to_vec();
+            padded.resize(cs, 0);
+            return compress::deflate(self.hdr.compression, &padded);
+        }
         compress::deflate(self.hdr.compression, data)
     }
 

@@ -4,6 +4,33 @@
 use crate::driver::SnapshotInfo;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+
+/// The fixed part of a snapshot table entry (spec: "Snapshot table entry", bytes 0-39); extra
+/// data, the id string and the name follow, padded to 8 bytes.
+#[derive(Debug, Clone, FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RawSnapshot {
+    /// Bytes 0-7: offset of this snapshot's L1 table.
+    pub l1_table_offset: U64,
+    /// Bytes 8-11: entries in that L1 table.
+    pub l1_size: U32,
+    /// Bytes 12-13: length of the unique id string.
+    pub id_str_size: U16,
+    /// Bytes 14-15: length of the name.
+    pub name_size: U16,
+    /// Bytes 16-19: creation time, seconds since the epoch.
+    pub date_sec: U32,
+    /// Bytes 20-23: creation time, nanoseconds.
+    pub date_nsec: U32,
+    /// Bytes 24-31: guest run time in nanoseconds.
+    pub vm_clock_nsec: U64,
+    /// Bytes 32-35: size of the saved VM state (32-bit; the extra data may hold a 64-bit one).
+    pub vm_state_size: U32,
+    /// Bytes 36-39: length of the extra data that follows.
+    pub extra_data_size: U32,
+}
 
 /// Most snapshots an image may declare (qemu's QCOW_MAX_SNAPSHOTS).
 pub const MAX_SNAPSHOTS: u32 = 65536;
@@ -25,14 +52,8 @@ pub struct Snapshot {
     pub l1_size: u32,
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// Read `count` snapshot entries starting at host offset `offset` (cluster-aligned).
@@ -59,15 +80,13 @@ pub fn read_table(
     let mut pos = offset;
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let read = |buf: &mut [u8], at: u64| -> Result<()> {
-        let end = at
-            .checked_add(buf.len() as u64)
+        at.checked_add(buf.len() as u64)
             .filter(|&e| e <= file_len && e - offset <= MAX_SNAPSHOT_TABLE)
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "qcow2 snapshot table entry at {at:#x} runs past the file end or {MAX_SNAPSHOT_TABLE} bytes"
                 ))
             })?;
-        let _ = end;
         storage
             .read_at(buf, at)
             .map_err(|e| Error::io(format!("reading snapshot table at {at:#x}"), e))
@@ -75,15 +94,17 @@ pub fn read_table(
     for i in 0..count {
         let mut fixed = [0u8; ENTRY_FIXED as usize];
         read(&mut fixed, pos)?;
-        let l1_offset = be64(&fixed, 0);
-        let l1_size = be32(&fixed, 8);
-        let id_len = be16(&fixed, 12);
-        let name_len = be16(&fixed, 14);
-        let date_sec = be32(&fixed, 16);
-        let date_nsec = be32(&fixed, 20);
-        let vm_clock = be64(&fixed, 24);
-        let mut vm_state = u64::from(be32(&fixed, 32));
-        let extra_len = be32(&fixed, 36);
+        let raw = RawSnapshot::read_from_bytes(&fixed[..])
+            .map_err(|_| Error::invalid("qcow2 snapshot entry has the wrong size"))?;
+        let l1_offset = raw.l1_table_offset.get();
+        let l1_size = raw.l1_size.get();
+        let id_len = raw.id_str_size.get();
+        let name_len = raw.name_size.get();
+        let date_sec = raw.date_sec.get();
+        let date_nsec = raw.date_nsec.get();
+        let vm_clock = raw.vm_clock_nsec.get();
+        let mut vm_state = u64::from(raw.vm_state_size.get());
+        let extra_len = raw.extra_data_size.get();
         if extra_len > MAX_EXTRA_DATA {
             return Err(Error::invalid(format!(
                 "qcow2 snapshot {i} has {extra_len} bytes of extra data, more than {MAX_EXTRA_DATA}"
@@ -94,11 +115,11 @@ pub fn read_table(
         read(&mut var, pos + ENTRY_FIXED)?;
         let extra = &var[..extra_len as usize];
         let mut icount = None;
-        if extra.len() >= 8 {
-            vm_state = be64(extra, 0);
+        // Extra data (spec): 64-bit VM state size, virtual disk size, icount (-1: none).
+        if let Some(v) = be64(extra, 0) {
+            vm_state = v;
         }
-        if extra.len() >= 24 {
-            let ic = be64(extra, 16);
+        if let Some(ic) = be64(extra, 16) {
             if ic != u64::MAX {
                 icount = Some(ic);
             }
