@@ -1,0 +1,13 @@
+//! vmi-ovf: OVF envelopes (DSP0243), OVA archives, `.mf` manifests and `.cert` signatures, the
+//! hardware profile every hypervisor config is generated from, native configs (VMware `.vmx`,
+//! libvirt domain XML, VirtualBox), and target compatibility checks.
+
+pub mod envelope;
+pub mod error;
+pub mod profile;
+pub mod units;
+pub mod xml;
+
+pub use envelope::{Descriptor, OvfVersion, WriteOptions};
+pub use error::{OvfError, Result};
+pub use profile::HardwareProfile;
