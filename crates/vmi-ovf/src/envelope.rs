@@ -107,6 +107,8 @@ pub struct DiskRef {
     pub file_ref: Option<String>,
     /// Capacity in bytes (0 when the descriptor gives it as a property reference).
     pub capacity: u64,
+    /// The capacity as a `${property}` reference, written back as it was.
+    pub capacity_ref: Option<String>,
     /// `ovf:format` URI.
     pub format: Option<String>,
     /// `ovf:populatedSize`.
@@ -258,10 +260,13 @@ fn from_element(root: &Element) -> Result<Descriptor> {
             }
         }
     }
-    let Some(vs) = system else {
-        invalid!("the envelope has no VirtualSystem");
-    };
-    parse_system(vs, &mut d)?;
+    // An envelope may carry no virtual system at all (an empty package, or collections only).
+    if let Some(vs) = system {
+        if ovf_attr(vs, "id").is_none() {
+            invalid!("VirtualSystem without the required ovf:id");
+        }
+        parse_system(vs, &mut d)?;
+    }
     Ok(d)
 }
 
@@ -276,7 +281,12 @@ fn parse_references(e: &Element, d: &mut Descriptor) -> Result<()> {
         if href.is_empty() {
             invalid!("File '{id}' has an empty ovf:href");
         }
-        let size = ovf_attr(f, "size").map(|s| parse_u64("File ovf:size", s)).transpose()?;
+        // Some producers write a negative size for "unknown"; read it as absent.
+        let size = match ovf_attr(f, "size").map(str::trim) {
+            Some(s) if s.starts_with('-') && s[1..].chars().all(|c| c.is_ascii_digit()) => None,
+            Some(s) => Some(parse_u64("File ovf:size", s)?),
+            None => None,
+        };
         let chunk_size =
             ovf_attr(f, "chunkSize").map(|s| parse_u64("File ovf:chunkSize", s)).transpose()?;
         if chunk_size == Some(0) {
@@ -308,7 +318,8 @@ fn parse_disks(e: &Element, d: &mut Descriptor) -> Result<()> {
             .ok_or_else(|| OvfError::Invalid("Disk without ovf:diskId".into()))?;
         let cap = ovf_attr(k, "capacity")
             .ok_or_else(|| OvfError::Invalid(format!("Disk '{disk_id}' without ovf:capacity")))?;
-        let capacity = if cap.trim_start().starts_with("${") {
+        let capacity_ref = cap.trim_start().starts_with("${").then(|| cap.to_string());
+        let capacity = if capacity_ref.is_some() {
             0
         } else {
             let c = to_bytes(cap, ovf_attr(k, "capacityAllocationUnits"))
@@ -323,8 +334,9 @@ fn parse_disks(e: &Element, d: &mut Descriptor) -> Result<()> {
             .transpose()?;
         d.disks.push(DiskRef {
             disk_id: disk_id.to_string(),
-            file_ref: ovf_attr(k, "fileRef").map(str::to_string),
+            file_ref: ovf_attr(k, "fileRef").filter(|r| !r.is_empty()).map(str::to_string),
             capacity,
+            capacity_ref,
             format: ovf_attr(k, "format").map(str::to_string),
             populated_size,
         });
@@ -352,16 +364,35 @@ fn parse_system(vs: &Element, d: &mut Descriptor) -> Result<()> {
         .filter(|n| !n.is_empty())
         .or_else(|| ovf_attr(vs, "id").map(str::to_string))
         .unwrap_or_default();
+    // Sections taken into the profile (the first of each kind); every other one is kept.
+    let mut taken: Vec<*const Element> = Vec::new();
+    let mut hardware: Option<&Element> = None;
+    let mut kinds_taken: BTreeSet<String> = BTreeSet::new();
     for s in vs.elements() {
         let kind = section_kind(s);
-        match kind.as_str() {
-            "Info" | "Name" => {}
+        if kind == "Info" || kind == "Name" {
+            taken.push(s);
+            continue;
+        }
+        if kinds_taken.contains(&kind) {
+            continue;
+        }
+        let took = match kind.as_str() {
             "OperatingSystemSection" => {
-                p.guest_os.cim_id = ovf_attr(s, "id").and_then(|v| v.trim().parse().ok());
+                // The id is required (DSP8023); a section without one is read as 1, "Other".
+                p.guest_os.cim_id =
+                    Some(ovf_attr(s, "id").and_then(|v| v.trim().parse().ok()).unwrap_or(1));
                 p.guest_os.vmware_id = s.get_attr(NS_VMW, "osType").map(str::to_string);
                 p.guest_os.description = s.child_text("Description").filter(|t| !t.is_empty());
+                true
             }
-            "ProductSection" if p.product.is_none() && s.find_local("Property").is_none() => {
+            // A ProductSection with properties or a class is kept whole.
+            "ProductSection"
+                if s.find_local("Property").is_none()
+                    && s.find_local("Category").is_none()
+                    && ovf_attr(s, "class").is_none()
+                    && ovf_attr(s, "instance").is_none() =>
+            {
                 let t = |n: &str| s.child_text(n).filter(|t| !t.is_empty());
                 p.product = Some(Product {
                     name: t("Product"),
@@ -371,56 +402,36 @@ fn parse_system(vs: &Element, d: &mut Descriptor) -> Result<()> {
                     product_url: t("ProductUrl"),
                     vendor_url: t("VendorUrl"),
                 });
+                true
             }
-            "AnnotationSection" if p.annotation.is_none() => {
+            "AnnotationSection" => {
                 p.annotation = s.child_text("Annotation").filter(|t| !t.is_empty());
+                p.annotation.is_some()
             }
-            "EulaSection" if p.eula.is_none() => {
+            "EulaSection" => {
                 p.eula = s.child_text("License").filter(|t| !t.is_empty());
+                p.eula.is_some()
             }
             "VirtualHardwareSection" => {
-                parse_hardware(s, d)?;
-                return parse_rest(vs, d, s);
+                hardware = Some(s);
+                true
             }
-            _ => {}
+            _ => false,
+        };
+        if took {
+            taken.push(s);
+            kinds_taken.insert(kind);
         }
     }
-    invalid!("VirtualSystem '{}' has no VirtualHardwareSection", d.profile.name)
-}
-
-/// Collect the VirtualSystem's sections that were not modeled (everything but the modeled ones).
-fn parse_rest(vs: &Element, d: &mut Descriptor, hw: &Element) -> Result<()> {
-    let p = &d.profile;
-    let mut product_taken = false;
-    let mut annotation_taken = false;
-    let mut eula_taken = false;
     for s in vs.elements() {
-        if std::ptr::eq(s, hw) {
-            continue;
-        }
-        let keep = match section_kind(s).as_str() {
-            "Info" | "Name" | "OperatingSystemSection" => false,
-            "ProductSection" if p.product.is_some() && !product_taken
-                && s.find_local("Property").is_none() =>
-            {
-                product_taken = true;
-                false
-            }
-            "AnnotationSection" if !annotation_taken => {
-                annotation_taken = true;
-                false
-            }
-            "EulaSection" if !eula_taken => {
-                eula_taken = true;
-                false
-            }
-            _ => true,
-        };
-        if keep {
+        if !taken.iter().any(|t| std::ptr::eq(*t, s)) {
             d.extra_system_sections.push(s.clone());
         }
     }
-    Ok(())
+    match hardware {
+        Some(hw) => parse_hardware(hw, d),
+        None => invalid!("VirtualSystem '{}' has no VirtualHardwareSection", d.profile.name),
+    }
 }
 
 fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
@@ -436,10 +447,10 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
                 if items.len() >= MAX_ENTRIES {
                     invalid!("VirtualHardwareSection has more than {MAX_ENTRIES} items");
                 }
-                if e.get_attr(NS_OVF1, "configuration").is_some()
-                    || e.get_attr(NS_OVF2, "configuration").is_some()
-                {
-                    // Items for a non-default deployment option are not part of the profile.
+                let bound = ovf_attr(e, "bound").unwrap_or("normal");
+                if ovf_attr(e, "configuration").is_some() || bound != "normal" {
+                    // Items for a non-default deployment option, and the min/max bounds of a
+                    // range, are not part of the profile.
                     d.extra_items.push(e.clone());
                     continue;
                 }
@@ -505,7 +516,10 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
                 }
             }
             rt::MEMORY => {
-                let q = item_field(it.el, "VirtualQuantity").unwrap_or_default();
+                let Some(q) = item_field(it.el, "VirtualQuantity") else {
+                    d.extra_items.push(it.el.clone());
+                    continue;
+                };
                 let units = item_field(it.el, "AllocationUnits");
                 let bytes = to_bytes(&q, Some(units.as_deref().unwrap_or("byte * 2^20")))
                     .map_err(|e| OvfError::Invalid(format!("memory: {e}")))?;
@@ -693,6 +707,7 @@ pub fn descriptor_for(profile: &HardwareProfile, disk_files: &[(String, u64, Str
             disk_id: id.clone(),
             file_ref,
             capacity: disk.capacity,
+            capacity_ref: None,
             format,
             populated_size: None,
         });
@@ -733,10 +748,13 @@ pub fn write(d: &Descriptor, opts: &WriteOptions) -> Result<String> {
         let mut ds = Element::new(o, "DiskSection").leaf(o, "Info", "Virtual disk information");
         for k in &d.disks {
             let (q, unit) = best_unit(k.capacity);
-            let mut ke = Element::new(o, "Disk")
-                .attr(o, "capacity", q.to_string())
-                .attr(o, "capacityAllocationUnits", unit)
-                .attr(o, "diskId", &k.disk_id);
+            let mut ke = match &k.capacity_ref {
+                Some(r) => Element::new(o, "Disk").attr(o, "capacity", r),
+                None => Element::new(o, "Disk")
+                    .attr(o, "capacity", q.to_string())
+                    .attr(o, "capacityAllocationUnits", unit),
+            };
+            ke.set_attr(o, "diskId", &k.disk_id);
             if let Some(f) = &k.file_ref {
                 ke.set_attr(o, "fileRef", f);
             }
@@ -772,7 +790,7 @@ pub fn write(d: &Descriptor, opts: &WriteOptions) -> Result<String> {
         for s in d.extra_sections.iter().filter(|s| section_kind(s) == "VirtualSystemCollection") {
             env = env.child(remap(s, d.version, v));
         }
-    } else {
+    } else if d.virtual_systems > 0 || !d.profile.name.is_empty() {
         env = env.child(virtual_system(d, opts, v)?);
     }
     Ok(xml::write_document(
@@ -880,18 +898,22 @@ fn virtual_system(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Result<
             ),
         );
     }
-    let mut os = Element::new(o, "OperatingSystemSection")
-        .attr(o, "id", p.guest_os.cim_id.unwrap_or(1).to_string());
-    if opts.vmware {
-        if let Some(id) = &p.guest_os.vmware_id {
-            os.set_attr(NS_VMW, "osType", id);
+    // A profile that names no guest OS gets no OperatingSystemSection (nothing to say).
+    let g = &p.guest_os;
+    if g.cim_id.is_some() || g.description.is_some() || (opts.vmware && g.vmware_id.is_some()) {
+        let mut os = Element::new(o, "OperatingSystemSection")
+            .attr(o, "id", g.cim_id.unwrap_or(1).to_string());
+        if opts.vmware {
+            if let Some(id) = &g.vmware_id {
+                os.set_attr(NS_VMW, "osType", id);
+            }
         }
+        os = os.leaf(o, "Info", "The kind of installed guest operating system");
+        if let Some(desc) = &g.description {
+            os = os.leaf(o, "Description", desc);
+        }
+        vs = vs.child(os);
     }
-    os = os.leaf(o, "Info", "The kind of installed guest operating system");
-    if let Some(desc) = &p.guest_os.description {
-        os = os.leaf(o, "Description", desc);
-    }
-    vs = vs.child(os);
     vs = vs.child(hardware_section(d, opts, v)?);
     for s in &d.extra_system_sections {
         vs = vs.child(remap(s, d.version, v));
@@ -903,16 +925,16 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
     let o = v.ns();
     let p = &d.profile;
     let r = NS_RASD;
-    let vtype = p.hardware_version.clone().unwrap_or_else(|| "vmx-10".into());
+    let mut system = Element::new(o, "System")
+        .leaf(NS_VSSD, "ElementName", "Virtual Hardware Family")
+        .leaf(NS_VSSD, "InstanceID", "0")
+        .leaf(NS_VSSD, "VirtualSystemIdentifier", &p.name);
+    if let Some(t) = &p.hardware_version {
+        system = system.leaf(NS_VSSD, "VirtualSystemType", t);
+    }
     let mut hw = Element::new(o, "VirtualHardwareSection")
         .leaf(o, "Info", "Virtual hardware requirements")
-        .child(
-            Element::new(o, "System")
-                .leaf(NS_VSSD, "ElementName", "Virtual Hardware Family")
-                .leaf(NS_VSSD, "InstanceID", "0")
-                .leaf(NS_VSSD, "VirtualSystemIdentifier", &p.name)
-                .leaf(NS_VSSD, "VirtualSystemType", vtype),
-        );
+        .child(system);
     let mut next = 1u32;
     let mut id = || {
         let i = next;
@@ -1224,10 +1246,12 @@ mod tests {
         let zero = TTY.replace("ovf:capacity=\"30\"", "ovf:capacity=\"0\"");
         assert!(parse(&zero).is_err());
         let neg = TTY.replace("ovf:size=\"10595840\"", "ovf:size=\"-1\"");
-        assert!(parse(&neg).is_err());
+        assert_eq!(parse(&neg).unwrap().files[0].size, None);
+        let bad = TTY.replace("ovf:size=\"10595840\"", "ovf:size=\"12x\"");
+        assert!(parse(&bad).is_err());
         assert!(parse("<Envelope xmlns=\"urn:other\"/>").is_err());
-        let novm = r#"<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"><References/></Envelope>"#;
-        assert!(parse(novm).is_err());
+        let noid = TTY.replace("<VirtualSystem ovf:id=\"vm\">", "<VirtualSystem>");
+        assert!(parse(&noid).is_err());
     }
 
     #[test]

@@ -279,13 +279,13 @@ fn start_element(
     }
     let qname = String::from_utf8_lossy(start.name().as_ref()).into_owned();
     let (prefix, local) = split_qname(&qname);
-    let ns = resolve(&scope, prefix, true)
-        .ok_or_else(|| OvfError::Xml(format!("element <{qname}> uses an undeclared prefix")))?;
+    // Some producers use prefixes they never declare; such names get a placeholder namespace so
+    // the element is kept (and written back with a declaration) rather than losing the document.
+    let ns = resolve(&scope, prefix, true).unwrap_or_else(|| undeclared(prefix));
     let mut attrs = Vec::with_capacity(raw_attrs.len());
     for (key, value) in raw_attrs {
         let (p, l) = split_qname(&key);
-        let ns = resolve(&scope, p, false)
-            .ok_or_else(|| OvfError::Xml(format!("attribute {key} uses an undeclared prefix")))?;
+        let ns = resolve(&scope, p, false).unwrap_or_else(|| undeclared(p));
         attrs.push(Attr { name: Name::new(&ns, l), prefix: p.to_string(), value });
     }
     let el = Element {
@@ -296,6 +296,11 @@ fn start_element(
         decls,
     };
     Ok((el, scope))
+}
+
+/// Placeholder namespace for an undeclared prefix.
+fn undeclared(prefix: &str) -> String {
+    format!("urn:vmi:undeclared-prefix:{prefix}")
 }
 
 fn split_qname(q: &str) -> (&str, &str) {
@@ -501,8 +506,8 @@ mod tests {
     }
 
     #[test]
-    fn parse_rejects_undeclared_prefixes_and_doctype() {
-        assert!(parse("<q:a/>").is_err());
+    fn parse_keeps_undeclared_prefixes_and_rejects_doctype() {
+        assert!(parse("<q:a/>").unwrap().name.ns.contains("undeclared"));
         assert!(parse("<!DOCTYPE a [<!ENTITY x 'y'>]><a/>").is_err());
         assert!(parse("<a><b></a>").is_err());
         assert!(parse("").is_err());
