@@ -4,7 +4,10 @@
 
 pub mod envelope;
 pub mod error;
+pub mod manifest;
+pub mod ova;
 pub mod profile;
+pub mod sign;
 pub mod units;
 pub mod xml;
 
