@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod error;
 pub mod manifest;
 pub mod ova;
+pub mod package;
 pub mod profile;
 pub mod sign;
 pub mod units;
