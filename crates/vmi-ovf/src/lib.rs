@@ -5,6 +5,7 @@
 pub mod envelope;
 pub mod error;
 pub mod manifest;
+pub mod native;
 pub mod ova;
 pub mod package;
 pub mod profile;
