@@ -2,6 +2,7 @@
 //! hardware profile every hypervisor config is generated from, native configs (VMware `.vmx`,
 //! libvirt domain XML, VirtualBox), and target compatibility checks.
 
+pub mod compat;
 pub mod envelope;
 pub mod error;
 pub mod manifest;

@@ -1,6 +1,6 @@
 //! VirtualBox import settings: the `VBoxManage` command sequence (createvm, modifyvm, storagectl,
-//! storageattach) that builds the machine a profile describes. VirtualBox has no NVMe-less
-//! PVSCSI or virtio-blk; those are errors.
+//! storageattach) that builds the machine a profile describes. VirtualBox has no PVSCSI,
+//! virtio-blk, vmxnet3 or Hyper-V adapters: those are errors.
 
 use crate::error::{OvfError, Result};
 use crate::profile::*;
