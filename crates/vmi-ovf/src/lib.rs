@@ -2,6 +2,7 @@
 //! hardware profile every hypervisor config is generated from, native configs (VMware `.vmx`,
 //! libvirt domain XML, VirtualBox), and target compatibility checks.
 
+pub mod cli;
 pub mod compat;
 pub mod envelope;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod ova;
 pub mod package;
 pub mod profile;
 pub mod sign;
+pub mod targets;
 pub mod units;
 pub mod xml;
 

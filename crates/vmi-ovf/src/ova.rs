@@ -283,6 +283,38 @@ impl vmi_disk::storage::Storage for MemberStorage {
     }
 }
 
+/// A POSIX ustar header for a regular file `name` of `size` bytes (GNU base-256 size when it does
+/// not fit the octal field).
+pub fn ustar_header(name: &str, size: u64) -> Result<[u8; 512]> {
+    if name.is_empty() || name.len() >= MAX_NAME || name.contains('/') {
+        return Err(OvfError::Usage(format!(
+            "OVA member name '{name}' must be a plain file name under {MAX_NAME} bytes"
+        )));
+    }
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    if size <= MAX_OCTAL_SIZE {
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        // GNU base-256: marker bit, then the size big-endian in the remaining 11 bytes.
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[265..269].copy_from_slice(b"root");
+    h[297..301].copy_from_slice(b"root");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    Ok(h)
+}
+
 /// Writes an OVA member by member.
 #[derive(Debug)]
 pub struct OvaWriter {
@@ -302,35 +334,9 @@ impl OvaWriter {
     }
 
     fn header(&mut self, name: &str, size: u64) -> Result<()> {
-        if name.is_empty() || name.len() >= MAX_NAME || name.contains('/') {
-            return Err(OvfError::Usage(format!(
-                "OVA member name '{name}' must be a plain file name under {MAX_NAME} bytes"
-            )));
-        }
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        h[100..108].copy_from_slice(b"0000644\0");
-        h[108..116].copy_from_slice(b"0000000\0");
-        h[116..124].copy_from_slice(b"0000000\0");
-        if size <= MAX_OCTAL_SIZE {
-            h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-        } else {
-            // GNU base-256: marker bit, then the size big-endian in the remaining 11 bytes.
-            h[124] = 0x80;
-            h[128..136].copy_from_slice(&size.to_be_bytes());
-        }
-        h[136..148].copy_from_slice(b"00000000000\0");
-        h[156] = b'0';
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[265..269].copy_from_slice(b"root");
-        h[297..301].copy_from_slice(b"root");
-        h[148..156].copy_from_slice(b"        ");
-        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let h = ustar_header(name, size)?;
         self.out.write_all(&h).map_err(|e| OvfError::io("write", &self.path, e))
     }
-
     fn pad(&mut self, size: u64) -> Result<()> {
         let pad = (BLOCK - size % BLOCK) % BLOCK;
         self.out
