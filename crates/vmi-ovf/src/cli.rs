@@ -132,7 +132,8 @@ pub struct CheckArgs {
 }
 
 fn w(out: &mut dyn Write, s: std::fmt::Arguments<'_>) -> Result<()> {
-    out.write_fmt(s).map_err(|e| OvfError::io("write", "<stdout>", e))
+    out.write_fmt(s)
+        .map_err(|e| OvfError::io("write", "<stdout>", e))
 }
 
 /// Run `vmi ovf …`.
@@ -146,7 +147,11 @@ pub fn run_ovf(args: &OvfArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn load_profile(p: &Path) -> Result<HardwareProfile> {
-    let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if ext == "ovf" || ext == "ova" {
         return Ok(Package::open(p)?.descriptor.profile);
     }
@@ -157,7 +162,12 @@ fn export(a: &ExportArgs, out: &mut dyn Write) -> Result<i32> {
     let mut profile = match &a.profile {
         Some(p) => load_profile(p)?,
         None => {
-            let name = a.output.file_stem().and_then(|s| s.to_str()).unwrap_or("vm").to_string();
+            let name = a
+                .output
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("vm")
+                .to_string();
             let mut p = HardwareProfile::new(name);
             p.hardware_version = Some("vmx-10".into());
             p
@@ -178,7 +188,11 @@ fn export(a: &ExportArgs, out: &mut dyn Write) -> Result<i32> {
         if profile.disks.len() <= i {
             profile.disks.push(DiskProfile {
                 capacity,
-                controller: profile.disks.last().map(|x| x.controller).unwrap_or(crate::profile::Controller::Lsilogic),
+                controller: profile
+                    .disks
+                    .last()
+                    .map(|x| x.controller)
+                    .unwrap_or(crate::profile::Controller::Lsilogic),
                 format: None,
                 file: None,
             });
@@ -207,20 +221,39 @@ fn export(a: &ExportArgs, out: &mut dyn Write) -> Result<i32> {
         )),
         _ => None,
     };
-    let opts = ExportOptions { ovf2: a.ovf2, no_vmware: a.no_vmware_extensions, sign };
+    let opts = ExportOptions {
+        ovf2: a.ovf2,
+        no_vmware: a.no_vmware_extensions,
+        sign,
+    };
     let d = package::export(&inputs, &profile, &a.output, &opts)?;
-    w(out, format_args!("wrote {} ({} disk(s))\n", a.output.display(), d.disks.len()))?;
+    w(
+        out,
+        format_args!("wrote {} ({} disk(s))\n", a.output.display(), d.disks.len()),
+    )?;
     Ok(0)
 }
 
 fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<i32> {
-    let format: Format = a.format.parse().map_err(|e: vmi_disk::Error| OvfError::Usage(e.to_string()))?;
+    let format: Format = a
+        .format
+        .parse()
+        .map_err(|e: vmi_disk::Error| OvfError::Usage(e.to_string()))?;
     let pkg = Package::open(&a.package)?;
     let p = package::import(&pkg, &a.dir, format)?;
     for d in &p.disks {
-        w(out, format_args!("{}\n", a.dir.join(d.file.as_deref().unwrap_or("")).display()))?;
+        w(
+            out,
+            format_args!(
+                "{}\n",
+                a.dir.join(d.file.as_deref().unwrap_or("")).display()
+            ),
+        )?;
     }
-    w(out, format_args!("{}\n", a.dir.join("profile.toml").display()))?;
+    w(
+        out,
+        format_args!("{}\n", a.dir.join("profile.toml").display()),
+    )?;
     Ok(0)
 }
 
@@ -230,7 +263,12 @@ pub fn schema_check(text: &str, schema: &Path) -> Result<Vec<String>> {
     std::fs::create_dir_all(&dir).map_err(|e| OvfError::io("create", &dir, e))?;
     let f = dir.join("descriptor.ovf");
     std::fs::write(&f, text).map_err(|e| OvfError::io("write", &f, e))?;
-    let res = std::process::Command::new("xmllint").arg("--noout").arg("--schema").arg(schema).arg(&f).output();
+    let res = std::process::Command::new("xmllint")
+        .arg("--noout")
+        .arg("--schema")
+        .arg(schema)
+        .arg(&f)
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     let o = res.map_err(|e| OvfError::io("run xmllint", "xmllint", e))?;
     if o.status.success() {
@@ -254,18 +292,39 @@ fn verify(a: &VerifyArgs, out: &mut dyn Write) -> Result<i32> {
     }
     if a.json {
         let v = serde_json::json!({ "ok": r.ok(), "digests_ok": r.digests_ok, "signature": r.signature, "problems": r.problems });
-        w(out, format_args!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()))?;
+        w(
+            out,
+            format_args!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        )?;
     } else {
         for n in &r.digests_ok {
             w(out, format_args!("ok       {n}\n"))?;
         }
         if let Some(s) = &r.signature {
-            w(out, format_args!("signed   by {} (issuer {}{})\n", s.subject, s.issuer, if s.self_signed { ", self-signed" } else { "" }))?;
+            w(
+                out,
+                format_args!(
+                    "signed   by {} (issuer {}{})\n",
+                    s.subject,
+                    s.issuer,
+                    if s.self_signed { ", self-signed" } else { "" }
+                ),
+            )?;
         }
         for p in &r.problems {
             w(out, format_args!("PROBLEM  {p}\n"))?;
         }
-        w(out, format_args!("{}\n", if r.ok() { "verified" } else { "verification failed" }))?;
+        w(
+            out,
+            format_args!(
+                "{}\n",
+                if r.ok() {
+                    "verified"
+                } else {
+                    "verification failed"
+                }
+            ),
+        )?;
     }
     Ok(if r.ok() { 0 } else { 1 })
 }
@@ -297,52 +356,100 @@ fn info(a: &InfoArgs, out: &mut dyn Write) -> Result<i32> {
             "kept-sections": kept,
             "members": members,
         });
-        w(out, format_args!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()))?;
+        w(
+            out,
+            format_args!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        )?;
         return Ok(0);
     }
     let p = &d.profile;
-    w(out, format_args!("descriptor:  {} (OVF {:?})\n", pkg.descriptor_name, d.version))?;
+    w(
+        out,
+        format_args!(
+            "descriptor:  {} (OVF {:?})\n",
+            pkg.descriptor_name, d.version
+        ),
+    )?;
     w(out, format_args!("name:        {}\n", p.name))?;
-    if let Some(g) = p.guest_os.vmware_id.as_deref().or(p.guest_os.description.as_deref()) {
+    if let Some(g) = p
+        .guest_os
+        .vmware_id
+        .as_deref()
+        .or(p.guest_os.description.as_deref())
+    {
         w(out, format_args!("guest OS:    {g}\n"))?;
     }
-    w(out, format_args!("cpus:        {}\nmemory:      {} MiB\n", p.cpus, p.memory_mib))?;
-    w(out, format_args!(
-        "firmware:    {:?}{}{}\n",
-        p.firmware.kind,
-        if p.firmware.secure_boot { ", secure boot" } else { "" },
-        if p.firmware.tpm { ", TPM" } else { "" }
-    ))?;
+    w(
+        out,
+        format_args!(
+            "cpus:        {}\nmemory:      {} MiB\n",
+            p.cpus, p.memory_mib
+        ),
+    )?;
+    w(
+        out,
+        format_args!(
+            "firmware:    {:?}{}{}\n",
+            p.firmware.kind,
+            if p.firmware.secure_boot {
+                ", secure boot"
+            } else {
+                ""
+            },
+            if p.firmware.tpm { ", TPM" } else { "" }
+        ),
+    )?;
     if let Some(h) = &p.hardware_version {
         w(out, format_args!("hardware:    {h}\n"))?;
     }
     for (i, k) in p.disks.iter().enumerate() {
-        w(out, format_args!(
-            "disk {i}:      {} bytes on {}{}\n",
-            k.capacity,
-            k.controller.name(),
-            k.file.as_deref().map(|f| format!(", file {f}")).unwrap_or_default()
-        ))?;
+        w(
+            out,
+            format_args!(
+                "disk {i}:      {} bytes on {}{}\n",
+                k.capacity,
+                k.controller.name(),
+                k.file
+                    .as_deref()
+                    .map(|f| format!(", file {f}"))
+                    .unwrap_or_default()
+            ),
+        )?;
     }
     for (i, c) in p.cdroms.iter().enumerate() {
-        w(out, format_args!("cdrom {i}:     on {}\n", c.controller.name()))?;
+        w(
+            out,
+            format_args!("cdrom {i}:     on {}\n", c.controller.name()),
+        )?;
     }
     for (i, n) in p.nics.iter().enumerate() {
-        w(out, format_args!("nic {i}:       {} on \"{}\"\n", n.model.name(), n.network))?;
+        w(
+            out,
+            format_args!("nic {i}:       {} on \"{}\"\n", n.model.name(), n.network),
+        )?;
     }
     for f in &d.files {
-        w(out, format_args!(
-            "file:        {} ({} bytes{})\n",
-            f.href,
-            f.size.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
-            f.compression.as_deref().map(|c| format!(", {c}")).unwrap_or_default()
-        ))?;
+        w(
+            out,
+            format_args!(
+                "file:        {} ({} bytes{})\n",
+                f.href,
+                f.size.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                f.compression
+                    .as_deref()
+                    .map(|c| format!(", {c}"))
+                    .unwrap_or_default()
+            ),
+        )?;
     }
-    w(out, format_args!(
-        "manifest:    {}\nsigned:      {}\n",
-        if pkg.manifest.is_some() { "yes" } else { "no" },
-        if pkg.cert.is_some() { "yes" } else { "no" }
-    ))?;
+    w(
+        out,
+        format_args!(
+            "manifest:    {}\nsigned:      {}\n",
+            if pkg.manifest.is_some() { "yes" } else { "no" },
+            if pkg.cert.is_some() { "yes" } else { "no" }
+        ),
+    )?;
     if !kept.is_empty() {
         w(out, format_args!("kept:        {}\n", kept.join(", ")))?;
     }
@@ -362,7 +469,9 @@ pub fn run_compat(args: &CompatArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let target: Target = a.target.parse()?;
     if a.image.is_none() && a.profile.is_none() {
-        return Err(OvfError::Usage("give an IMAGE, a --profile, or both".into()));
+        return Err(OvfError::Usage(
+            "give an IMAGE, a --profile, or both".into(),
+        ));
     }
     let facts = match &a.image {
         Some(p) => {
@@ -373,19 +482,41 @@ pub fn run_compat(args: &CompatArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let profile = a.profile.as_deref().map(load_profile).transpose()?;
     let problems = compat::check(facts.as_ref(), profile.as_ref(), &target);
-    let errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
+    let errors = problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error)
+        .count();
     if a.json {
         let v = serde_json::json!({ "target": target.to_string(), "compatible": errors == 0, "problems": problems });
-        w(out, format_args!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()))?;
+        w(
+            out,
+            format_args!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        )?;
     } else {
         for p in &problems {
-            let sev = if p.severity == Severity::Error { "error" } else { "warning" };
-            w(out, format_args!("{sev}: [{}] {}\n    rule source: {}\n", p.rule, p.message, p.source))?;
+            let sev = if p.severity == Severity::Error {
+                "error"
+            } else {
+                "warning"
+            };
+            w(
+                out,
+                format_args!(
+                    "{sev}: [{}] {}\n    rule source: {}\n",
+                    p.rule, p.message, p.source
+                ),
+            )?;
         }
         if problems.is_empty() {
             w(out, format_args!("compatible with {target}\n"))?;
         } else {
-            w(out, format_args!("{errors} error(s), {} warning(s) for {target}\n", problems.len() - errors))?;
+            w(
+                out,
+                format_args!(
+                    "{errors} error(s), {} warning(s) for {target}\n",
+                    problems.len() - errors
+                ),
+            )?;
         }
     }
     Ok(if errors == 0 { 0 } else { 1 })
@@ -411,12 +542,42 @@ mod tests {
     #[test]
     fn argument_types_are_consistent_and_parse_the_documented_forms() {
         Top::command().debug_assert();
-        let t = Top::try_parse_from(["vmi", "ovf", "export", "a.img", "b.img", "--profile", "p.toml", "-o", "x.ova"]).unwrap();
-        let Cmd::Ovf(OvfArgs { command: OvfCommand::Export(e) }) = t.cmd else { panic!() };
+        let t = Top::try_parse_from([
+            "vmi",
+            "ovf",
+            "export",
+            "a.img",
+            "b.img",
+            "--profile",
+            "p.toml",
+            "-o",
+            "x.ova",
+        ])
+        .unwrap();
+        let Cmd::Ovf(OvfArgs {
+            command: OvfCommand::Export(e),
+        }) = t.cmd
+        else {
+            panic!()
+        };
         assert_eq!(e.disks.len(), 2);
-        assert!(Top::try_parse_from(["vmi", "ovf", "import", "x.ova", "-O", "qcow2", "out"]).is_ok());
-        assert!(Top::try_parse_from(["vmi", "compat", "check", "d.vhd", "--target", "azure"]).is_ok());
-        assert!(Top::try_parse_from(["vmi", "ovf", "export", "a", "-o", "x.ova", "--sign-key", "k"]).is_err());
+        assert!(
+            Top::try_parse_from(["vmi", "ovf", "import", "x.ova", "-O", "qcow2", "out"]).is_ok()
+        );
+        assert!(
+            Top::try_parse_from(["vmi", "compat", "check", "d.vhd", "--target", "azure"]).is_ok()
+        );
+        assert!(Top::try_parse_from([
+            "vmi",
+            "ovf",
+            "export",
+            "a",
+            "-o",
+            "x.ova",
+            "--sign-key",
+            "k"
+        ])
+        .is_err());
     }
 
     #[test]
@@ -427,13 +588,23 @@ mod tests {
         let pp = dir.path().join("p.toml");
         p.save(&pp).unwrap();
         let args = CompatArgs {
-            command: CompatCommand::Check(CheckArgs { image: None, profile: Some(pp.clone()), target: "hyperv-gen1".into(), json: false }),
+            command: CompatCommand::Check(CheckArgs {
+                image: None,
+                profile: Some(pp.clone()),
+                target: "hyperv-gen1".into(),
+                json: false,
+            }),
         };
         let mut out = Vec::new();
         assert_eq!(run_compat(&args, &mut out).unwrap(), 1);
         assert!(String::from_utf8(out).unwrap().contains("[firmware]"));
         let args = CompatArgs {
-            command: CompatCommand::Check(CheckArgs { image: None, profile: Some(pp), target: "hyperv-gen2".into(), json: true }),
+            command: CompatCommand::Check(CheckArgs {
+                image: None,
+                profile: Some(pp),
+                target: "hyperv-gen2".into(),
+                json: true,
+            }),
         };
         let mut out = Vec::new();
         assert_eq!(run_compat(&args, &mut out).unwrap(), 0);

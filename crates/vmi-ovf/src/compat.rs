@@ -64,7 +64,10 @@ impl FromStr for Target {
             "gcp" => Target::Gcp,
             "openstack" => Target::Openstack,
             _ => {
-                if let Some(rel) = l.strip_prefix("vmware-esxi-").or_else(|| l.strip_prefix("esxi-")) {
+                if let Some(rel) = l
+                    .strip_prefix("vmware-esxi-")
+                    .or_else(|| l.strip_prefix("esxi-"))
+                {
                     if esxi_max_hw(rel).is_some() {
                         return Ok(Target::VmwareEsxi(Some(rel.to_string())));
                     }
@@ -139,10 +142,21 @@ impl ImageFacts {
         let subformat = ["create-type", "subformat", "type"]
             .iter()
             .find_map(|k| data[*k].as_str().map(str::to_string));
-        let version = data["version"].as_u64().and_then(|v| u32::try_from(v).ok()).or_else(|| {
-            data["extents"].get(0).and_then(|e| e["version"].as_u64()).and_then(|v| u32::try_from(v).ok())
-        });
-        ImageFacts { format: img.format().name().to_string(), subformat, version, virtual_size: img.virtual_size() }
+        let version = data["version"]
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .or_else(|| {
+                data["extents"]
+                    .get(0)
+                    .and_then(|e| e["version"].as_u64())
+                    .and_then(|v| u32::try_from(v).ok())
+            });
+        ImageFacts {
+            format: img.format().name().to_string(),
+            subformat,
+            version,
+            virtual_size: img.virtual_size(),
+        }
     }
 }
 
@@ -169,23 +183,46 @@ pub struct Problem {
     pub source: &'static str,
 }
 
-const SRC_ESXI_VMDK: &str = "VMware OVF Tool User's Guide: OVA disks are streamOptimized VMDK (sparse extent version 3)";
+const SRC_ESXI_VMDK: &str =
+    "VMware OVF Tool User's Guide: OVA disks are streamOptimized VMDK (sparse extent version 3)";
 const SRC_ESXI_HW: &str = "VMware KB 1003746: virtual machine hardware versions per ESXi release";
-const SRC_VMWARE_DEV: &str = "VMware vSphere Virtual Machine Administration: supported controllers and adapters";
+const SRC_VMWARE_DEV: &str =
+    "VMware vSphere Virtual Machine Administration: supported controllers and adapters";
 const SRC_VBOX: &str = "VirtualBox User Manual ch. 5 (storage) and ch. 6 (networking)";
-const SRC_QEMU: &str = "QEMU/libvirt domain XML documentation: disk buses, controller and NIC models";
-const SRC_HYPERV: &str = "Microsoft Learn: Should I create a generation 1 or 2 virtual machine in Hyper-V?";
-const SRC_AWS: &str = "AWS VM Import/Export User Guide: image formats (VMDK streamOptimized, VHD/VHDX, raw, OVA)";
-const SRC_AZURE: &str = "Microsoft Learn: Prepare a Windows/Linux VHD to upload to Azure (fixed VHD, size a whole MiB)";
-const SRC_GCP: &str = "Google Cloud: Import virtual disks / manually import boot disks (disk.raw in a gzipped tar)";
-const SRC_OPENSTACK: &str = "OpenStack Glance: disk formats; Nova libvirt driver: hw_disk_bus / hw_vif_model";
+const SRC_QEMU: &str =
+    "QEMU/libvirt domain XML documentation: disk buses, controller and NIC models";
+const SRC_HYPERV: &str =
+    "Microsoft Learn: Should I create a generation 1 or 2 virtual machine in Hyper-V?";
+const SRC_AWS: &str =
+    "AWS VM Import/Export User Guide: image formats (VMDK streamOptimized, VHD/VHDX, raw, OVA)";
+const SRC_AZURE: &str =
+    "Microsoft Learn: Prepare a Windows/Linux VHD to upload to Azure (fixed VHD, size a whole MiB)";
+const SRC_GCP: &str =
+    "Google Cloud: Import virtual disks / manually import boot disks (disk.raw in a gzipped tar)";
+const SRC_OPENSTACK: &str =
+    "OpenStack Glance: disk formats; Nova libvirt driver: hw_disk_bus / hw_vif_model";
 
-fn problem(out: &mut Vec<Problem>, rule: &'static str, sev: Severity, source: &'static str, msg: String) {
-    out.push(Problem { rule, severity: sev, message: msg, source });
+fn problem(
+    out: &mut Vec<Problem>,
+    rule: &'static str,
+    sev: Severity,
+    source: &'static str,
+    msg: String,
+) {
+    out.push(Problem {
+        rule,
+        severity: sev,
+        message: msg,
+        source,
+    });
 }
 
 /// Check an image and/or a profile against a target.
-pub fn check(image: Option<&ImageFacts>, profile: Option<&HardwareProfile>, target: &Target) -> Vec<Problem> {
+pub fn check(
+    image: Option<&ImageFacts>,
+    profile: Option<&HardwareProfile>,
+    target: &Target,
+) -> Vec<Problem> {
     let mut out = Vec::new();
     if let Some(img) = image {
         check_image(img, target, &mut out);
@@ -209,17 +246,42 @@ fn check_image(img: &ImageFacts, t: &Target, out: &mut Vec<Problem>) {
         Target::Aws => (&["vmdk", "vpc", "vhdx", "raw"], SRC_AWS),
         Target::Azure => (&["vpc"], SRC_AZURE),
         Target::Gcp => (&["raw"], SRC_GCP),
-        Target::Openstack => (&["qcow2", "raw", "vmdk", "vpc", "vhdx", "vdi", "iso"], SRC_OPENSTACK),
+        Target::Openstack => (
+            &["qcow2", "raw", "vmdk", "vpc", "vhdx", "vdi", "iso"],
+            SRC_OPENSTACK,
+        ),
     };
     if !accepted.contains(&f) {
-        let sev = if matches!(t, Target::Kvm | Target::Gcp) { Warning } else { Error };
-        problem(out, "disk-format", sev, src, format!("{t} takes {} disks, not {f}", accepted.join("/")));
+        let sev = if matches!(t, Target::Kvm | Target::Gcp) {
+            Warning
+        } else {
+            Error
+        };
+        problem(
+            out,
+            "disk-format",
+            sev,
+            src,
+            format!("{t} takes {} disks, not {f}", accepted.join("/")),
+        );
     }
     match t {
         Target::VmwareEsxi(_) | Target::Aws if f == "vmdk" => {
             if sub.is_some_and(|s| s != "streamOptimized") {
-                problem(out, "vmdk-stream-optimized", Error, if *t == Target::Aws { SRC_AWS } else { SRC_ESXI_VMDK },
-                    format!("{t} imports VMDK streamOptimized, this one is {}", sub.unwrap_or("?")));
+                problem(
+                    out,
+                    "vmdk-stream-optimized",
+                    Error,
+                    if *t == Target::Aws {
+                        SRC_AWS
+                    } else {
+                        SRC_ESXI_VMDK
+                    },
+                    format!(
+                        "{t} imports VMDK streamOptimized, this one is {}",
+                        sub.unwrap_or("?")
+                    ),
+                );
             }
             if let Some(v) = img.version.filter(|&v| v != 3) {
                 if sub == Some("streamOptimized") {
@@ -230,8 +292,16 @@ fn check_image(img: &ImageFacts, t: &Target, out: &mut Vec<Problem>) {
         }
         Target::Azure => {
             if f == "vpc" && sub.is_some_and(|s| s != "fixed") {
-                problem(out, "azure-fixed-vhd", Error, SRC_AZURE,
-                    format!("Azure takes fixed VHDs only, this one is {}", sub.unwrap_or("?")));
+                problem(
+                    out,
+                    "azure-fixed-vhd",
+                    Error,
+                    SRC_AZURE,
+                    format!(
+                        "Azure takes fixed VHDs only, this one is {}",
+                        sub.unwrap_or("?")
+                    ),
+                );
             }
             if img.virtual_size % (1 << 20) != 0 {
                 problem(out, "azure-whole-mib", Error, SRC_AZURE, format!(
@@ -246,15 +316,35 @@ fn check_image(img: &ImageFacts, t: &Target, out: &mut Vec<Problem>) {
 fn controllers_for(t: &Target) -> (&'static [Controller], &'static str) {
     use Controller::*;
     match t {
-        Target::VmwareEsxi(_) | Target::VmwareWorkstation => {
-            (&[Ide, Sata, Lsilogic, Lsilogicsas, Buslogic, Pvscsi, Nvme], SRC_VMWARE_DEV)
-        }
-        Target::Virtualbox => (&[Ide, Sata, Lsilogic, Lsilogicsas, Buslogic, Nvme, VirtioScsi], SRC_VBOX),
-        Target::Kvm | Target::Openstack => {
-            (&[Ide, Sata, Lsilogic, Lsilogicsas, Pvscsi, VirtioBlk, VirtioScsi, Nvme], SRC_QEMU)
-        }
-        Target::HypervGen1 => (&[Ide, Lsilogic, Lsilogicsas, Buslogic, Pvscsi, VirtioScsi], SRC_HYPERV),
-        Target::HypervGen2 => (&[Lsilogic, Lsilogicsas, Buslogic, Pvscsi, VirtioScsi], SRC_HYPERV),
+        Target::VmwareEsxi(_) | Target::VmwareWorkstation => (
+            &[Ide, Sata, Lsilogic, Lsilogicsas, Buslogic, Pvscsi, Nvme],
+            SRC_VMWARE_DEV,
+        ),
+        Target::Virtualbox => (
+            &[Ide, Sata, Lsilogic, Lsilogicsas, Buslogic, Nvme, VirtioScsi],
+            SRC_VBOX,
+        ),
+        Target::Kvm | Target::Openstack => (
+            &[
+                Ide,
+                Sata,
+                Lsilogic,
+                Lsilogicsas,
+                Pvscsi,
+                VirtioBlk,
+                VirtioScsi,
+                Nvme,
+            ],
+            SRC_QEMU,
+        ),
+        Target::HypervGen1 => (
+            &[Ide, Lsilogic, Lsilogicsas, Buslogic, Pvscsi, VirtioScsi],
+            SRC_HYPERV,
+        ),
+        Target::HypervGen2 => (
+            &[Lsilogic, Lsilogicsas, Buslogic, Pvscsi, VirtioScsi],
+            SRC_HYPERV,
+        ),
         // Clouds attach disks their own way; the guest needs the drivers (checked below).
         Target::Aws | Target::Azure | Target::Gcp => (&Controller::ALL, SRC_AWS),
     }
@@ -263,13 +353,15 @@ fn controllers_for(t: &Target) -> (&'static [Controller], &'static str) {
 fn nic_ok(t: &Target, m: &NicModel) -> Option<(bool, &'static str)> {
     use NicModel::*;
     Some(match t {
-        Target::VmwareEsxi(_) | Target::VmwareWorkstation => {
-            (matches!(m, E1000 | E1000e | Vmxnet3 | Pcnet32), SRC_VMWARE_DEV)
-        }
+        Target::VmwareEsxi(_) | Target::VmwareWorkstation => (
+            matches!(m, E1000 | E1000e | Vmxnet3 | Pcnet32),
+            SRC_VMWARE_DEV,
+        ),
         Target::Virtualbox => (matches!(m, E1000 | E1000e | Pcnet32 | VirtioNet), SRC_VBOX),
-        Target::Kvm | Target::Openstack => {
-            (matches!(m, E1000 | E1000e | Vmxnet3 | VirtioNet | Rtl8139 | Pcnet32), SRC_QEMU)
-        }
+        Target::Kvm | Target::Openstack => (
+            matches!(m, E1000 | E1000e | Vmxnet3 | VirtioNet | Rtl8139 | Pcnet32),
+            SRC_QEMU,
+        ),
         Target::HypervGen1 | Target::HypervGen2 => (matches!(m, HypervSynthetic), SRC_HYPERV),
         Target::Aws | Target::Azure | Target::Gcp => return None,
     })
@@ -278,7 +370,12 @@ fn nic_ok(t: &Target, m: &NicModel) -> Option<(bool, &'static str)> {
 fn check_profile(p: &HardwareProfile, t: &Target, out: &mut Vec<Problem>) {
     use Severity::*;
     let (ctls, src) = controllers_for(t);
-    let used: Vec<Controller> = p.disks.iter().map(|d| d.controller).chain(p.cdroms.iter().map(|c| c.controller)).collect();
+    let used: Vec<Controller> = p
+        .disks
+        .iter()
+        .map(|d| d.controller)
+        .chain(p.cdroms.iter().map(|c| c.controller))
+        .collect();
     let mut reported = Vec::new();
     for c in used {
         if !ctls.contains(&c) && !reported.contains(&c) {
@@ -295,46 +392,104 @@ fn check_profile(p: &HardwareProfile, t: &Target, out: &mut Vec<Problem>) {
     if matches!(t, Target::HypervGen1 | Target::HypervGen2) {
         if let Some(d) = p.disks.first() {
             if *t == Target::HypervGen1 && d.controller != Controller::Ide {
-                problem(out, "hyperv-gen1-ide-boot", Error, SRC_HYPERV,
-                    format!("Hyper-V generation 1 boots only from IDE; the boot disk is on {}", d.controller.name()));
+                problem(
+                    out,
+                    "hyperv-gen1-ide-boot",
+                    Error,
+                    SRC_HYPERV,
+                    format!(
+                        "Hyper-V generation 1 boots only from IDE; the boot disk is on {}",
+                        d.controller.name()
+                    ),
+                );
             }
         }
     }
     for n in &p.nics {
         if let Some((false, src)) = nic_ok(t, &n.model) {
-            problem(out, "nic-model", Error, src, format!("{t} has no {} network adapter", n.model.name()));
+            problem(
+                out,
+                "nic-model",
+                Error,
+                src,
+                format!("{t} has no {} network adapter", n.model.name()),
+            );
         }
     }
     let uefi = p.firmware.kind == FirmwareKind::Uefi;
     match t {
-        Target::HypervGen1 if uefi => problem(out, "firmware", Error, SRC_HYPERV,
-            "Hyper-V generation 1 boots with BIOS only; use hyperv-gen2 for UEFI".into()),
-        Target::HypervGen2 if !uefi => problem(out, "firmware", Error, SRC_HYPERV,
-            "Hyper-V generation 2 boots with UEFI only; use hyperv-gen1 for BIOS".into()),
+        Target::HypervGen1 if uefi => problem(
+            out,
+            "firmware",
+            Error,
+            SRC_HYPERV,
+            "Hyper-V generation 1 boots with BIOS only; use hyperv-gen2 for UEFI".into(),
+        ),
+        Target::HypervGen2 if !uefi => problem(
+            out,
+            "firmware",
+            Error,
+            SRC_HYPERV,
+            "Hyper-V generation 2 boots with UEFI only; use hyperv-gen1 for BIOS".into(),
+        ),
         _ => {}
     }
     if p.firmware.secure_boot && matches!(t, Target::Virtualbox) {
-        problem(out, "secure-boot", Warning, SRC_VBOX, "VirtualBox supports secure boot from 7.0 only".into());
+        problem(
+            out,
+            "secure-boot",
+            Warning,
+            SRC_VBOX,
+            "VirtualBox supports secure boot from 7.0 only".into(),
+        );
     }
     if let Target::VmwareEsxi(release) = t {
         let hw = p.hardware_version.as_deref().and_then(|h| {
-            h.split(',').filter_map(|v| v.trim().strip_prefix("vmx-")).filter_map(|v| v.parse::<u32>().ok()).min()
+            h.split(',')
+                .filter_map(|v| v.trim().strip_prefix("vmx-"))
+                .filter_map(|v| v.parse::<u32>().ok())
+                .min()
         });
         if let (Some(hw), Some(max)) = (hw, release.as_deref().and_then(esxi_max_hw)) {
             if hw > max {
-                problem(out, "hardware-version", Error, SRC_ESXI_HW, format!(
-                    "hardware version vmx-{hw} is newer than ESXi {} runs (vmx-{max})",
-                    release.as_deref().unwrap_or("")));
+                problem(
+                    out,
+                    "hardware-version",
+                    Error,
+                    SRC_ESXI_HW,
+                    format!(
+                        "hardware version vmx-{hw} is newer than ESXi {} runs (vmx-{max})",
+                        release.as_deref().unwrap_or("")
+                    ),
+                );
             }
         }
         if p.firmware.secure_boot && hw.is_some_and(|h| h < 13) {
-            problem(out, "secure-boot", Error, SRC_ESXI_HW, "UEFI secure boot needs hardware version vmx-13 or later".into());
+            problem(
+                out,
+                "secure-boot",
+                Error,
+                SRC_ESXI_HW,
+                "UEFI secure boot needs hardware version vmx-13 or later".into(),
+            );
         }
         if p.firmware.tpm && hw.is_some_and(|h| h < 14) {
-            problem(out, "tpm", Error, SRC_ESXI_HW, "a virtual TPM needs hardware version vmx-14 or later".into());
+            problem(
+                out,
+                "tpm",
+                Error,
+                SRC_ESXI_HW,
+                "a virtual TPM needs hardware version vmx-14 or later".into(),
+            );
         }
         if p.firmware.tpm && p.firmware.kind != FirmwareKind::Uefi {
-            problem(out, "tpm", Error, SRC_ESXI_HW, "a virtual TPM needs UEFI firmware".into());
+            problem(
+                out,
+                "tpm",
+                Error,
+                SRC_ESXI_HW,
+                "a virtual TPM needs UEFI firmware".into(),
+            );
         }
     }
     if matches!(t, Target::Aws) && !p.disks.iter().all(|d| d.controller == Controller::Nvme) {
@@ -348,7 +503,12 @@ mod tests {
     use super::*;
 
     fn img(format: &str, sub: Option<&str>, version: Option<u32>, size: u64) -> ImageFacts {
-        ImageFacts { format: format.into(), subformat: sub.map(str::to_string), version, virtual_size: size }
+        ImageFacts {
+            format: format.into(),
+            subformat: sub.map(str::to_string),
+            version,
+            virtual_size: size,
+        }
     }
 
     fn rules(ps: &[Problem]) -> Vec<&'static str> {
@@ -360,7 +520,10 @@ mod tests {
         for n in Target::NAMES {
             assert_eq!(n.parse::<Target>().unwrap().to_string(), n);
         }
-        assert_eq!("vmware-esxi-6.7".parse::<Target>().unwrap(), Target::VmwareEsxi(Some("6.7".into())));
+        assert_eq!(
+            "vmware-esxi-6.7".parse::<Target>().unwrap(),
+            Target::VmwareEsxi(Some("6.7".into()))
+        );
         assert!("vmware-esxi-9.9".parse::<Target>().is_err());
         assert!("xen".parse::<Target>().is_err());
     }
@@ -370,24 +533,72 @@ mod tests {
     fn image_rules_table() {
         let mib = 1u64 << 20;
         let cases: Vec<(&str, ImageFacts, Vec<&str>)> = vec![
-            ("vmware-esxi", img("vmdk", Some("streamOptimized"), Some(3), mib), vec![]),
-            ("vmware-esxi", img("vmdk", Some("monolithicSparse"), Some(1), mib), vec!["vmdk-stream-optimized"]),
-            ("vmware-esxi", img("vmdk", Some("streamOptimized"), Some(1), mib), vec!["vmdk-version-3"]),
-            ("vmware-esxi", img("qcow2", None, None, mib), vec!["disk-format"]),
-            ("vmware-workstation", img("vmdk", Some("monolithicSparse"), None, mib), vec![]),
+            (
+                "vmware-esxi",
+                img("vmdk", Some("streamOptimized"), Some(3), mib),
+                vec![],
+            ),
+            (
+                "vmware-esxi",
+                img("vmdk", Some("monolithicSparse"), Some(1), mib),
+                vec!["vmdk-stream-optimized"],
+            ),
+            (
+                "vmware-esxi",
+                img("vmdk", Some("streamOptimized"), Some(1), mib),
+                vec!["vmdk-version-3"],
+            ),
+            (
+                "vmware-esxi",
+                img("qcow2", None, None, mib),
+                vec!["disk-format"],
+            ),
+            (
+                "vmware-workstation",
+                img("vmdk", Some("monolithicSparse"), None, mib),
+                vec![],
+            ),
             ("virtualbox", img("vdi", None, None, mib), vec![]),
-            ("virtualbox", img("qcow2", None, None, mib), vec!["disk-format"]),
+            (
+                "virtualbox",
+                img("qcow2", None, None, mib),
+                vec!["disk-format"],
+            ),
             ("kvm", img("qcow2", None, None, mib), vec![]),
             ("kvm", img("vmdk", None, None, mib), vec!["disk-format"]),
-            ("hyperv-gen1", img("vpc", Some("dynamic"), None, mib), vec![]),
-            ("hyperv-gen2", img("vpc", Some("fixed"), None, mib), vec!["disk-format"]),
+            (
+                "hyperv-gen1",
+                img("vpc", Some("dynamic"), None, mib),
+                vec![],
+            ),
+            (
+                "hyperv-gen2",
+                img("vpc", Some("fixed"), None, mib),
+                vec!["disk-format"],
+            ),
             ("hyperv-gen2", img("vhdx", None, None, mib), vec![]),
-            ("aws", img("vmdk", Some("streamOptimized"), Some(3), mib), vec![]),
-            ("aws", img("vmdk", Some("monolithicFlat"), None, mib), vec!["vmdk-stream-optimized"]),
+            (
+                "aws",
+                img("vmdk", Some("streamOptimized"), Some(3), mib),
+                vec![],
+            ),
+            (
+                "aws",
+                img("vmdk", Some("monolithicFlat"), None, mib),
+                vec!["vmdk-stream-optimized"],
+            ),
             ("aws", img("qcow2", None, None, mib), vec!["disk-format"]),
             ("azure", img("vpc", Some("fixed"), None, 10 * mib), vec![]),
-            ("azure", img("vpc", Some("dynamic"), None, 10 * mib), vec!["azure-fixed-vhd"]),
-            ("azure", img("vpc", Some("fixed"), None, 10 * mib + 512), vec!["azure-whole-mib"]),
+            (
+                "azure",
+                img("vpc", Some("dynamic"), None, 10 * mib),
+                vec!["azure-fixed-vhd"],
+            ),
+            (
+                "azure",
+                img("vpc", Some("fixed"), None, 10 * mib + 512),
+                vec!["azure-whole-mib"],
+            ),
             ("azure", img("vhdx", None, None, mib), vec!["disk-format"]),
             ("gcp", img("raw", None, None, mib), vec![]),
             ("gcp", img("vmdk", None, None, mib), vec!["disk-format"]),
@@ -402,8 +613,17 @@ mod tests {
 
     fn prof(ctl: Controller, nic: NicModel, fw: FirmwareKind) -> HardwareProfile {
         let mut p = HardwareProfile::new("t");
-        p.disks.push(DiskProfile { capacity: 1 << 30, controller: ctl, format: None, file: None });
-        p.nics.push(NicProfile { model: nic, network: "n".into(), mac: MacPolicy::Generated });
+        p.disks.push(DiskProfile {
+            capacity: 1 << 30,
+            controller: ctl,
+            format: None,
+            file: None,
+        });
+        p.nics.push(NicProfile {
+            model: nic,
+            network: "n".into(),
+            mac: MacPolicy::Generated,
+        });
         p.firmware.kind = fw;
         p
     }
@@ -416,22 +636,46 @@ mod tests {
         use NicModel::*;
         let cases: Vec<(&str, HardwareProfile, Vec<&str>)> = vec![
             ("vmware-esxi", prof(Pvscsi, Vmxnet3, Uefi), vec![]),
-            ("vmware-esxi", prof(VirtioBlk, VirtioNet, Bios), vec!["controller-model", "nic-model"]),
+            (
+                "vmware-esxi",
+                prof(VirtioBlk, VirtioNet, Bios),
+                vec!["controller-model", "nic-model"],
+            ),
             ("vmware-workstation", prof(Nvme, E1000e, Bios), vec![]),
             ("virtualbox", prof(Sata, E1000, Bios), vec![]),
-            ("virtualbox", prof(Pvscsi, Vmxnet3, Bios), vec!["controller-model", "nic-model"]),
+            (
+                "virtualbox",
+                prof(Pvscsi, Vmxnet3, Bios),
+                vec!["controller-model", "nic-model"],
+            ),
             ("kvm", prof(VirtioBlk, VirtioNet, Uefi), vec![]),
-            ("kvm", prof(Buslogic, HypervSynthetic, Bios), vec!["controller-model", "nic-model"]),
+            (
+                "kvm",
+                prof(Buslogic, HypervSynthetic, Bios),
+                vec!["controller-model", "nic-model"],
+            ),
             ("hyperv-gen1", prof(Ide, HypervSynthetic, Bios), vec![]),
-            ("hyperv-gen1", prof(Lsilogic, HypervSynthetic, Uefi), vec!["hyperv-gen1-ide-boot", "firmware"]),
+            (
+                "hyperv-gen1",
+                prof(Lsilogic, HypervSynthetic, Uefi),
+                vec!["hyperv-gen1-ide-boot", "firmware"],
+            ),
             ("hyperv-gen2", prof(Lsilogic, HypervSynthetic, Uefi), vec![]),
-            ("hyperv-gen2", prof(Ide, E1000, Bios), vec!["controller-model", "nic-model", "firmware"]),
+            (
+                "hyperv-gen2",
+                prof(Ide, E1000, Bios),
+                vec!["controller-model", "nic-model", "firmware"],
+            ),
             ("aws", prof(Nvme, E1000, Uefi), vec![]),
             ("aws", prof(Sata, E1000, Bios), vec!["aws-nitro-drivers"]),
             ("azure", prof(Ide, E1000, Bios), vec![]),
             ("gcp", prof(VirtioScsi, VirtioNet, Uefi), vec![]),
             ("openstack", prof(VirtioBlk, VirtioNet, Bios), vec![]),
-            ("openstack", prof(Buslogic, VirtioNet, Bios), vec!["controller-model"]),
+            (
+                "openstack",
+                prof(Buslogic, VirtioNet, Bios),
+                vec!["controller-model"],
+            ),
         ];
         for (t, p, want) in cases {
             let got = check(None, Some(&p), &t.parse().unwrap());
@@ -456,9 +700,17 @@ mod tests {
 
     #[test]
     fn every_problem_names_a_source() {
-        let p = prof(Controller::VirtioBlk, NicModel::VirtioNet, FirmwareKind::Uefi);
+        let p = prof(
+            Controller::VirtioBlk,
+            NicModel::VirtioNet,
+            FirmwareKind::Uefi,
+        );
         for t in Target::NAMES {
-            for pr in check(Some(&img("qcow2", None, None, 1)), Some(&p), &t.parse().unwrap()) {
+            for pr in check(
+                Some(&img("qcow2", None, None, 1)),
+                Some(&p),
+                &t.parse().unwrap(),
+            ) {
                 assert!(!pr.source.is_empty() && !pr.message.is_empty());
             }
         }

@@ -175,7 +175,10 @@ fn from_element(root: &Element) -> Result<Descriptor> {
         NS_OVF1 => OvfVersion::V1,
         NS_OVF2 => OvfVersion::V2,
         NS_OVF09 => OvfVersion::V0_9,
-        other => invalid!("root element is {{{other}}}{}, not an OVF Envelope", root.name.local),
+        other => invalid!(
+            "root element is {{{other}}}{}, not an OVF Envelope",
+            root.name.local
+        ),
     };
     if root.name.local != "Envelope" {
         invalid!("root element is {}, not Envelope", root.name.local);
@@ -256,7 +259,10 @@ fn from_element(root: &Element) -> Result<Descriptor> {
     for disk in &d.disks {
         if let Some(fr) = &disk.file_ref {
             if !d.files.iter().any(|f| &f.id == fr) {
-                invalid!("Disk '{}' refers to file id '{fr}' missing from References", disk.disk_id);
+                invalid!(
+                    "Disk '{}' refers to file id '{fr}' missing from References",
+                    disk.disk_id
+                );
             }
         }
     }
@@ -275,7 +281,8 @@ fn parse_references(e: &Element, d: &mut Descriptor) -> Result<()> {
         if d.files.len() >= MAX_ENTRIES {
             invalid!("References lists more than {MAX_ENTRIES} files");
         }
-        let id = ovf_attr(f, "id").ok_or_else(|| OvfError::Invalid("File without ovf:id".into()))?;
+        let id =
+            ovf_attr(f, "id").ok_or_else(|| OvfError::Invalid("File without ovf:id".into()))?;
         let href = ovf_attr(f, "href")
             .ok_or_else(|| OvfError::Invalid(format!("File '{id}' without ovf:href")))?;
         if href.is_empty() {
@@ -287,8 +294,9 @@ fn parse_references(e: &Element, d: &mut Descriptor) -> Result<()> {
             Some(s) => Some(parse_u64("File ovf:size", s)?),
             None => None,
         };
-        let chunk_size =
-            ovf_attr(f, "chunkSize").map(|s| parse_u64("File ovf:chunkSize", s)).transpose()?;
+        let chunk_size = ovf_attr(f, "chunkSize")
+            .map(|s| parse_u64("File ovf:chunkSize", s))
+            .transpose()?;
         if chunk_size == Some(0) {
             invalid!("File '{id}' has ovf:chunkSize 0");
         }
@@ -334,7 +342,9 @@ fn parse_disks(e: &Element, d: &mut Descriptor) -> Result<()> {
             .transpose()?;
         d.disks.push(DiskRef {
             disk_id: disk_id.to_string(),
-            file_ref: ovf_attr(k, "fileRef").filter(|r| !r.is_empty()).map(str::to_string),
+            file_ref: ovf_attr(k, "fileRef")
+                .filter(|r| !r.is_empty())
+                .map(str::to_string),
             capacity,
             capacity_ref,
             format: ovf_attr(k, "format").map(str::to_string),
@@ -380,8 +390,11 @@ fn parse_system(vs: &Element, d: &mut Descriptor) -> Result<()> {
         let took = match kind.as_str() {
             "OperatingSystemSection" => {
                 // The id is required (DSP8023); a section without one is read as 1, "Other".
-                p.guest_os.cim_id =
-                    Some(ovf_attr(s, "id").and_then(|v| v.trim().parse().ok()).unwrap_or(1));
+                p.guest_os.cim_id = Some(
+                    ovf_attr(s, "id")
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(1),
+                );
                 p.guest_os.vmware_id = s.get_attr(NS_VMW, "osType").map(str::to_string);
                 p.guest_os.description = s.child_text("Description").filter(|t| !t.is_empty());
                 true
@@ -430,7 +443,10 @@ fn parse_system(vs: &Element, d: &mut Descriptor) -> Result<()> {
     }
     match hardware {
         Some(hw) => parse_hardware(hw, d),
-        None => invalid!("VirtualSystem '{}' has no VirtualHardwareSection", d.profile.name),
+        None => invalid!(
+            "VirtualSystem '{}' has no VirtualHardwareSection",
+            d.profile.name
+        ),
     }
 }
 
@@ -476,8 +492,11 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
                 let value = e.get_attr(NS_VMW, "value").unwrap_or("");
                 match key {
                     "firmware" => {
-                        p.firmware.kind =
-                            if value == "efi" { FirmwareKind::Uefi } else { FirmwareKind::Bios }
+                        p.firmware.kind = if value == "efi" {
+                            FirmwareKind::Uefi
+                        } else {
+                            FirmwareKind::Bios
+                        }
                     }
                     "bootOptions.efiSecureBootEnabled" => p.firmware.secure_boot = value == "true",
                     "cpuHotAddEnabled" | "memoryHotAddEnabled" => d.extra_hardware.push(e.clone()),
@@ -488,7 +507,9 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
         }
     }
     let controller_of = |parent: &Option<String>| -> Controller {
-        let Some(par) = parent else { return Controller::Ide };
+        let Some(par) = parent else {
+            return Controller::Ide;
+        };
         items
             .iter()
             .find(|i| &i.instance == par)
@@ -506,9 +527,11 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
                 if p.cpus == 0 {
                     invalid!("CPU VirtualQuantity is 0");
                 }
-                if let Some(c) = it.el.get_attr(NS_VMW, "CoresPerSocket").or_else(|| {
-                    it.el.find_local("CoresPerSocket").map(|_| "")
-                }) {
+                if let Some(c) = it
+                    .el
+                    .get_attr(NS_VMW, "CoresPerSocket")
+                    .or_else(|| it.el.find_local("CoresPerSocket").map(|_| ""))
+                {
                     p.cores_per_socket = c.trim().parse().ok();
                 }
                 if let Some(c) = it.el.elements().find(|c| c.is(NS_VMW, "CoresPerSocket")) {
@@ -567,11 +590,18 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
             rt::CD_DRIVE | rt::DVD_DRIVE => {
                 let host = item_field(it.el, "HostResource").filter(|h| !h.is_empty());
                 let file = host.and_then(|h| {
-                    let id = h.trim().strip_prefix("ovf:").unwrap_or(h.trim()).trim_start_matches('/');
+                    let id = h
+                        .trim()
+                        .strip_prefix("ovf:")
+                        .unwrap_or(h.trim())
+                        .trim_start_matches('/');
                     let id = id.strip_prefix("file/").unwrap_or(id).to_string();
                     d.files.iter().find(|f| f.id == id).map(|f| f.href.clone())
                 });
-                p.cdroms.push(CdromProfile { controller: controller_of(&it.parent), file });
+                p.cdroms.push(CdromProfile {
+                    controller: controller_of(&it.parent),
+                    file,
+                });
             }
             rt::ETHERNET => {
                 let network = item_field(it.el, "Connection").unwrap_or_default();
@@ -579,7 +609,11 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
                     .filter(|a| is_mac(a))
                     .map(|a| MacPolicy::Static(a.to_ascii_lowercase()))
                     .unwrap_or_default();
-                p.nics.push(NicProfile { model: nic_model(&it.subtype), network, mac });
+                p.nics.push(NicProfile {
+                    model: nic_model(&it.subtype),
+                    network,
+                    mac,
+                });
             }
             rt::OTHER if it.subtype.eq_ignore_ascii_case("vmware.vtpm") => p.firmware.tpm = true,
             _ => d.extra_items.push(it.el.clone()),
@@ -666,13 +700,19 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        WriteOptions { version: OvfVersion::V1, vmware: true }
+        WriteOptions {
+            version: OvfVersion::V1,
+            vmware: true,
+        }
     }
 }
 
 /// Build a descriptor for `profile` whose disks are packaged as `disk_files` (one entry per
 /// profile disk: file name in the package, its size in bytes, its format URI).
-pub fn descriptor_for(profile: &HardwareProfile, disk_files: &[(String, u64, String)]) -> Descriptor {
+pub fn descriptor_for(
+    profile: &HardwareProfile,
+    disk_files: &[(String, u64, String)],
+) -> Descriptor {
     let mut d = Descriptor {
         version: OvfVersion::V1,
         files: Vec::new(),
@@ -723,7 +763,11 @@ pub fn descriptor_for(profile: &HardwareProfile, disk_files: &[(String, u64, Str
 
 /// Serialize `d` as an OVF descriptor.
 pub fn write(d: &Descriptor, opts: &WriteOptions) -> Result<String> {
-    let v = if opts.version == OvfVersion::V0_9 { OvfVersion::V1 } else { opts.version };
+    let v = if opts.version == OvfVersion::V0_9 {
+        OvfVersion::V1
+    } else {
+        opts.version
+    };
     let o = v.ns();
     let mut env = Element::new(o, "Envelope");
     if v == OvfVersion::V2 {
@@ -731,7 +775,9 @@ pub fn write(d: &Descriptor, opts: &WriteOptions) -> Result<String> {
     }
     let mut refs = Element::new(o, "References");
     for f in &d.files {
-        let mut fe = Element::new(o, "File").attr(o, "href", &f.href).attr(o, "id", &f.id);
+        let mut fe = Element::new(o, "File")
+            .attr(o, "href", &f.href)
+            .attr(o, "id", &f.id);
         if let Some(s) = f.size {
             fe.set_attr(o, "size", s.to_string());
         }
@@ -769,17 +815,21 @@ pub fn write(d: &Descriptor, opts: &WriteOptions) -> Result<String> {
         env = env.child(ds);
     }
     if !d.networks.is_empty() {
-        let mut ns = Element::new(o, "NetworkSection").leaf(o, "Info", "The list of logical networks");
+        let mut ns =
+            Element::new(o, "NetworkSection").leaf(o, "Info", "The list of logical networks");
         for n in &d.networks {
-            ns = ns.child(
-                Element::new(o, "Network")
-                    .attr(o, "name", n)
-                    .leaf(o, "Description", format!("The {n} network")),
-            );
+            ns = ns.child(Element::new(o, "Network").attr(o, "name", n).leaf(
+                o,
+                "Description",
+                format!("The {n} network"),
+            ));
         }
         env = env.child(ns);
     }
-    let has_collection = d.extra_sections.iter().any(|s| section_kind(s) == "VirtualSystemCollection");
+    let has_collection = d
+        .extra_sections
+        .iter()
+        .any(|s| section_kind(s) == "VirtualSystemCollection");
     for s in &d.extra_sections {
         if section_kind(s) != "VirtualSystemCollection" {
             env = env.child(remap(s, d.version, v));
@@ -787,7 +837,11 @@ pub fn write(d: &Descriptor, opts: &WriteOptions) -> Result<String> {
     }
     if has_collection {
         // A collection is written back as it was: the profile describes only its first machine.
-        for s in d.extra_sections.iter().filter(|s| section_kind(s) == "VirtualSystemCollection") {
+        for s in d
+            .extra_sections
+            .iter()
+            .filter(|s| section_kind(s) == "VirtualSystemCollection")
+        {
             env = env.child(remap(s, d.version, v));
         }
     } else if d.virtual_systems > 0 || !d.profile.name.is_empty() {
@@ -825,7 +879,8 @@ fn remap_in_place(e: &mut Element, from: &str, to: &str) {
     if e.name.ns == from {
         if e.name.local == "Section" || e.name.local == "Content" {
             let kind = section_kind(e);
-            e.attrs.retain(|a| !(a.name.ns == NS_XSI && a.name.local == "type"));
+            e.attrs
+                .retain(|a| !(a.name.ns == NS_XSI && a.name.local == "type"));
             e.name.local = kind;
         }
         e.name.ns = to.to_string();
@@ -861,7 +916,11 @@ fn item(tag: &str, ns: &str, o: &str, fields: Vec<(&str, String)>, extra: Vec<El
 fn virtual_system(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Result<Element> {
     let o = v.ns();
     let p = &d.profile;
-    let vm_id = if p.name.is_empty() { "vm".to_string() } else { p.name.clone() };
+    let vm_id = if p.name.is_empty() {
+        "vm".to_string()
+    } else {
+        p.name.clone()
+    };
     let mut vs = Element::new(o, "VirtualSystem")
         .attr(o, "id", &vm_id)
         .leaf(o, "Info", "A virtual machine")
@@ -891,18 +950,19 @@ fn virtual_system(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Result<
     }
     if let Some(l) = &p.eula {
         vs = vs.child(
-            Element::new(o, "EulaSection").leaf(o, "Info", "End user licence agreement").leaf(
-                o,
-                "License",
-                l,
-            ),
+            Element::new(o, "EulaSection")
+                .leaf(o, "Info", "End user licence agreement")
+                .leaf(o, "License", l),
         );
     }
     // A profile that names no guest OS gets no OperatingSystemSection (nothing to say).
     let g = &p.guest_os;
     if g.cim_id.is_some() || g.description.is_some() || (opts.vmware && g.vmware_id.is_some()) {
-        let mut os = Element::new(o, "OperatingSystemSection")
-            .attr(o, "id", g.cim_id.unwrap_or(1).to_string());
+        let mut os = Element::new(o, "OperatingSystemSection").attr(
+            o,
+            "id",
+            g.cim_id.unwrap_or(1).to_string(),
+        );
         if opts.vmware {
             if let Some(id) = &g.vmware_id {
                 os.set_attr(NS_VMW, "osType", id);
@@ -945,7 +1005,9 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
     let mut cpu_extra = Vec::new();
     if let (Some(c), true) = (p.cores_per_socket, opts.vmware) {
         cpu_extra.push(
-            Element::new(NS_VMW, "CoresPerSocket").attr(o, "required", "false").text(c.to_string()),
+            Element::new(NS_VMW, "CoresPerSocket")
+                .attr(o, "required", "false")
+                .text(c.to_string()),
         );
     }
     items.push(item(
@@ -960,7 +1022,11 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
             ("ResourceType", rt::PROCESSOR.to_string()),
             ("VirtualQuantity", p.cpus.to_string()),
         ],
-        if v == OvfVersion::V1 { cpu_extra } else { Vec::new() },
+        if v == OvfVersion::V1 {
+            cpu_extra
+        } else {
+            Vec::new()
+        },
     ));
     items.push(item(
         "Item",
@@ -978,23 +1044,54 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
     ));
     // Controllers: one per model in use, in first-use order; unit numbers per controller.
     let mut controllers: Vec<(Controller, String, u32)> = Vec::new();
-    let used = p.disks.iter().map(|k| k.controller).chain(p.cdroms.iter().map(|c| c.controller));
+    let used = p
+        .disks
+        .iter()
+        .map(|k| k.controller)
+        .chain(p.cdroms.iter().map(|c| c.controller));
     for c in used {
         if controllers.iter().any(|(m, _, _)| *m == c) {
             continue;
         }
         let iid = id();
-        let index = controllers.iter().filter(|(m, _, _)| same_bus(*m, c)).count();
+        let index = controllers
+            .iter()
+            .filter(|(m, _, _)| same_bus(*m, c))
+            .count();
         let (rtype, sub, name): (u32, Option<&str>, String) = match c {
             Controller::Ide => (rt::IDE, None, format!("ideController{index}")),
-            Controller::Sata => (rt::OTHER_STORAGE, Some("vmware.sata.ahci"), format!("sataController{index}")),
-            Controller::Nvme => (rt::OTHER_STORAGE, Some("vmware.nvme.controller"), format!("nvmeController{index}")),
-            Controller::VirtioBlk => (rt::OTHER_STORAGE, Some("virtio-blk"), format!("virtioController{index}")),
+            Controller::Sata => (
+                rt::OTHER_STORAGE,
+                Some("vmware.sata.ahci"),
+                format!("sataController{index}"),
+            ),
+            Controller::Nvme => (
+                rt::OTHER_STORAGE,
+                Some("vmware.nvme.controller"),
+                format!("nvmeController{index}"),
+            ),
+            Controller::VirtioBlk => (
+                rt::OTHER_STORAGE,
+                Some("virtio-blk"),
+                format!("virtioController{index}"),
+            ),
             Controller::Lsilogic => (rt::SCSI, Some("lsilogic"), format!("SCSIController{index}")),
-            Controller::Lsilogicsas => (rt::SCSI, Some("lsilogicsas"), format!("SCSIController{index}")),
+            Controller::Lsilogicsas => (
+                rt::SCSI,
+                Some("lsilogicsas"),
+                format!("SCSIController{index}"),
+            ),
             Controller::Buslogic => (rt::SCSI, Some("buslogic"), format!("SCSIController{index}")),
-            Controller::Pvscsi => (rt::SCSI, Some("VirtualSCSI"), format!("SCSIController{index}")),
-            Controller::VirtioScsi => (rt::SCSI, Some("virtio-scsi"), format!("SCSIController{index}")),
+            Controller::Pvscsi => (
+                rt::SCSI,
+                Some("VirtualSCSI"),
+                format!("SCSIController{index}"),
+            ),
+            Controller::VirtioScsi => (
+                rt::SCSI,
+                Some("virtio-scsi"),
+                format!("SCSIController{index}"),
+            ),
         };
         let mut f = vec![
             ("Address", index.to_string()),
@@ -1010,12 +1107,23 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
         controllers.push((c, iid, 0));
     }
     let parent_of = |c: Controller, cs: &[(Controller, String, u32)]| -> String {
-        cs.iter().find(|(m, _, _)| *m == c).map(|(_, i, _)| i.clone()).unwrap_or_default()
+        cs.iter()
+            .find(|(m, _, _)| *m == c)
+            .map(|(_, i, _)| i.clone())
+            .unwrap_or_default()
     };
-    let disk_tag = if v == OvfVersion::V2 { ("StorageItem", NS_SASD) } else { ("Item", r) };
+    let disk_tag = if v == OvfVersion::V2 {
+        ("StorageItem", NS_SASD)
+    } else {
+        ("Item", r)
+    };
     let mut disk_items = Vec::new();
     for (i, k) in p.disks.iter().enumerate() {
-        let disk_id = d.disk_ids.get(i).cloned().unwrap_or_else(|| format!("vmdisk{}", i + 1));
+        let disk_id = d
+            .disk_ids
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("vmdisk{}", i + 1));
         let unit = next_unit(&mut controllers, k.controller);
         disk_items.push((k.controller, unit, disk_id));
     }
@@ -1038,7 +1146,11 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
     }
     let mut cd_items = Vec::new();
     for c in &p.cdroms {
-        cd_items.push((c.controller, next_unit(&mut controllers, c.controller), c.file.clone()));
+        cd_items.push((
+            c.controller,
+            next_unit(&mut controllers, c.controller),
+            c.file.clone(),
+        ));
     }
     for (n, (c, unit, file)) in cd_items.into_iter().enumerate() {
         let parent = parent_of(c, &controllers);
@@ -1055,13 +1167,24 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
         }
         items.push(item("Item", r, o, f, Vec::new()));
     }
-    let nic_tag = if v == OvfVersion::V2 { ("EthernetPortItem", NS_EPASD) } else { ("Item", r) };
+    let nic_tag = if v == OvfVersion::V2 {
+        ("EthernetPortItem", NS_EPASD)
+    } else {
+        ("Item", r)
+    };
     for (n, nic) in p.nics.iter().enumerate() {
         let mut f = vec![
             ("AddressOnParent", (n + 7).to_string()),
             ("AutomaticAllocation", "true".to_string()),
             ("Connection", nic.network.clone()),
-            ("Description", format!("{} ethernet adapter on \"{}\"", nic.model.name(), nic.network)),
+            (
+                "Description",
+                format!(
+                    "{} ethernet adapter on \"{}\"",
+                    nic.model.name(),
+                    nic.network
+                ),
+            ),
             ("ElementName", format!("ethernet{n}")),
             ("InstanceID", id()),
             ("ResourceSubType", nic_subtype(&nic.model).to_string()),
@@ -1087,7 +1210,10 @@ fn hardware_section(d: &Descriptor, opts: &WriteOptions, v: OvfVersion) -> Resul
         ));
     }
     // Kept items get fresh InstanceIDs only when theirs would collide.
-    let mut taken: BTreeSet<String> = items.iter().filter_map(|i| item_field(i, "InstanceID")).collect();
+    let mut taken: BTreeSet<String> = items
+        .iter()
+        .filter_map(|i| item_field(i, "InstanceID"))
+        .collect();
     for x in &d.extra_items {
         let mut x = remap(x, d.version, v);
         let iid = item_field(&x, "InstanceID").or_else(|| item_field(&x, "InstanceId"));
@@ -1209,7 +1335,10 @@ mod tests {
         let again = parse(&text).unwrap();
         assert_eq!(again.profile, d.profile, "{text}");
         assert_eq!(again.files, d.files);
-        assert_eq!(again.disks.iter().map(|k| k.capacity).collect::<Vec<_>>(), vec![30 << 20]);
+        assert_eq!(
+            again.disks.iter().map(|k| k.capacity).collect::<Vec<_>>(),
+            vec![30 << 20]
+        );
         assert_eq!(again.extra_sections.len(), 1);
         assert!(text.contains("keep me"));
         assert!(text.contains("tools.syncTimeWithHost"));
@@ -1240,7 +1369,10 @@ mod tests {
             "</References>",
             "<File ovf:href=\"x\" ovf:id=\"file1\"/></References>",
         );
-        assert!(parse(&dup).unwrap_err().to_string().contains("duplicate file id"));
+        assert!(parse(&dup)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate file id"));
         let missing = TTY.replace("ovf:fileRef=\"file1\"", "ovf:fileRef=\"nope\"");
         assert!(parse(&missing).is_err());
         let zero = TTY.replace("ovf:capacity=\"30\"", "ovf:capacity=\"0\"");
@@ -1288,7 +1420,14 @@ mod tests {
     fn ovf2_writer_uses_ethernet_port_and_storage_items() {
         let p = crate::profile::sample();
         let d = descriptor_for(&p, &[]);
-        let text = write(&d, &WriteOptions { version: OvfVersion::V2, vmware: true }).unwrap();
+        let text = write(
+            &d,
+            &WriteOptions {
+                version: OvfVersion::V2,
+                vmware: true,
+            },
+        )
+        .unwrap();
         assert!(text.contains("EthernetPortItem") && text.contains("StorageItem"));
         let again = parse(&text).unwrap();
         assert_eq!(again.version, OvfVersion::V2);

@@ -48,12 +48,19 @@ pub enum OvfError {
 impl OvfError {
     /// An I/O error on `path`.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        OvfError::Io { op, path: path.into(), source }
+        OvfError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 
     /// A disk error on `path`.
     pub fn disk(path: impl Into<PathBuf>, source: vmi_disk::Error) -> Self {
-        OvfError::Disk { path: path.into(), source }
+        OvfError::Disk {
+            path: path.into(),
+            source,
+        }
     }
 }
 

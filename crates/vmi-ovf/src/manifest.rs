@@ -89,7 +89,10 @@ impl Manifest {
                 )));
             }
             entries.push(parse_line(line).ok_or_else(|| {
-                OvfError::Invalid(format!("manifest line {}: '{line}' is not ALGO(name)= hex", n + 1))
+                OvfError::Invalid(format!(
+                    "manifest line {}: '{line}' is not ALGO(name)= hex",
+                    n + 1
+                ))
             })?);
         }
         Ok(Manifest { entries })
@@ -104,7 +107,12 @@ impl Manifest {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         for e in &self.entries {
-            s.push_str(&format!("{}({})= {}\n", e.algorithm.name(), e.name, e.digest));
+            s.push_str(&format!(
+                "{}({})= {}\n",
+                e.algorithm.name(),
+                e.name,
+                e.digest
+            ));
         }
         s
     }
@@ -126,7 +134,11 @@ fn parse_line(line: &str) -> Option<Entry> {
     {
         return None;
     }
-    Some(Entry { algorithm, name, digest })
+    Some(Entry {
+        algorithm,
+        name,
+        digest,
+    })
 }
 
 /// Lower-case hex of `bytes`.
@@ -205,9 +217,16 @@ mod tests {
     #[test]
     fn text_round_trips_and_digests_match_known_values() {
         let d = digest_bytes(Algorithm::Sha256, b"abc");
-        assert_eq!(d, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            d,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         let m = Manifest {
-            entries: vec![Entry { algorithm: Algorithm::Sha256, name: "x".into(), digest: d }],
+            entries: vec![Entry {
+                algorithm: Algorithm::Sha256,
+                name: "x".into(),
+                digest: d,
+            }],
         };
         assert_eq!(Manifest::parse(&m.to_text()).unwrap(), m);
         assert_eq!(unhex(&hex(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);

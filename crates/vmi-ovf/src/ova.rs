@@ -73,15 +73,20 @@ impl Ova {
     /// Open an archive and index its members.
     pub fn open(path: &Path) -> Result<Ova> {
         let mut file = File::open(path).map_err(|e| OvfError::io("open", path, e))?;
-        let len = file.metadata().map_err(|e| OvfError::io("stat", path, e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| OvfError::io("stat", path, e))?
+            .len();
         let mut members = Vec::new();
         let mut pos = 0u64;
         let mut next_name: Option<String> = None;
         let mut next_size: Option<u64> = None;
         let mut hdr = [0u8; 512];
         while pos + BLOCK <= len {
-            file.seek(SeekFrom::Start(pos)).map_err(|e| OvfError::io("seek", path, e))?;
-            file.read_exact(&mut hdr).map_err(|e| OvfError::io("read", path, e))?;
+            file.seek(SeekFrom::Start(pos))
+                .map_err(|e| OvfError::io("seek", path, e))?;
+            file.read_exact(&mut hdr)
+                .map_err(|e| OvfError::io("read", path, e))?;
             if hdr.iter().all(|&b| b == 0) {
                 break;
             }
@@ -89,7 +94,13 @@ impl Ova {
             let sum: u64 = hdr
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
+                .map(|(i, &b)| {
+                    if (148..156).contains(&i) {
+                        32
+                    } else {
+                        u64::from(b)
+                    }
+                })
                 .sum();
             if stored != Some(sum) {
                 return Err(OvfError::Invalid(format!(
@@ -133,7 +144,11 @@ impl Ova {
                             path.display()
                         )));
                     }
-                    members.push(Member { name, offset: data, size });
+                    members.push(Member {
+                        name,
+                        offset: data,
+                        size,
+                    });
                 }
                 b'x' | b'L' => {
                     if size > MAX_EXTENDED_HEADER {
@@ -143,7 +158,8 @@ impl Ova {
                         )));
                     }
                     let mut buf = vec![0u8; size as usize];
-                    file.read_exact(&mut buf).map_err(|e| OvfError::io("read", path, e))?;
+                    file.read_exact(&mut buf)
+                        .map_err(|e| OvfError::io("read", path, e))?;
                     if typeflag == b'L' {
                         next_name = Some(cstr(&buf));
                     } else {
@@ -160,7 +176,11 @@ impl Ova {
             }
             pos = end.div_ceil(BLOCK) * BLOCK;
         }
-        Ok(Ova { path: path.to_path_buf(), file: Arc::new(file), members })
+        Ok(Ova {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            members,
+        })
     }
 
     /// The archive's path.
@@ -170,14 +190,16 @@ impl Ova {
 
     /// The member called `name`.
     pub fn member(&self, name: &str) -> Option<&Member> {
-        self.members.iter().find(|m| m.name == name || m.name.trim_start_matches("./") == name)
+        self.members
+            .iter()
+            .find(|m| m.name == name || m.name.trim_start_matches("./") == name)
     }
 
     /// Read a whole small member (descriptor, manifest, certificate), refusing over `max` bytes.
     pub fn read_small(&self, name: &str, max: u64) -> Result<Vec<u8>> {
-        let m = self
-            .member(name)
-            .ok_or_else(|| OvfError::Invalid(format!("{}: no member '{name}'", self.path.display())))?;
+        let m = self.member(name).ok_or_else(|| {
+            OvfError::Invalid(format!("{}: no member '{name}'", self.path.display()))
+        })?;
         if m.size > max {
             return Err(OvfError::Invalid(format!(
                 "{}: member '{name}' is {} bytes, more than {max}",
@@ -187,18 +209,28 @@ impl Ova {
         }
         let mut buf = vec![0u8; m.size as usize];
         let mut r = self.reader(m);
-        r.read_exact(&mut buf).map_err(|e| OvfError::io("read", &self.path, e))?;
+        r.read_exact(&mut buf)
+            .map_err(|e| OvfError::io("read", &self.path, e))?;
         Ok(buf)
     }
 
     /// A reader over one member.
     pub fn reader(&self, m: &Member) -> MemberReader {
-        MemberReader { file: self.file.clone(), offset: m.offset, remaining: m.size }
+        MemberReader {
+            file: self.file.clone(),
+            offset: m.offset,
+            remaining: m.size,
+        }
     }
 
     /// A read-only [`vmi_disk::storage::Storage`] over one member, to open a disk in place.
     pub fn storage(&self, m: &Member) -> MemberStorage {
-        MemberStorage { file: self.file.clone(), offset: m.offset, len: m.size, path: self.path.clone() }
+        MemberStorage {
+            file: self.file.clone(),
+            offset: m.offset,
+            len: m.size,
+            path: self.path.clone(),
+        }
     }
 }
 
@@ -206,8 +238,12 @@ fn pax_records(buf: &[u8]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = buf;
     while !rest.is_empty() {
-        let Some(sp) = rest.iter().position(|&b| b == b' ') else { break };
-        let Some(len) = std::str::from_utf8(&rest[..sp]).ok().and_then(|s| s.parse::<usize>().ok())
+        let Some(sp) = rest.iter().position(|&b| b == b' ') else {
+            break;
+        };
+        let Some(len) = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
         else {
             break;
         };
@@ -257,7 +293,9 @@ pub struct MemberStorage {
 impl vmi_disk::storage::Storage for MemberStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len);
         if end.is_none() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -267,13 +305,19 @@ impl vmi_disk::storage::Storage for MemberStorage {
         self.file.read_exact_at(buf, self.offset + offset)
     }
     fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
-        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "archive members are read-only"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "archive members are read-only",
+        ))
     }
     fn len(&self) -> std::io::Result<u64> {
         Ok(self.len)
     }
     fn set_len(&self, _len: u64) -> std::io::Result<()> {
-        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "archive members are read-only"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "archive members are read-only",
+        ))
     }
     fn sync(&self) -> std::io::Result<()> {
         Ok(())
@@ -330,12 +374,17 @@ impl OvaWriter {
             .create_new(true)
             .open(path)
             .map_err(|e| OvfError::io("create", path, e))?;
-        Ok(OvaWriter { path: path.to_path_buf(), out: std::io::BufWriter::new(f) })
+        Ok(OvaWriter {
+            path: path.to_path_buf(),
+            out: std::io::BufWriter::new(f),
+        })
     }
 
     fn header(&mut self, name: &str, size: u64) -> Result<()> {
         let h = ustar_header(name, size)?;
-        self.out.write_all(&h).map_err(|e| OvfError::io("write", &self.path, e))
+        self.out
+            .write_all(&h)
+            .map_err(|e| OvfError::io("write", &self.path, e))
     }
     fn pad(&mut self, size: u64) -> Result<()> {
         let pad = (BLOCK - size % BLOCK) % BLOCK;
@@ -347,28 +396,42 @@ impl OvaWriter {
     /// Add a member from memory.
     pub fn add_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
         self.header(name, data.len() as u64)?;
-        self.out.write_all(data).map_err(|e| OvfError::io("write", &self.path, e))?;
+        self.out
+            .write_all(data)
+            .map_err(|e| OvfError::io("write", &self.path, e))?;
         self.pad(data.len() as u64)
     }
 
     /// Add a member streamed from a file.
     pub fn add_file(&mut self, name: &str, src: &Path) -> Result<()> {
         let mut f = File::open(src).map_err(|e| OvfError::io("open", src, e))?;
-        let size = f.metadata().map_err(|e| OvfError::io("stat", src, e))?.len();
+        let size = f
+            .metadata()
+            .map_err(|e| OvfError::io("stat", src, e))?
+            .len();
         self.header(name, size)?;
-        let copied =
-            std::io::copy(&mut (&mut f).take(size), &mut self.out).map_err(|e| OvfError::io("read", src, e))?;
+        let copied = std::io::copy(&mut (&mut f).take(size), &mut self.out)
+            .map_err(|e| OvfError::io("read", src, e))?;
         if copied != size {
-            return Err(OvfError::Invalid(format!("{}: changed size while being archived", src.display())));
+            return Err(OvfError::Invalid(format!(
+                "{}: changed size while being archived",
+                src.display()
+            )));
         }
         self.pad(size)
     }
 
     /// Write the two zero blocks that end the archive and flush.
     pub fn finish(mut self) -> Result<()> {
-        self.out.write_all(&[0u8; 1024]).map_err(|e| OvfError::io("write", &self.path, e))?;
-        let f = self.out.into_inner().map_err(|e| OvfError::io("write", &self.path, e.into_error()))?;
-        f.sync_all().map_err(|e| OvfError::io("sync", &self.path, e))
+        self.out
+            .write_all(&[0u8; 1024])
+            .map_err(|e| OvfError::io("write", &self.path, e))?;
+        let f = self
+            .out
+            .into_inner()
+            .map_err(|e| OvfError::io("write", &self.path, e.into_error()))?;
+        f.sync_all()
+            .map_err(|e| OvfError::io("sync", &self.path, e))
     }
 }
 

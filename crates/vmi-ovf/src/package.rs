@@ -71,7 +71,9 @@ fn with_ext(name: &str, ext: &str) -> String {
 impl Package {
     /// Open a `.ova` or `.ovf`.
     pub fn open(path: &Path) -> Result<Package> {
-        let is_ova = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("ova"));
+        let is_ova = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("ova"));
         if is_ova {
             let ova = Ova::open(path)?;
             let first = ova
@@ -92,7 +94,10 @@ impl Package {
             let descriptor = envelope::parse(&text)?;
             let mf = with_ext(&name, "mf");
             let manifest = match ova.member(&mf) {
-                Some(_) => Some((mf.clone(), ova.read_small(&mf, manifest::MAX_MANIFEST_BYTES as u64)?)),
+                Some(_) => Some((
+                    mf.clone(),
+                    ova.read_small(&mf, manifest::MAX_MANIFEST_BYTES as u64)?,
+                )),
                 None => None,
             };
             let cert_name = with_ext(&name, "cert");
@@ -129,7 +134,10 @@ impl Package {
             };
             let cert_name = with_ext(&name, "cert");
             let cert = if dir.join(&cert_name).exists() {
-                Some((cert_name.clone(), read_text(&dir.join(&cert_name), sign::MAX_CERT_BYTES)?))
+                Some((
+                    cert_name.clone(),
+                    read_text(&dir.join(&cert_name), sign::MAX_CERT_BYTES)?,
+                ))
             } else {
                 None
             };
@@ -165,7 +173,9 @@ impl Package {
             }
             Source::Dir(d) => {
                 let p = d.join(name);
-                Ok(Box::new(std::fs::File::open(&p).map_err(|e| OvfError::io("open", &p, e))?))
+                Ok(Box::new(
+                    std::fs::File::open(&p).map_err(|e| OvfError::io("open", &p, e))?,
+                ))
             }
         }
     }
@@ -184,7 +194,10 @@ impl Package {
             parts.push(n);
         }
         if parts.is_empty() {
-            return Err(OvfError::Invalid(format!("no chunks of '{}' in the package", f.href)));
+            return Err(OvfError::Invalid(format!(
+                "no chunks of '{}' in the package",
+                f.href
+            )));
         }
         Ok(parts)
     }
@@ -195,7 +208,10 @@ impl Package {
         for p in self.file_parts(f)? {
             readers.push(self.open_file(&p)?);
         }
-        let joined: Box<dyn Read> = Box::new(Chain { parts: readers, current: 0 });
+        let joined: Box<dyn Read> = Box::new(Chain {
+            parts: readers,
+            current: 0,
+        });
         if f.compression.as_deref() == Some("gzip") {
             Ok(Box::new(flate2::read::MultiGzDecoder::new(joined)))
         } else {
@@ -237,7 +253,10 @@ impl Package {
                 .map_err(|_| OvfError::Invalid(format!("{mf_name}: not UTF-8")))?;
             let m = Manifest::parse(text)?;
             if m.get(&self.descriptor_name).is_none() {
-                r.problems.push(format!("manifest has no entry for '{}'", self.descriptor_name));
+                r.problems.push(format!(
+                    "manifest has no entry for '{}'",
+                    self.descriptor_name
+                ));
             }
             for e in &m.entries {
                 let actual = if e.name == self.descriptor_name {
@@ -246,7 +265,8 @@ impl Package {
                     let mut rd = match self.open_file(&e.name) {
                         Ok(rd) => rd,
                         Err(err) => {
-                            r.problems.push(format!("manifest entry '{}': {err}", e.name));
+                            r.problems
+                                .push(format!("manifest entry '{}': {err}", e.name));
                             continue;
                         }
                     };
@@ -271,7 +291,8 @@ impl Package {
                 }
             }
         } else if self.cert.is_some() {
-            r.problems.push("a certificate without a manifest signs nothing".into());
+            r.problems
+                .push("a certificate without a manifest signs nothing".into());
         }
         Ok(r)
     }
@@ -365,7 +386,9 @@ pub fn export(
     opts: &ExportOptions,
 ) -> Result<Descriptor> {
     profile.validate()?;
-    let is_ova = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("ova"));
+    let is_ova = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ova"));
     let stem = out
         .file_stem()
         .and_then(|s| s.to_str())
@@ -384,7 +407,14 @@ pub fn export(
     } else {
         None
     };
-    let result = export_into(disks, profile, out, &stem, work.as_deref().unwrap_or(&out_dir), opts);
+    let result = export_into(
+        disks,
+        profile,
+        out,
+        &stem,
+        work.as_deref().unwrap_or(&out_dir),
+        opts,
+    );
     if let Some(w) = &work {
         let _ = std::fs::remove_dir_all(w);
     }
@@ -402,7 +432,9 @@ fn export_into(
     work: &Path,
     opts: &ExportOptions,
 ) -> Result<Descriptor> {
-    let is_ova = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("ova"));
+    let is_ova = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("ova"));
     let mut profile = profile.clone();
     let mut files: Vec<(String, u64, String)> = Vec::new();
     let mut paths: Vec<PathBuf> = Vec::new();
@@ -414,19 +446,29 @@ fn export_into(
                 let cap = convert_to_stream_vmdk(src, &dst)?;
                 (dst, cap, VMDK_STREAM_URI.to_string())
             }
-            DiskInput::AsIs { path, capacity, format_uri } => {
+            DiskInput::AsIs {
+                path,
+                capacity,
+                format_uri,
+            } => {
                 let n = path
                     .file_name()
                     .and_then(|n| n.to_str())
                     .ok_or_else(|| OvfError::Usage(format!("{}: no file name", path.display())))?;
                 let name = if is_ova { n.to_string() } else { name.clone() };
-                let dst = if is_ova { path.clone() } else { work.join(&name) };
+                let dst = if is_ova {
+                    path.clone()
+                } else {
+                    work.join(&name)
+                };
                 if !is_ova {
                     std::fs::copy(path, &dst).map_err(|e| OvfError::io("copy", path, e))?;
                 }
                 files.push((name, 0, format_uri.clone()));
                 paths.push(dst.clone());
-                let size = std::fs::metadata(&dst).map_err(|e| OvfError::io("stat", &dst, e))?.len();
+                let size = std::fs::metadata(&dst)
+                    .map_err(|e| OvfError::io("stat", &dst, e))?
+                    .len();
                 if let Some(last) = files.last_mut() {
                     last.1 = size;
                 }
@@ -434,14 +476,20 @@ fn export_into(
                 continue;
             }
         };
-        let size = std::fs::metadata(&path).map_err(|e| OvfError::io("stat", &path, e))?.len();
+        let size = std::fs::metadata(&path)
+            .map_err(|e| OvfError::io("stat", &path, e))?
+            .len();
         files.push((name, size, uri));
         paths.push(path);
         set_capacity(&mut profile, i, capacity);
     }
     let mut d = envelope::descriptor_for(&profile, &files);
     let wopts = WriteOptions {
-        version: if opts.ovf2 { OvfVersion::V2 } else { OvfVersion::V1 },
+        version: if opts.ovf2 {
+            OvfVersion::V2
+        } else {
+            OvfVersion::V1
+        },
         vmware: !opts.no_vmware,
     };
     let text = envelope::write(&d, &wopts)?;
@@ -459,7 +507,11 @@ fn export_into(
         let mut f = std::fs::File::open(path).map_err(|e| OvfError::io("open", path, e))?;
         let digest = manifest::digest_reader(Algorithm::Sha256, &mut f)
             .map_err(|e| OvfError::io("read", path, e))?;
-        m.entries.push(Entry { algorithm: Algorithm::Sha256, name: name.clone(), digest });
+        m.entries.push(Entry {
+            algorithm: Algorithm::Sha256,
+            name: name.clone(),
+            digest,
+        });
     }
     let mf_text = m.to_text();
     let cert = match &opts.sign {
@@ -520,7 +572,8 @@ pub fn open_disk(pkg: &Package, i: usize, scratch: &Path) -> Result<Image> {
         .and_then(|r| d.files.iter().find(|f| &f.id == r))
         .ok_or_else(|| OvfError::Invalid(format!("disk '{disk_id}' has no file")))?;
     let gate = Gate::deny_all();
-    let plain = file.compression.as_deref().is_none_or(|c| c == "identity") && file.chunk_size.is_none();
+    let plain =
+        file.compression.as_deref().is_none_or(|c| c == "identity") && file.chunk_size.is_none();
     if plain {
         let name = safe_name(&file.href)?;
         match &pkg.source {
@@ -551,13 +604,20 @@ pub fn open_disk(pkg: &Package, i: usize, scratch: &Path) -> Result<Image> {
 pub fn import(pkg: &Package, out_dir: &Path, format: Format) -> Result<HardwareProfile> {
     std::fs::create_dir_all(out_dir).map_err(|e| OvfError::io("create", out_dir, e))?;
     let mut profile = pkg.descriptor.profile.clone();
-    let base = if profile.name.is_empty() { "disk".to_string() } else { sanitize(&profile.name) };
+    let base = if profile.name.is_empty() {
+        "disk".to_string()
+    } else {
+        sanitize(&profile.name)
+    };
     for i in 0..profile.disks.len() {
         let img = open_disk(pkg, i, out_dir)?;
         let name = format!("{base}-disk{}.{}", i + 1, ext(format));
         let dst = out_dir.join(&name);
-        let target =
-            Target { path: dst.clone(), format, create: CreateOptions::new(img.virtual_size()) };
+        let target = Target {
+            path: dst.clone(),
+            format,
+            create: CreateOptions::new(img.virtual_size()),
+        };
         vmi_convert::convert_to_path(&img, &target, &ConvertOptions::default())
             .map_err(|e| OvfError::disk(&dst, e))?;
         let _ = std::fs::remove_file(out_dir.join(format!(".unpacked-{i}")));
@@ -577,7 +637,15 @@ fn ext(f: Format) -> &'static str {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -588,7 +656,15 @@ mod tests {
     fn safe_name_refuses_escapes_urls_and_absolute_paths() {
         assert!(safe_name("disk1.vmdk").is_ok());
         assert!(safe_name("sub/disk1.vmdk").is_ok());
-        for bad in ["../x", "/etc/passwd", "http://h/x", "a/../../b", "", "a\\b", "./x"] {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "http://h/x",
+            "a/../../b",
+            "",
+            "a\\b",
+            "./x",
+        ] {
             assert!(safe_name(bad).is_err(), "{bad}");
         }
     }

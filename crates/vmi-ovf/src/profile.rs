@@ -311,15 +311,21 @@ impl HardwareProfile {
             return Err(OvfError::Usage("profile: cpus must be at least 1".into()));
         }
         if self.memory_mib == 0 {
-            return Err(OvfError::Usage("profile: memory_mib must be at least 1".into()));
+            return Err(OvfError::Usage(
+                "profile: memory_mib must be at least 1".into(),
+            ));
         }
         if self.firmware.secure_boot && self.firmware.kind != FirmwareKind::Uefi {
-            return Err(OvfError::Usage("profile: secure_boot needs firmware kind uefi".into()));
+            return Err(OvfError::Usage(
+                "profile: secure_boot needs firmware kind uefi".into(),
+            ));
         }
         for n in &self.nics {
             if let MacPolicy::Static(mac) = &n.mac {
                 if !is_mac(mac) {
-                    return Err(OvfError::Usage(format!("profile: '{mac}' is not a MAC address")));
+                    return Err(OvfError::Usage(format!(
+                        "profile: '{mac}' is not a MAC address"
+                    )));
                 }
             }
         }
@@ -347,8 +353,8 @@ impl HardwareProfile {
 
     /// Parse JSON.
     pub fn from_json(s: &str) -> Result<Self> {
-        let p: Self = serde_json::from_str(s)
-            .map_err(|e| OvfError::Invalid(format!("profile JSON: {e}")))?;
+        let p: Self =
+            serde_json::from_str(s).map_err(|e| OvfError::Invalid(format!("profile JSON: {e}")))?;
         p.validate()?;
         Ok(p)
     }
@@ -356,7 +362,10 @@ impl HardwareProfile {
     /// Read a profile file; `.json` is JSON, anything else TOML.
     pub fn load(path: &Path) -> Result<Self> {
         let text = read_text(path, MAX_PROFILE_BYTES)?;
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        {
             Self::from_json(&text)
         } else {
             Self::from_toml(&text)
@@ -365,7 +374,10 @@ impl HardwareProfile {
 
     /// Write a profile file; `.json` is JSON, anything else TOML.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+        let text = if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+        {
             self.to_json()?
         } else {
             self.to_toml()?
@@ -395,7 +407,10 @@ pub(crate) fn read_text(path: &Path, max: u64) -> Result<String> {
 /// Whether `s` is six colon-separated hex octets.
 pub fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -410,7 +425,11 @@ pub(crate) fn sample() -> HardwareProfile {
         cpus: 2,
         cores_per_socket: None,
         memory_mib: 2048,
-        firmware: Firmware { kind: FirmwareKind::Uefi, secure_boot: true, tpm: false },
+        firmware: Firmware {
+            kind: FirmwareKind::Uefi,
+            secure_boot: true,
+            tpm: false,
+        },
         hardware_version: Some("vmx-14".into()),
         disks: vec![
             DiskProfile {
@@ -426,7 +445,10 @@ pub(crate) fn sample() -> HardwareProfile {
                 file: Some("web01-disk2.vmdk".into()),
             },
         ],
-        cdroms: vec![CdromProfile { controller: Controller::Ide, file: None }],
+        cdroms: vec![CdromProfile {
+            controller: Controller::Ide,
+            file: None,
+        }],
         nics: vec![
             NicProfile {
                 model: NicModel::Vmxnet3,
@@ -482,7 +504,8 @@ mod tests {
 
     #[test]
     fn minimal_toml_takes_defaults() {
-        let p = HardwareProfile::from_toml("name = \"a\"\n[[disks]]\ncapacity = 1048576\n").unwrap();
+        let p =
+            HardwareProfile::from_toml("name = \"a\"\n[[disks]]\ncapacity = 1048576\n").unwrap();
         assert_eq!(p.cpus, 1);
         assert_eq!(p.memory_mib, 1024);
         assert_eq!(p.disks[0].controller, Controller::Ide);

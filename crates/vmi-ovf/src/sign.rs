@@ -32,7 +32,7 @@ fn certificate(cert_pem: &str) -> Result<(Certificate, RsaPublicKey)> {
     let begin = cert_pem
         .find("-----BEGIN CERTIFICATE-----")
         .ok_or_else(|| OvfError::Invalid("no PEM certificate found".into()))?;
-    let cert = Certificate::from_pem(cert_pem[begin..].as_bytes())
+    let cert = Certificate::from_pem(&cert_pem.as_bytes()[begin..])
         .map_err(|e| OvfError::Invalid(format!("certificate: {e}")))?;
     let spki = cert
         .tbs_certificate
@@ -55,7 +55,9 @@ pub fn sign(mf_name: &str, mf: &[u8], key_pem: &str, cert_pem: &str) -> Result<S
     let key = private_key(key_pem)?;
     let (_, public) = certificate(cert_pem)?;
     if public.n() != key.n() || public.e() != key.e() {
-        return Err(OvfError::Usage("the private key does not belong to the certificate".into()));
+        return Err(OvfError::Usage(
+            "the private key does not belong to the certificate".into(),
+        ));
     }
     let digest = Sha256::digest(mf);
     let sig = key
@@ -71,8 +73,13 @@ pub fn sign(mf_name: &str, mf: &[u8], key_pem: &str, cert_pem: &str) -> Result<S
 /// Verify the `.cert` text against the manifest bytes. Checks the signature with the embedded
 /// certificate's key; trust in the certificate itself (chain, validity dates) is the caller's.
 pub fn verify(cert_text: &str, mf_name: &str, mf: &[u8]) -> Result<SignatureInfo> {
-    let first = cert_text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let open = first.find('(').ok_or_else(|| OvfError::Invalid("certificate file: no ALGO(name)= line".into()))?;
+    let first = cert_text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let open = first
+        .find('(')
+        .ok_or_else(|| OvfError::Invalid("certificate file: no ALGO(name)= line".into()))?;
     let close = first
         .rfind(")=")
         .filter(|&c| c > open)
@@ -80,19 +87,34 @@ pub fn verify(cert_text: &str, mf_name: &str, mf: &[u8]) -> Result<SignatureInfo
     let algo = first[..open].trim().to_ascii_uppercase();
     let name = &first[open + 1..close];
     if name != mf_name {
-        return Err(OvfError::Verify(format!("the signature covers '{name}', not '{mf_name}'")));
+        return Err(OvfError::Verify(format!(
+            "the signature covers '{name}', not '{mf_name}'"
+        )));
     }
     let sig = unhex(first[close + 2..].trim())
         .ok_or_else(|| OvfError::Invalid("certificate file: signature is not hex".into()))?;
     let (cert, key) = certificate(cert_text)?;
     let ok = match algo.as_str() {
         "SHA256" => key.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(mf), &sig),
-        "SHA512" => key.verify(Pkcs1v15Sign::new::<sha2::Sha512>(), &sha2::Sha512::digest(mf), &sig),
-        "SHA1" => key.verify(Pkcs1v15Sign::new::<sha1::Sha1>(), &sha1::Sha1::digest(mf), &sig),
+        "SHA512" => key.verify(
+            Pkcs1v15Sign::new::<sha2::Sha512>(),
+            &sha2::Sha512::digest(mf),
+            &sig,
+        ),
+        "SHA1" => key.verify(
+            Pkcs1v15Sign::new::<sha1::Sha1>(),
+            &sha1::Sha1::digest(mf),
+            &sig,
+        ),
         other => return Err(OvfError::Unsupported(format!("signature digest {other}"))),
     };
     ok.map_err(|_| OvfError::Verify(format!("the signature of '{mf_name}' does not match")))?;
     let subject = cert.tbs_certificate.subject.to_string();
     let issuer = cert.tbs_certificate.issuer.to_string();
-    Ok(SignatureInfo { manifest: name.to_string(), self_signed: subject == issuer, subject, issuer })
+    Ok(SignatureInfo {
+        manifest: name.to_string(),
+        self_signed: subject == issuer,
+        subject,
+        issuer,
+    })
 }

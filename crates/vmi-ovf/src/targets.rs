@@ -41,22 +41,47 @@ pub fn plan(target: &Target) -> Plan {
         },
         Target::Gcp => Plan::GzipTarRaw,
         Target::VmwareEsxi(_) | Target::Aws => Plan::Ova,
-        Target::VmwareWorkstation => Plan::Image { format: Format::Vmdk, options: vec![], round_to: 1 },
-        Target::Kvm | Target::Openstack => Plan::Image { format: Format::Qcow2, options: vec![], round_to: 1 },
-        Target::HypervGen1 | Target::HypervGen2 => {
-            Plan::Image { format: Format::Vhdx, options: vec![], round_to: 1 << 20 }
-        }
-        Target::Virtualbox => Plan::Image { format: Format::Vdi, options: vec![], round_to: 1 },
+        Target::VmwareWorkstation => Plan::Image {
+            format: Format::Vmdk,
+            options: vec![],
+            round_to: 1,
+        },
+        Target::Kvm | Target::Openstack => Plan::Image {
+            format: Format::Qcow2,
+            options: vec![],
+            round_to: 1,
+        },
+        Target::HypervGen1 | Target::HypervGen2 => Plan::Image {
+            format: Format::Vhdx,
+            options: vec![],
+            round_to: 1 << 20,
+        },
+        Target::Virtualbox => Plan::Image {
+            format: Format::Vdi,
+            options: vec![],
+            round_to: 1,
+        },
     }
 }
 
-fn convert_one(img: &Image, dst: &Path, format: Format, opts: &[(&str, &str)], size: u64) -> Result<()> {
+fn convert_one(
+    img: &Image,
+    dst: &Path,
+    format: Format,
+    opts: &[(&str, &str)],
+    size: u64,
+) -> Result<()> {
     let mut o = FormatOptions::new();
     for (k, v) in opts {
         o.set(k, *v);
     }
-    let target = ConvertTarget { path: dst.to_path_buf(), format, create: CreateOptions::new(size).options(o) };
-    vmi_convert::convert_to_path(img, &target, &ConvertOptions::default()).map_err(|e| OvfError::disk(dst, e))?;
+    let target = ConvertTarget {
+        path: dst.to_path_buf(),
+        format,
+        create: CreateOptions::new(size).options(o),
+    };
+    vmi_convert::convert_to_path(img, &target, &ConvertOptions::default())
+        .map_err(|e| OvfError::disk(dst, e))?;
     Ok(())
 }
 
@@ -71,7 +96,11 @@ pub fn convert_for_target(
     let img = Image::open(src, &OpenOptions::new()).map_err(|e| OvfError::disk(src, e))?;
     let size = img.virtual_size();
     match plan(target) {
-        Plan::Image { format, options, round_to } => {
+        Plan::Image {
+            format,
+            options,
+            round_to,
+        } => {
             let rounded = size
                 .div_ceil(round_to)
                 .checked_mul(round_to)
@@ -81,7 +110,10 @@ pub fn convert_for_target(
         }
         Plan::GzipTarRaw => {
             let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
-            let raw = dir.join(format!(".{}.disk.raw", out.file_name().and_then(|n| n.to_str()).unwrap_or("gcp")));
+            let raw = dir.join(format!(
+                ".{}.disk.raw",
+                out.file_name().and_then(|n| n.to_str()).unwrap_or("gcp")
+            ));
             convert_one(&img, &raw, Format::Raw, &[], size)?;
             let res = gzip_tar(&raw, "disk.raw", out);
             let _ = std::fs::remove_file(&raw);
@@ -92,7 +124,11 @@ pub fn convert_for_target(
             let mut p = match profile {
                 Some(p) => p.clone(),
                 None => {
-                    let name = src.file_stem().and_then(|s| s.to_str()).unwrap_or("vm").to_string();
+                    let name = src
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("vm")
+                        .to_string();
                     let mut p = HardwareProfile::new(name);
                     p.disks.push(DiskProfile {
                         capacity: size,
@@ -107,7 +143,12 @@ pub fn convert_for_target(
                 p.hardware_version = Some("vmx-10".into());
             }
             drop(img);
-            package::export(&[DiskInput::Convert(src.to_path_buf())], &p, out, &ExportOptions::default())?;
+            package::export(
+                &[DiskInput::Convert(src.to_path_buf())],
+                &p,
+                out,
+                &ExportOptions::default(),
+            )?;
             Ok(out.to_path_buf())
         }
     }
@@ -115,20 +156,33 @@ pub fn convert_for_target(
 
 /// Write `src` as the single member `name` of a gzipped tar at `out`.
 pub fn gzip_tar(src: &Path, name: &str, out: &Path) -> Result<()> {
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(out).map_err(|e| OvfError::io("create", out, e))?;
-    let mut gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::default());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|e| OvfError::io("create", out, e))?;
+    let mut gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::default());
     let mut input = std::fs::File::open(src).map_err(|e| OvfError::io("open", src, e))?;
-    let size = input.metadata().map_err(|e| OvfError::io("stat", src, e))?.len();
+    let size = input
+        .metadata()
+        .map_err(|e| OvfError::io("stat", src, e))?
+        .len();
     let w = |e| OvfError::io("write", out, e);
     gz.write_all(&ustar_header(name, size)?).map_err(w)?;
     let copied = std::io::copy(&mut input, &mut gz).map_err(|e| OvfError::io("read", src, e))?;
     if copied != size {
-        return Err(OvfError::Invalid(format!("{}: changed size while being archived", src.display())));
+        return Err(OvfError::Invalid(format!(
+            "{}: changed size while being archived",
+            src.display()
+        )));
     }
     let pad = (BLOCK - size % BLOCK) % BLOCK;
     gz.write_all(&vec![0u8; pad as usize + 1024]).map_err(w)?;
     let inner = gz.finish().map_err(w)?;
-    let f = inner.into_inner().map_err(|e| OvfError::io("write", out, e.into_error()))?;
+    let f = inner
+        .into_inner()
+        .map_err(|e| OvfError::io("write", out, e.into_error()))?;
     f.sync_all().map_err(|e| OvfError::io("sync", out, e))
 }
 
@@ -139,7 +193,11 @@ mod tests {
     #[test]
     fn azure_plan_is_a_fixed_vhd_rounded_to_whole_mib() {
         match plan(&Target::Azure) {
-            Plan::Image { format, options, round_to } => {
+            Plan::Image {
+                format,
+                options,
+                round_to,
+            } => {
                 assert_eq!(format, Format::Vpc);
                 assert!(options.contains(&("subformat", "fixed")));
                 assert!(options.contains(&("force_size", "on")));

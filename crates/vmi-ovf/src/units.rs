@@ -62,7 +62,11 @@ pub fn to_bytes(quantity: &str, units: Option<&str>) -> Result<u64> {
 
 /// The unit string vmi writes for a capacity: the largest power of 2^10 that divides it.
 pub fn best_unit(bytes: u64) -> (u64, &'static str) {
-    for (shift, name) in [(30u32, "byte * 2^30"), (20, "byte * 2^20"), (10, "byte * 2^10")] {
+    for (shift, name) in [
+        (30u32, "byte * 2^30"),
+        (20, "byte * 2^20"),
+        (10, "byte * 2^10"),
+    ] {
         if bytes != 0 && bytes % (1u64 << shift) == 0 {
             return (bytes >> shift, name);
         }

@@ -32,7 +32,10 @@ pub struct Name {
 impl Name {
     /// A name in namespace `ns`.
     pub fn new(ns: &str, local: &str) -> Self {
-        Name { ns: ns.to_string(), local: local.to_string() }
+        Name {
+            ns: ns.to_string(),
+            local: local.to_string(),
+        }
     }
 }
 
@@ -80,7 +83,10 @@ impl Default for Name {
 impl Element {
     /// A new element in namespace `ns`.
     pub fn new(ns: &str, local: &str) -> Self {
-        Element { name: Name::new(ns, local), ..Default::default() }
+        Element {
+            name: Name::new(ns, local),
+            ..Default::default()
+        }
     }
 
     /// Builder: add an attribute.
@@ -92,10 +98,18 @@ impl Element {
     /// Set (replace or add) an attribute.
     pub fn set_attr(&mut self, ns: &str, local: &str, value: impl Into<String>) {
         let value = value.into();
-        if let Some(a) = self.attrs.iter_mut().find(|a| a.name.ns == ns && a.name.local == local) {
+        if let Some(a) = self
+            .attrs
+            .iter_mut()
+            .find(|a| a.name.ns == ns && a.name.local == local)
+        {
             a.value = value;
         } else {
-            self.attrs.push(Attr { name: Name::new(ns, local), prefix: String::new(), value });
+            self.attrs.push(Attr {
+                name: Name::new(ns, local),
+                prefix: String::new(),
+                value,
+            });
         }
     }
 
@@ -208,7 +222,9 @@ pub fn parse(text: &str) -> Result<Element> {
             Event::Empty(start) => {
                 elements += 1;
                 if elements > MAX_ELEMENTS {
-                    return Err(OvfError::Xml(format!("document exceeds {MAX_ELEMENTS} elements")));
+                    return Err(OvfError::Xml(format!(
+                        "document exceeds {MAX_ELEMENTS} elements"
+                    )));
                 }
                 let (el, _) = start_element(&start, &scopes)?;
                 match stack.last_mut() {
@@ -227,7 +243,9 @@ pub fn parse(text: &str) -> Result<Element> {
                 }
             }
             Event::Text(t) => {
-                let s = t.unescape().map_err(|e| OvfError::Xml(format!("text: {e}")))?;
+                let s = t
+                    .unescape()
+                    .map_err(|e| OvfError::Xml(format!("text: {e}")))?;
                 if let Some((parent, _)) = stack.last_mut() {
                     parent.children.push(Node::Text(s.into_owned()));
                 } else if !s.trim().is_empty() {
@@ -248,7 +266,10 @@ pub fn parse(text: &str) -> Result<Element> {
         }
     }
     if !stack.is_empty() {
-        return Err(OvfError::Xml(format!("{} element(s) not closed", stack.len())));
+        return Err(OvfError::Xml(format!(
+            "{} element(s) not closed",
+            stack.len()
+        )));
     }
     root.ok_or_else(|| OvfError::Xml("no root element".into()))
 }
@@ -286,7 +307,11 @@ fn start_element(
     for (key, value) in raw_attrs {
         let (p, l) = split_qname(&key);
         let ns = resolve(&scope, p, false).unwrap_or_else(|| undeclared(p));
-        attrs.push(Attr { name: Name::new(&ns, l), prefix: p.to_string(), value });
+        attrs.push(Attr {
+            name: Name::new(&ns, l),
+            prefix: p.to_string(),
+            value,
+        });
     }
     let el = Element {
         name: Name::new(&ns, local),
@@ -419,7 +444,12 @@ fn write_element(
         }
     }
     for a in &e.attrs {
-        let _ = write!(out, " {}=\"{}\"", qualified(map, &a.name, false), escape(&a.value));
+        let _ = write!(
+            out,
+            " {}=\"{}\"",
+            qualified(map, &a.name, false),
+            escape(&a.value)
+        );
     }
     if e.children.is_empty() {
         out.push_str("/>");

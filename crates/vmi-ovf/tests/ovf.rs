@@ -11,7 +11,9 @@ use vmi_ovf::profile::*;
 fn shared(rel: &str) -> Option<PathBuf> {
     let base = match std::env::var_os("VMI_SHARED_DATA") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join("../shared/data"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join("../shared/data"),
     };
     let p = base.join(rel);
     p.exists().then_some(p)
@@ -27,23 +29,53 @@ fn sample_profile() -> HardwareProfile {
     p.memory_mib = 2048;
     p.guest_os.cim_id = Some(94);
     p.guest_os.vmware_id = Some("ubuntu64Guest".into());
-    p.firmware = Firmware { kind: FirmwareKind::Uefi, secure_boot: true, tpm: true };
+    p.firmware = Firmware {
+        kind: FirmwareKind::Uefi,
+        secure_boot: true,
+        tpm: true,
+    };
     p.hardware_version = Some("vmx-14".into());
     p.disks = vec![
-        DiskProfile { capacity: 8 << 30, controller: Controller::Pvscsi, format: None, file: None },
-        DiskProfile { capacity: 1 << 30, controller: Controller::Sata, format: None, file: None },
-        DiskProfile { capacity: 1 << 30, controller: Controller::Nvme, format: None, file: None },
+        DiskProfile {
+            capacity: 8 << 30,
+            controller: Controller::Pvscsi,
+            format: None,
+            file: None,
+        },
+        DiskProfile {
+            capacity: 1 << 30,
+            controller: Controller::Sata,
+            format: None,
+            file: None,
+        },
+        DiskProfile {
+            capacity: 1 << 30,
+            controller: Controller::Nvme,
+            format: None,
+            file: None,
+        },
     ];
-    p.cdroms = vec![CdromProfile { controller: Controller::Ide, file: None }];
+    p.cdroms = vec![CdromProfile {
+        controller: Controller::Ide,
+        file: None,
+    }];
     p.nics = vec![
-        NicProfile { model: NicModel::Vmxnet3, network: "VM Network".into(), mac: MacPolicy::Generated },
+        NicProfile {
+            model: NicModel::Vmxnet3,
+            network: "VM Network".into(),
+            mac: MacPolicy::Generated,
+        },
         NicProfile {
             model: NicModel::E1000e,
             network: "backend".into(),
             mac: MacPolicy::Static("00:50:56:01:02:03".into()),
         },
     ];
-    p.product = Some(Product { name: Some("Web".into()), vendor: Some("Example".into()), ..Default::default() });
+    p.product = Some(Product {
+        name: Some("Web".into()),
+        vendor: Some("Example".into()),
+        ..Default::default()
+    });
     p.annotation = Some("annotated".into());
     p.eula = Some("licence text".into());
     p
@@ -79,11 +111,24 @@ fn written_ovf1_validates_against_dsp8023_1_1_1() {
     }
     let p = sample_profile();
     let files: Vec<_> = (0..3)
-        .map(|i| (format!("web01-disk{i}.vmdk"), 4096 * (i + 1), VMDK_STREAM_URI.to_string()))
+        .map(|i| {
+            (
+                format!("web01-disk{i}.vmdk"),
+                4096 * (i + 1),
+                VMDK_STREAM_URI.to_string(),
+            )
+        })
         .collect();
     let d = descriptor_for(&p, &files);
     for vmware in [true, false] {
-        let text = envelope::write(&d, &WriteOptions { version: OvfVersion::V1, vmware }).unwrap();
+        let text = envelope::write(
+            &d,
+            &WriteOptions {
+                version: OvfVersion::V1,
+                vmware,
+            },
+        )
+        .unwrap();
         xmllint_validate(&schema, &text);
     }
 }
@@ -99,13 +144,21 @@ fn written_ovf2_validates_against_dsp8023_2_0_1() {
         return;
     }
     let d = descriptor_for(&sample_profile(), &[]);
-    let text =
-        envelope::write(&d, &WriteOptions { version: OvfVersion::V2, vmware: false }).unwrap();
+    let text = envelope::write(
+        &d,
+        &WriteOptions {
+            version: OvfVersion::V2,
+            vmware: false,
+        },
+    )
+    .unwrap();
     xmllint_validate(&schema, &text);
 }
 
 fn corpus_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -121,9 +174,16 @@ fn corpus_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `SLES11_SP2_64.ovf` has an Envelope in no namespace.
 fn meant_invalid(p: &Path) -> bool {
     let s = p.to_string_lossy().to_ascii_lowercase();
-    ["/neg/", "invalid", "negative", "corrupted", "_old/descriptor.ovf", "sles11_sp2_64.ovf"]
-        .iter()
-        .any(|m| s.contains(m))
+    [
+        "/neg/",
+        "invalid",
+        "negative",
+        "corrupted",
+        "_old/descriptor.ovf",
+        "sles11_sp2_64.ovf",
+    ]
+    .iter()
+    .any(|m| s.contains(m))
 }
 
 #[test]
@@ -161,8 +221,10 @@ fn govmomi_corpus_parses_and_round_trips() {
                         continue;
                     }
                 };
-                let collection =
-                    d.extra_sections.iter().any(|s| s.name.local == "VirtualSystemCollection");
+                let collection = d
+                    .extra_sections
+                    .iter()
+                    .any(|s| s.name.local == "VirtualSystemCollection");
                 if !collection && again.profile != d.profile {
                     round_trip.push(format!(
                         "{}: profile changed\n  {:?}\n  {:?}",
@@ -203,9 +265,17 @@ fn govmomi_corpus_parses_and_round_trips() {
     for f in &round_trip {
         eprintln!("  round trip: {f}");
     }
-    assert!(round_trip.is_empty(), "{} descriptors did not round-trip", round_trip.len());
+    assert!(
+        round_trip.is_empty(),
+        "{} descriptors did not round-trip",
+        round_trip.len()
+    );
     assert!(files.len() > 900, "corpus incomplete: {}", files.len());
-    assert!(failures.is_empty(), "{} valid descriptors failed to parse", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} valid descriptors failed to parse",
+        failures.len()
+    );
 }
 
 // ---- packaging: OVA, manifest, signature ----
@@ -215,7 +285,9 @@ use vmi_ovf::package::{self, DiskInput, ExportOptions, Package};
 /// A raw disk with a recognisable pattern.
 fn raw_disk(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
     let p = dir.join(name);
-    let data: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
     std::fs::write(&p, data).unwrap();
     p
 }
@@ -240,10 +312,17 @@ fn ova_members_are_ordered_and_unpack_with_gnu_tar_and_sha256sum() {
     let d1 = raw_disk(dir.path(), "a.img", 1 << 20, 1);
     let d2 = raw_disk(dir.path(), "b.img", 3 * 4096 + 100, 2);
     let ova = dir.path().join("web.ova");
-    package::export(&[as_is(&d1), as_is(&d2)], &two_disk_profile(), &ova, &ExportOptions::default())
-        .unwrap();
+    package::export(
+        &[as_is(&d1), as_is(&d2)],
+        &two_disk_profile(),
+        &ova,
+        &ExportOptions::default(),
+    )
+    .unwrap();
     let pkg = Package::open(&ova).unwrap();
-    let vmi_ovf::package::Source::Ova(o) = &pkg.source else { panic!() };
+    let vmi_ovf::package::Source::Ova(o) = &pkg.source else {
+        panic!()
+    };
     let names: Vec<_> = o.members.iter().map(|m| m.name.clone()).collect();
     assert_eq!(names, ["web.ovf", "web.mf", "a.img", "b.img"]);
     let report = pkg.verify().unwrap();
@@ -257,10 +336,24 @@ fn ova_members_are_ordered_and_unpack_with_gnu_tar_and_sha256sum() {
     std::fs::create_dir(&x).unwrap();
     let out = Command::new("tar").arg("-tf").arg(&ova).output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), names);
-    let st = Command::new("tar").arg("-xf").arg(&ova).arg("-C").arg(&x).status().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        names
+    );
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(&ova)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
     assert!(st.success());
-    assert_eq!(std::fs::read(x.join("a.img")).unwrap(), std::fs::read(&d1).unwrap());
+    assert_eq!(
+        std::fs::read(x.join("a.img")).unwrap(),
+        std::fs::read(&d1).unwrap()
+    );
     // The manifest in sha256sum's own format: "hex  name".
     let mf = std::fs::read_to_string(x.join("web.mf")).unwrap();
     let mut check = String::new();
@@ -270,8 +363,17 @@ fn ova_members_are_ordered_and_unpack_with_gnu_tar_and_sha256sum() {
         check.push_str(&format!("{hex}  {name}\n"));
     }
     std::fs::write(x.join("sums"), check).unwrap();
-    let st = Command::new("sha256sum").arg("-c").arg("sums").current_dir(&x).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stdout));
+    let st = Command::new("sha256sum")
+        .arg("-c")
+        .arg("sums")
+        .current_dir(&x)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
 }
 
 #[test]
@@ -300,7 +402,9 @@ fn verify_fails_after_one_disk_byte_changes() {
     package::export(&[as_is(&d1)], &p, &ova, &ExportOptions::default()).unwrap();
     let off = {
         let pkg = Package::open(&ova).unwrap();
-        let vmi_ovf::package::Source::Ova(o) = &pkg.source else { panic!() };
+        let vmi_ovf::package::Source::Ova(o) = &pkg.source else {
+            panic!()
+        };
         o.member("a.img").unwrap().offset + 1000
     };
     let mut bytes = std::fs::read(&ova).unwrap();
@@ -308,7 +412,11 @@ fn verify_fails_after_one_disk_byte_changes() {
     std::fs::write(&ova, bytes).unwrap();
     let report = Package::open(&ova).unwrap().verify().unwrap();
     assert!(!report.ok());
-    assert!(report.problems.iter().any(|p| p.contains("a.img")), "{:?}", report.problems);
+    assert!(
+        report.problems.iter().any(|p| p.contains("a.img")),
+        "{:?}",
+        report.problems
+    );
 }
 
 /// A self-signed RSA certificate and key made by openssl, or `None` (skip) when it is absent.
@@ -320,7 +428,9 @@ fn openssl_cert(dir: &Path, cn: &str) -> Option<(String, String)> {
     let key = dir.join(format!("{cn}.key"));
     let crt = dir.join(format!("{cn}.crt"));
     let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
         .arg(format!("/CN={cn}"))
         .arg("-keyout")
         .arg(&key)
@@ -328,22 +438,36 @@ fn openssl_cert(dir: &Path, cn: &str) -> Option<(String, String)> {
         .arg(&crt)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    Some((std::fs::read_to_string(key).unwrap(), std::fs::read_to_string(crt).unwrap()))
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    Some((
+        std::fs::read_to_string(key).unwrap(),
+        std::fs::read_to_string(crt).unwrap(),
+    ))
 }
 
 #[test]
 fn signed_ova_verifies_and_fails_after_a_disk_byte_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((key, cert)) = openssl_cert(dir.path(), "vmi-test") else { return };
+    let Some((key, cert)) = openssl_cert(dir.path(), "vmi-test") else {
+        return;
+    };
     let d1 = raw_disk(dir.path(), "a.img", 64 * 1024, 5);
     let ova = dir.path().join("s.ova");
     let mut p = two_disk_profile();
     p.disks.truncate(1);
-    let opts = ExportOptions { sign: Some((key.clone(), cert.clone())), ..Default::default() };
+    let opts = ExportOptions {
+        sign: Some((key.clone(), cert.clone())),
+        ..Default::default()
+    };
     package::export(&[as_is(&d1)], &p, &ova, &opts).unwrap();
     let pkg = Package::open(&ova).unwrap();
-    let vmi_ovf::package::Source::Ova(o) = &pkg.source else { panic!() };
+    let vmi_ovf::package::Source::Ova(o) = &pkg.source else {
+        panic!()
+    };
     let names: Vec<_> = o.members.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["s.ovf", "s.mf", "s.cert", "a.img"]);
     let r = pkg.verify().unwrap();
@@ -355,17 +479,39 @@ fn signed_ova_verifies_and_fails_after_a_disk_byte_changes() {
     std::fs::create_dir(&x).unwrap();
     std::fs::write(x.join("s.mf"), pkg.manifest.as_ref().unwrap().1.clone()).unwrap();
     let cert_text = &pkg.cert.as_ref().unwrap().1;
-    let hexsig = cert_text.lines().next().unwrap().split("= ").nth(1).unwrap();
+    let hexsig = cert_text
+        .lines()
+        .next()
+        .unwrap()
+        .split("= ")
+        .nth(1)
+        .unwrap();
     std::fs::write(x.join("sig"), vmi_ovf::manifest::unhex(hexsig).unwrap()).unwrap();
     std::fs::write(x.join("c.pem"), &cert).unwrap();
-    let pubkey = Command::new("openssl").args(["x509", "-pubkey", "-noout", "-in"]).arg(x.join("c.pem")).output().unwrap();
+    let pubkey = Command::new("openssl")
+        .args(["x509", "-pubkey", "-noout", "-in"])
+        .arg(x.join("c.pem"))
+        .output()
+        .unwrap();
     std::fs::write(x.join("pub.pem"), pubkey.stdout).unwrap();
     let v = Command::new("openssl")
-        .args(["dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig", "s.mf"])
+        .args([
+            "dgst",
+            "-sha256",
+            "-verify",
+            "pub.pem",
+            "-signature",
+            "sig",
+            "s.mf",
+        ])
         .current_dir(&x)
         .output()
         .unwrap();
-    assert!(v.status.success(), "openssl: {}", String::from_utf8_lossy(&v.stdout));
+    assert!(
+        v.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     // One changed disk byte: the manifest digest no longer matches.
     let off = o.member("a.img").unwrap().offset + 7;
     drop(pkg);
@@ -375,7 +521,10 @@ fn signed_ova_verifies_and_fails_after_a_disk_byte_changes() {
     assert!(!Package::open(&ova).unwrap().verify().unwrap().ok());
     // A manifest re-written to match the changed disk: the signature no longer matches.
     let wrong_key = openssl_cert(dir.path(), "other").unwrap();
-    let opts = ExportOptions { sign: Some((wrong_key.0, cert)), ..Default::default() };
+    let opts = ExportOptions {
+        sign: Some((wrong_key.0, cert)),
+        ..Default::default()
+    };
     let e = package::export(&[as_is(&d1)], &p, &dir.path().join("t.ova"), &opts).unwrap_err();
     assert!(e.to_string().contains("does not belong"));
 }
@@ -438,8 +587,15 @@ fn export_converts_disks_to_stream_optimized_vmdk_when_the_engine_can() {
     let ova = dir.path().join("e.ova");
     let mut p = two_disk_profile();
     p.disks.truncate(1);
-    match package::export(&[DiskInput::Convert(src.clone())], &p, &ova, &ExportOptions::default()) {
-        Err(e) if format!("{e:?}").contains("Unsupported") || format!("{e:?}").contains("not yet") => {
+    match package::export(
+        &[DiskInput::Convert(src.clone())],
+        &p,
+        &ova,
+        &ExportOptions::default(),
+    ) {
+        Err(e)
+            if format!("{e:?}").contains("Unsupported") || format!("{e:?}").contains("not yet") =>
+        {
             eprintln!("skipped: disk conversion to VMDK streamOptimized not available: {e:?}");
             return;
         }
@@ -448,7 +604,9 @@ fn export_converts_disks_to_stream_optimized_vmdk_when_the_engine_can() {
     }
     let pkg = Package::open(&ova).unwrap();
     assert!(pkg.verify().unwrap().ok());
-    let vmi_ovf::package::Source::Ova(o) = &pkg.source else { panic!() };
+    let vmi_ovf::package::Source::Ova(o) = &pkg.source else {
+        panic!()
+    };
     let m = o.member("e-disk1.vmdk").unwrap();
     let x = dir.path().join("x.vmdk");
     let mut f = std::fs::File::create(&x).unwrap();
@@ -456,7 +614,10 @@ fn export_converts_disks_to_stream_optimized_vmdk_when_the_engine_can() {
     vmi_testkit::qemu::assert_qemu_check_clean(&x, "vmdk");
     vmi_testkit::qemu::assert_qemu_identical(&src, "raw", &x, "vmdk");
     let info = vmi_testkit::qemu::qemu_info(&x, "vmdk");
-    assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized", "{info}");
+    assert_eq!(
+        info["format-specific"]["data"]["create-type"], "streamOptimized",
+        "{info}"
+    );
     // Import back to qcow2: disk converted, profile written.
     let out = dir.path().join("imported");
     let prof = package::import(&pkg, &out, vmi_disk::Format::Qcow2).unwrap();
@@ -468,4 +629,69 @@ fn export_converts_disks_to_stream_optimized_vmdk_when_the_engine_can() {
         "qcow2",
     );
     assert!(out.join("profile.toml").exists());
+}
+
+// ---- command glue and target conversion ----
+
+use vmi_ovf::cli::{self, InfoArgs, OvfArgs, OvfCommand, VerifyArgs};
+
+#[test]
+fn ovf_info_and_verify_commands_report_on_an_exported_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = raw_disk(dir.path(), "a.img", 64 * 1024, 1);
+    let ova = dir.path().join("c.ova");
+    let mut p = two_disk_profile();
+    p.disks.truncate(1);
+    package::export(&[as_is(&d1)], &p, &ova, &ExportOptions::default()).unwrap();
+    let mut out = Vec::new();
+    let args = OvfArgs {
+        command: OvfCommand::Info(InfoArgs {
+            package: ova.clone(),
+            json: true,
+        }),
+    };
+    assert_eq!(cli::run_ovf(&args, &mut out).unwrap(), 0);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["profile"]["cpus"], 2);
+    assert_eq!(v["members"][0]["name"], "c.ovf");
+    let mut out = Vec::new();
+    let schema = shared("ovf-schema/1.1.1/dsp8023_1.1.1.xsd").filter(|_| have("xmllint"));
+    let args = OvfArgs {
+        command: OvfCommand::Verify(VerifyArgs {
+            package: ova.clone(),
+            schema,
+            json: false,
+        }),
+    };
+    let code = cli::run_ovf(&args, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("verified"));
+}
+
+#[test]
+fn convert_for_azure_gives_a_fixed_vhd_of_whole_mib_when_the_engine_can() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 MiB + 1000 bytes: not a whole MiB.
+    let src = raw_disk(dir.path(), "odd.img", (5 << 20) + 1000, 4);
+    let out = dir.path().join("azure.vhd");
+    match vmi_ovf::targets::convert_for_target(&src, &"azure".parse().unwrap(), &out, None) {
+        Err(e)
+            if format!("{e:?}").contains("Unsupported") || format!("{e:?}").contains("not yet") =>
+        {
+            eprintln!("skipped: conversion to fixed VHD not available: {e:?}");
+            return;
+        }
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => {}
+    }
+    let info = vmi_testkit::qemu::qemu_info(&out, "vpc");
+    assert_eq!(info["format"], "vpc");
+    assert_eq!(info["virtual-size"], 6u64 << 20, "{info}");
+    let img = vmi_disk::Image::open(&out, &vmi_disk::OpenOptions::new()).unwrap();
+    let facts = vmi_ovf::compat::ImageFacts::from_image(&img);
+    assert!(
+        vmi_ovf::compat::check(Some(&facts), None, &"azure".parse().unwrap()).is_empty(),
+        "{facts:?}"
+    );
 }

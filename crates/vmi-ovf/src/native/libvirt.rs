@@ -71,31 +71,46 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
     let any_ide = p.disks.iter().any(|d| d.controller == Controller::Ide)
         || p.cdroms.iter().any(|c| c.controller == Controller::Ide);
     let machine = if any_ide { "pc" } else { "q35" };
-    let mut dom = Element::new("", "domain").attr("", "type", "kvm").leaf("", "name", &p.name);
+    let mut dom = Element::new("", "domain")
+        .attr("", "type", "kvm")
+        .leaf("", "name", &p.name);
     if let Some(a) = &p.annotation {
         dom = dom.leaf("", "description", a);
     }
     dom = dom
-        .child(Element::new("", "memory").attr("", "unit", "MiB").text(p.memory_mib.to_string()))
+        .child(
+            Element::new("", "memory")
+                .attr("", "unit", "MiB")
+                .text(p.memory_mib.to_string()),
+        )
         .leaf("", "vcpu", p.cpus.to_string());
     let mut os = Element::new("", "os");
     if p.firmware.kind == FirmwareKind::Uefi {
         os.set_attr("", "firmware", "efi");
     }
     os = os.child(
-        Element::new("", "type").attr("", "arch", "x86_64").attr("", "machine", machine).text("hvm"),
+        Element::new("", "type")
+            .attr("", "arch", "x86_64")
+            .attr("", "machine", machine)
+            .text("hvm"),
     );
     if p.firmware.kind == FirmwareKind::Uefi {
         os = os.child(
             Element::new("", "firmware").child(
                 Element::new("", "feature")
-                    .attr("", "enabled", if p.firmware.secure_boot { "yes" } else { "no" })
+                    .attr(
+                        "",
+                        "enabled",
+                        if p.firmware.secure_boot { "yes" } else { "no" },
+                    )
                     .attr("", "name", "secure-boot"),
             ),
         );
     }
     dom = dom.child(os);
-    let mut features = Element::new("", "features").child(Element::new("", "acpi")).child(Element::new("", "apic"));
+    let mut features = Element::new("", "features")
+        .child(Element::new("", "acpi"))
+        .child(Element::new("", "apic"));
     if p.firmware.secure_boot {
         features = features.child(Element::new("", "smm").attr("", "state", "on"));
     }
@@ -129,7 +144,12 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
         dev_name(bus, n)
     };
     let mut scsi_models: Vec<&str> = Vec::new();
-    for c in p.disks.iter().map(|d| d.controller).chain(p.cdroms.iter().map(|c| c.controller)) {
+    for c in p
+        .disks
+        .iter()
+        .map(|d| d.controller)
+        .chain(p.cdroms.iter().map(|c| c.controller))
+    {
         if let Some(m) = scsi_model(c) {
             if !scsi_models.contains(&m) {
                 scsi_models.push(m);
@@ -140,12 +160,21 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
         let bus = bus_of(d.controller);
         let fmt = d.format.clone().unwrap_or_else(|| "qcow2".into());
         let fmt = if fmt == "vpc" { "vpc".to_string() } else { fmt };
-        let file = d.file.clone().unwrap_or_else(|| format!("{}-disk{}.{fmt}", p.name, i + 1));
-        let mut target = Element::new("", "target").attr("", "dev", next_dev(bus)).attr("", "bus", bus);
+        let file = d
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("{}-disk{}.{fmt}", p.name, i + 1));
+        let mut target = Element::new("", "target")
+            .attr("", "dev", next_dev(bus))
+            .attr("", "bus", bus);
         let mut addr = None;
         if let Some(m) = scsi_model(d.controller) {
             let ctl = scsi_models.iter().position(|x| *x == m).unwrap_or(0);
-            addr = Some(Element::new("", "address").attr("", "type", "drive").attr("", "controller", ctl.to_string()));
+            addr = Some(Element::new("", "address").attr("", "type", "drive").attr(
+                "",
+                "controller",
+                ctl.to_string(),
+            ));
         }
         if bus == "nvme" {
             target = target.attr("", "bus", "nvme");
@@ -153,7 +182,11 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
         let mut disk = Element::new("", "disk")
             .attr("", "type", "file")
             .attr("", "device", "disk")
-            .child(Element::new("", "driver").attr("", "name", "qemu").attr("", "type", fmt))
+            .child(
+                Element::new("", "driver")
+                    .attr("", "name", "qemu")
+                    .attr("", "type", fmt),
+            )
             .child(Element::new("", "source").attr("", "file", file))
             .child(target);
         if let Some(a) = addr {
@@ -166,15 +199,27 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
         let mut cd = Element::new("", "disk")
             .attr("", "type", "file")
             .attr("", "device", "cdrom")
-            .child(Element::new("", "driver").attr("", "name", "qemu").attr("", "type", "raw"));
+            .child(
+                Element::new("", "driver")
+                    .attr("", "name", "qemu")
+                    .attr("", "type", "raw"),
+            );
         if let Some(f) = &c.file {
             cd = cd.child(Element::new("", "source").attr("", "file", f));
         }
-        cd = cd.child(Element::new("", "target").attr("", "dev", next_dev(bus)).attr("", "bus", bus));
+        cd = cd.child(
+            Element::new("", "target")
+                .attr("", "dev", next_dev(bus))
+                .attr("", "bus", bus),
+        );
         cd = cd.child(Element::new("", "readonly"));
         if let Some(m) = scsi_model(c.controller) {
             let ctl = scsi_models.iter().position(|x| *x == m).unwrap_or(0);
-            cd = cd.child(Element::new("", "address").attr("", "type", "drive").attr("", "controller", ctl.to_string()));
+            cd = cd.child(Element::new("", "address").attr("", "type", "drive").attr(
+                "",
+                "controller",
+                ctl.to_string(),
+            ));
         }
         dev = dev.child(cd);
     }
@@ -198,9 +243,11 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
     }
     if p.firmware.tpm {
         dev = dev.child(
-            Element::new("", "tpm")
-                .attr("", "model", "tpm-crb")
-                .child(Element::new("", "backend").attr("", "type", "emulator").attr("", "version", "2.0")),
+            Element::new("", "tpm").attr("", "model", "tpm-crb").child(
+                Element::new("", "backend")
+                    .attr("", "type", "emulator")
+                    .attr("", "version", "2.0"),
+            ),
         );
     }
     dom = dom.child(dev);
@@ -211,7 +258,10 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
 pub fn parse(text: &str) -> Result<HardwareProfile> {
     let root = xml::parse(text)?;
     if root.name.local != "domain" {
-        return Err(OvfError::Invalid(format!("root element is {}, not domain", root.name.local)));
+        return Err(OvfError::Invalid(format!(
+            "root element is {}, not domain",
+            root.name.local
+        )));
     }
     let mut p = HardwareProfile::new(root.child_text("name").unwrap_or_default());
     p.annotation = root.child_text("description").filter(|d| !d.is_empty());
@@ -237,24 +287,38 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
             >> 20;
     }
     if let Some(v) = root.child_text("vcpu") {
-        p.cpus = v.parse().map_err(|_| OvfError::Invalid(format!("domain vcpu '{v}'")))?;
+        p.cpus = v
+            .parse()
+            .map_err(|_| OvfError::Invalid(format!("domain vcpu '{v}'")))?;
     }
-    if let Some(t) = root.find_local("cpu").and_then(|c| c.find_local("topology")) {
+    if let Some(t) = root
+        .find_local("cpu")
+        .and_then(|c| c.find_local("topology"))
+    {
         p.cores_per_socket = t.get_attr("", "cores").and_then(|c| c.parse().ok());
     }
     if let Some(os) = root.find_local("os") {
         let efi = os.get_attr("", "firmware") == Some("efi")
-            || os.find_local("loader").is_some_and(|l| l.get_attr("", "type") == Some("pflash"));
+            || os
+                .find_local("loader")
+                .is_some_and(|l| l.get_attr("", "type") == Some("pflash"));
         if efi {
             p.firmware.kind = FirmwareKind::Uefi;
         }
         let sb_feature = os.find_local("firmware").is_some_and(|f| {
-            f.elements().any(|x| x.get_attr("", "name") == Some("secure-boot") && x.get_attr("", "enabled") == Some("yes"))
+            f.elements().any(|x| {
+                x.get_attr("", "name") == Some("secure-boot")
+                    && x.get_attr("", "enabled") == Some("yes")
+            })
         });
-        let sb_loader = os.find_local("loader").is_some_and(|l| l.get_attr("", "secure") == Some("yes"));
+        let sb_loader = os
+            .find_local("loader")
+            .is_some_and(|l| l.get_attr("", "secure") == Some("yes"));
         p.firmware.secure_boot = efi && (sb_feature || sb_loader);
     }
-    let Some(devs) = root.find_local("devices") else { return Ok(p) };
+    let Some(devs) = root.find_local("devices") else {
+        return Ok(p);
+    };
     let scsi_ctls: Vec<(String, Controller)> = devs
         .elements()
         .filter(|c| c.name.local == "controller" && c.get_attr("", "type") == Some("scsi"))
@@ -272,7 +336,10 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
     for d in devs.elements() {
         match d.name.local.as_str() {
             "disk" => {
-                let bus = d.find_local("target").and_then(|t| t.get_attr("", "bus")).unwrap_or("virtio");
+                let bus = d
+                    .find_local("target")
+                    .and_then(|t| t.get_attr("", "bus"))
+                    .unwrap_or("virtio");
                 let controller = match bus {
                     "ide" => Controller::Ide,
                     "sata" => Controller::Sata,
@@ -282,25 +349,47 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
                             .find_local("address")
                             .and_then(|a| a.get_attr("", "controller"))
                             .unwrap_or("0");
-                        scsi_ctls.iter().find(|(i, _)| i == idx).map(|(_, m)| *m).unwrap_or(Controller::VirtioScsi)
+                        scsi_ctls
+                            .iter()
+                            .find(|(i, _)| i == idx)
+                            .map(|(_, m)| *m)
+                            .unwrap_or(Controller::VirtioScsi)
                     }
                     _ => Controller::VirtioBlk,
                 };
-                let file = d.find_local("source").and_then(|s| s.get_attr("", "file")).map(str::to_string);
+                let file = d
+                    .find_local("source")
+                    .and_then(|s| s.get_attr("", "file"))
+                    .map(str::to_string);
                 if d.get_attr("", "device") == Some("cdrom") {
                     p.cdroms.push(CdromProfile { controller, file });
                 } else if d.get_attr("", "device").is_none_or(|x| x == "disk") {
-                    let format = d.find_local("driver").and_then(|x| x.get_attr("", "type")).map(str::to_string);
-                    p.disks.push(DiskProfile { capacity: 0, controller, format, file });
+                    let format = d
+                        .find_local("driver")
+                        .and_then(|x| x.get_attr("", "type"))
+                        .map(str::to_string);
+                    p.disks.push(DiskProfile {
+                        capacity: 0,
+                        controller,
+                        format,
+                        file,
+                    });
                 }
             }
             "interface" => {
                 let src = d.find_local("source");
                 let network = src
-                    .and_then(|s| s.get_attr("", "network").or_else(|| s.get_attr("", "bridge")))
+                    .and_then(|s| {
+                        s.get_attr("", "network")
+                            .or_else(|| s.get_attr("", "bridge"))
+                    })
                     .unwrap_or("")
                     .to_string();
-                let model = match d.find_local("model").and_then(|m| m.get_attr("", "type")).unwrap_or("virtio") {
+                let model = match d
+                    .find_local("model")
+                    .and_then(|m| m.get_attr("", "type"))
+                    .unwrap_or("virtio")
+                {
                     "virtio" => NicModel::VirtioNet,
                     "e1000" => NicModel::E1000,
                     "e1000e" => NicModel::E1000e,
@@ -315,7 +404,11 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
                     .and_then(|m| m.get_attr("", "address"))
                     .map(|m| MacPolicy::Static(m.to_ascii_lowercase()))
                     .unwrap_or_default();
-                p.nics.push(NicProfile { model, network, mac });
+                p.nics.push(NicProfile {
+                    model,
+                    network,
+                    mac,
+                });
             }
             "tpm" => p.firmware.tpm = true,
             _ => {}
@@ -370,7 +463,10 @@ mod tests {
 
     #[test]
     fn parse_reads_memory_units_and_rejects_other_roots() {
-        let p = parse("<domain type='kvm'><name>a</name><memory unit='GiB'>2</memory><vcpu>3</vcpu></domain>").unwrap();
+        let p = parse(
+            "<domain type='kvm'><name>a</name><memory unit='GiB'>2</memory><vcpu>3</vcpu></domain>",
+        )
+        .unwrap();
         assert_eq!((p.memory_mib, p.cpus), (2048, 3));
         let p = parse("<domain><name>a</name><memory>1048576</memory></domain>").unwrap();
         assert_eq!(p.memory_mib, 1024);

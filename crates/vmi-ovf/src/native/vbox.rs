@@ -49,20 +49,38 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
     p.validate()?;
     let vm = quote(&p.name);
     let mut s = String::from("#!/bin/sh\nset -e\n");
-    let _ = writeln!(s, "VBoxManage createvm --name {vm} --ostype Other_64 --register");
+    let _ = writeln!(
+        s,
+        "VBoxManage createvm --name {vm} --ostype Other_64 --register"
+    );
     let mut modify = format!(
         "VBoxManage modifyvm {vm} --cpus {} --memory {} --firmware {}",
         p.cpus,
         p.memory_mib,
-        if p.firmware.kind == FirmwareKind::Uefi { "efi" } else { "bios" }
+        if p.firmware.kind == FirmwareKind::Uefi {
+            "efi"
+        } else {
+            "bios"
+        }
     );
     if p.firmware.tpm {
         modify.push_str(" --tpm-type 2.0");
     }
     for (i, n) in p.nics.iter().enumerate() {
-        let _ = write!(modify, " --nic{0} intnet --intnet{0} {1} --nictype{0} {2}", i + 1, quote(&n.network), nic_type(&n.model)?);
+        let _ = write!(
+            modify,
+            " --nic{0} intnet --intnet{0} {1} --nictype{0} {2}",
+            i + 1,
+            quote(&n.network),
+            nic_type(&n.model)?
+        );
         if let MacPolicy::Static(m) = &n.mac {
-            let _ = write!(modify, " --macaddress{} {}", i + 1, m.replace(':', "").to_ascii_uppercase());
+            let _ = write!(
+                modify,
+                " --macaddress{} {}",
+                i + 1,
+                m.replace(':', "").to_ascii_uppercase()
+            );
         }
     }
     let _ = writeln!(s, "{modify}");
@@ -74,8 +92,24 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
         .disks
         .iter()
         .enumerate()
-        .map(|(i, d)| (d.controller, "hdd", Some(d.file.clone().unwrap_or_else(|| format!("{}-disk{}.vdi", p.name, i + 1)))))
-        .chain(p.cdroms.iter().map(|c| (c.controller, "dvddrive", Some(c.file.clone().unwrap_or_else(|| "emptydrive".into())))));
+        .map(|(i, d)| {
+            (
+                d.controller,
+                "hdd",
+                Some(
+                    d.file
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-disk{}.vdi", p.name, i + 1)),
+                ),
+            )
+        })
+        .chain(p.cdroms.iter().map(|c| {
+            (
+                c.controller,
+                "dvddrive",
+                Some(c.file.clone().unwrap_or_else(|| "emptydrive".into())),
+            )
+        }));
     for (c, kind, medium) in devices {
         let (name, bus, chipset) = controller(c)?;
         let port = match ctls.iter_mut().find(|(m, _)| *m == c) {
@@ -84,13 +118,20 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
                 *n - 1
             }
             None => {
-                let _ = writeln!(s, "VBoxManage storagectl {vm} --name {name} --add {bus} --controller {chipset}");
+                let _ = writeln!(
+                    s,
+                    "VBoxManage storagectl {vm} --name {name} --add {bus} --controller {chipset}"
+                );
                 ctls.push((c, 1));
                 0
             }
         };
         // IDE has two ports of two devices each.
-        let (port, device) = if c == Controller::Ide { (port / 2, port % 2) } else { (port, 0) };
+        let (port, device) = if c == Controller::Ide {
+            (port / 2, port % 2)
+        } else {
+            (port, 0)
+        };
         let _ = writeln!(
             s,
             "VBoxManage storageattach {vm} --storagectl {name} --port {port} --device {device} --type {kind} --medium {}",

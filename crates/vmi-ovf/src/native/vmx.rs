@@ -52,7 +52,10 @@ fn unesc(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'|' && i + 2 < b.len() {
-            if let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            if let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 out.push(v);
                 i += 3;
                 continue;
@@ -79,7 +82,13 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
         .unwrap_or(14);
     put("virtualHW.version", hw.to_string());
     put("displayName", p.name.clone());
-    put("guestOS", p.guest_os.vmware_id.clone().unwrap_or_else(|| "other-64".into()));
+    put(
+        "guestOS",
+        p.guest_os
+            .vmware_id
+            .clone()
+            .unwrap_or_else(|| "other-64".into()),
+    );
     put("numvcpus", p.cpus.to_string());
     if let Some(c) = p.cores_per_socket {
         put("cpuid.coresPerSocket", c.to_string());
@@ -130,7 +139,10 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
     for (i, d) in p.disks.iter().enumerate() {
         let s = slot(d.controller, &mut kv)?;
         kv.push((format!("{s}.present"), "TRUE".into()));
-        let file = d.file.clone().unwrap_or_else(|| format!("{}-disk{}.vmdk", p.name, i + 1));
+        let file = d
+            .file
+            .clone()
+            .unwrap_or_else(|| format!("{}-disk{}.vmdk", p.name, i + 1));
         kv.push((format!("{s}.fileName"), file));
     }
     for c in &p.cdroms {
@@ -176,7 +188,10 @@ pub fn generate(p: &HardwareProfile) -> Result<String> {
 /// Parse a `.vmx` into a profile.
 pub fn parse(text: &str) -> Result<HardwareProfile> {
     if text.len() > MAX_VMX_BYTES {
-        return Err(OvfError::Invalid(format!("vmx is {} bytes, more than {MAX_VMX_BYTES}", text.len())));
+        return Err(OvfError::Invalid(format!(
+            "vmx is {} bytes, more than {MAX_VMX_BYTES}",
+            text.len()
+        )));
     }
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -188,19 +203,29 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
             .split_once('=')
             .ok_or_else(|| OvfError::Invalid(format!("vmx line {}: no '='", n + 1)))?;
         let v = v.trim();
-        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
         kv.insert(k.trim().to_ascii_lowercase(), unesc(v));
     }
     let get = |k: &str| kv.get(&k.to_ascii_lowercase()).cloned();
     let yes = |k: &str| get(k).is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let num = |k: &str| -> Result<Option<u64>> {
         get(k)
-            .map(|v| v.trim().parse::<u64>().map_err(|_| OvfError::Invalid(format!("vmx {k} = '{v}'"))))
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| OvfError::Invalid(format!("vmx {k} = '{v}'")))
+            })
             .transpose()
     };
     let mut p = HardwareProfile::new(get("displayName").unwrap_or_default());
     p.guest_os.vmware_id = get("guestOS");
-    p.cpus = num("numvcpus")?.unwrap_or(1).try_into().map_err(|_| OvfError::Invalid("vmx numvcpus".into()))?;
+    p.cpus = num("numvcpus")?
+        .unwrap_or(1)
+        .try_into()
+        .map_err(|_| OvfError::Invalid("vmx numvcpus".into()))?;
     p.cores_per_socket = num("cpuid.coresPerSocket")?.and_then(|c| u32::try_from(c).ok());
     p.memory_mib = num("memsize")?.unwrap_or(p.memory_mib);
     p.hardware_version = num("virtualHW.version")?.map(|v| format!("vmx-{v}"));
@@ -213,17 +238,28 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
     // Devices: walk bus:unit keys in a stable order.
     let mut slots: Vec<(String, u32, u32)> = Vec::new();
     for k in kv.keys() {
-        let Some((dev, rest)) = k.split_once('.') else { continue };
+        let Some((dev, rest)) = k.split_once('.') else {
+            continue;
+        };
         if rest != "present" {
             continue;
         }
-        let Some((bus, unit)) = dev.split_once(':') else { continue };
+        let Some((bus, unit)) = dev.split_once(':') else {
+            continue;
+        };
         let kind_len = bus.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-        let (Ok(bn), Ok(un)) = (bus[kind_len..].parse::<u32>(), unit.parse::<u32>()) else { continue };
+        let (Ok(bn), Ok(un)) = (bus[kind_len..].parse::<u32>(), unit.parse::<u32>()) else {
+            continue;
+        };
         slots.push((bus[..kind_len].to_string(), bn, un));
     }
     slots.sort_by(|a, b| {
-        let order = |k: &str| ["scsi", "sata", "nvme", "ide"].iter().position(|x| *x == k).unwrap_or(9);
+        let order = |k: &str| {
+            ["scsi", "sata", "nvme", "ide"]
+                .iter()
+                .position(|x| *x == k)
+                .unwrap_or(9)
+        };
         (order(&a.0), a.1, a.2).cmp(&(order(&b.0), b.1, b.2))
     });
     for (kind, bn, un) in slots {
@@ -235,7 +271,11 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
             "ide" => Controller::Ide,
             "sata" => Controller::Sata,
             "nvme" => Controller::Nvme,
-            "scsi" => match get(&format!("{kind}{bn}.virtualDev")).unwrap_or_default().to_ascii_lowercase().as_str() {
+            "scsi" => match get(&format!("{kind}{bn}.virtualDev"))
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+                .as_str()
+            {
                 "lsisas1068" => Controller::Lsilogicsas,
                 "buslogic" => Controller::Buslogic,
                 "pvscsi" => Controller::Pvscsi,
@@ -243,16 +283,25 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
             },
             _ => continue,
         };
-        let dtype = get(&format!("{s}.deviceType")).unwrap_or_default().to_ascii_lowercase();
+        let dtype = get(&format!("{s}.deviceType"))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let file = get(&format!("{s}.fileName"));
         if dtype.starts_with("cdrom") || dtype == "atapi-cdrom" {
             let file = if dtype == "cdrom-image" { file } else { None };
             p.cdroms.push(CdromProfile { controller, file });
         } else {
             let format = file.as_ref().map(|f| {
-                f.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_else(|| "vmdk".into())
+                f.rsplit_once('.')
+                    .map(|(_, e)| e.to_ascii_lowercase())
+                    .unwrap_or_else(|| "vmdk".into())
             });
-            p.disks.push(DiskProfile { capacity: 0, controller, format, file });
+            p.disks.push(DiskProfile {
+                capacity: 0,
+                controller,
+                format,
+                file,
+            });
         }
     }
     for i in 0..64 {
@@ -260,20 +309,32 @@ pub fn parse(text: &str) -> Result<HardwareProfile> {
         if !yes(&format!("{e}.present")) {
             continue;
         }
-        let model = match get(&format!("{e}.virtualDev")).unwrap_or_default().to_ascii_lowercase().as_str() {
+        let model = match get(&format!("{e}.virtualDev"))
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "e1000e" => NicModel::E1000e,
             "vmxnet3" => NicModel::Vmxnet3,
             "vlance" => NicModel::Pcnet32,
             "e1000" | "" => NicModel::E1000,
             other => NicModel::Other(other.to_string()),
         };
-        let mac = match get(&format!("{e}.addressType")).unwrap_or_default().to_ascii_lowercase().as_str() {
+        let mac = match get(&format!("{e}.addressType"))
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "static" => get(&format!("{e}.address"))
                 .map(|m| MacPolicy::Static(m.to_ascii_lowercase()))
                 .unwrap_or_default(),
             _ => MacPolicy::Generated,
         };
-        p.nics.push(NicProfile { model, network: get(&format!("{e}.networkName")).unwrap_or_default(), mac });
+        p.nics.push(NicProfile {
+            model,
+            network: get(&format!("{e}.networkName")).unwrap_or_default(),
+            mac,
+        });
     }
     Ok(p)
 }
