@@ -466,6 +466,27 @@ mod tests {
     }
 
     #[test]
+    fn headers_for_members_over_8_gib_use_base256_and_read_back() {
+        let h = ustar_header("big.vmdk", 9 << 30).unwrap();
+        assert_eq!(h[124] & 0x80, 0x80);
+        assert_eq!(octal(&h[124..136]), Some(9 << 30));
+        let h = ustar_header("small", MAX_OCTAL_SIZE).unwrap();
+        assert_eq!(octal(&h[124..136]), Some(MAX_OCTAL_SIZE));
+        let sum: u64 = h
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u64::from(b)
+                }
+            })
+            .sum();
+        assert_eq!(octal(&h[148..156]), Some(sum));
+    }
+
+    #[test]
     fn open_rejects_bad_checksums_and_truncated_members() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.ova");

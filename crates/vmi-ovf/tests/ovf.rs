@@ -695,3 +695,24 @@ fn convert_for_azure_gives_a_fixed_vhd_of_whole_mib_when_the_engine_can() {
         "{facts:?}"
     );
 }
+
+#[test]
+fn virtualbox_dialect_descriptor_maps_controllers_and_nics() {
+    let Some(f) = shared(
+        "ovf-corpus/govmomi/external/OVFToolTemplates/OVF/xmltestfiles/LaxMode/Pos/vbox5_all_storage_controllers/vbox5.ovf",
+    ) else {
+        eprintln!("skipped: ../shared/data/ovf-corpus absent");
+        return;
+    };
+    let d = envelope::parse(&std::fs::read_to_string(f).unwrap()).unwrap();
+    let p = &d.profile;
+    assert_eq!(p.memory_mib, 384);
+    assert_eq!(p.nics[0].model, NicModel::Pcnet32);
+    assert_eq!(p.disks.len(), 2);
+    assert!(p
+        .disks
+        .iter()
+        .all(|k| matches!(k.controller, Controller::Ide | Controller::Sata)));
+    // Sound card, USB and the floppy/other items are kept.
+    assert!(d.extra_items.len() >= 2, "{:?}", d.extra_items.len());
+}
