@@ -324,6 +324,7 @@ fn controllers_for(t: &Target) -> (&'static [Controller], &'static str) {
             &[Ide, Sata, Lsilogic, Lsilogicsas, Buslogic, Nvme, VirtioScsi],
             SRC_VBOX,
         ),
+        // libvirt's domain schema has no emulated NVMe disk bus.
         Target::Kvm | Target::Openstack => (
             &[
                 Ide,
@@ -333,7 +334,6 @@ fn controllers_for(t: &Target) -> (&'static [Controller], &'static str) {
                 Pvscsi,
                 VirtioBlk,
                 VirtioScsi,
-                Nvme,
             ],
             SRC_QEMU,
         ),

@@ -716,3 +716,82 @@ fn virtualbox_dialect_descriptor_maps_controllers_and_nics() {
     // Sound card, USB and the floppy/other items are kept.
     assert!(d.extra_items.len() >= 2, "{:?}", d.extra_items.len());
 }
+
+// ---- native configs ----
+
+use vmi_ovf::native::{libvirt, vmx};
+
+#[test]
+fn libvirt_domain_xml_validates_and_round_trips() {
+    let mut p = sample_profile();
+    p.guest_os = GuestOs::default();
+    p.hardware_version = None;
+    p.product = None;
+    p.eula = None;
+    p.disks = vec![
+        DiskProfile {
+            capacity: 0,
+            controller: Controller::VirtioBlk,
+            format: Some("qcow2".into()),
+            file: Some("/var/lib/a.qcow2".into()),
+        },
+        DiskProfile {
+            capacity: 0,
+            controller: Controller::VirtioScsi,
+            format: Some("raw".into()),
+            file: Some("/var/lib/b.img".into()),
+        },
+        DiskProfile {
+            capacity: 0,
+            controller: Controller::Sata,
+            format: Some("qcow2".into()),
+            file: Some("/var/lib/c.qcow2".into()),
+        },
+    ];
+    p.cdroms = vec![CdromProfile {
+        controller: Controller::Sata,
+        file: Some("/var/lib/x.iso".into()),
+    }];
+    p.nics[0].model = NicModel::VirtioNet;
+    let text = libvirt::generate(&p).unwrap();
+    assert_eq!(libvirt::parse(&text).unwrap(), p, "{text}");
+    if Command::new("virt-xml-validate")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: virt-xml-validate not installed (libvirt-clients)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("dom.xml");
+    std::fs::write(&f, &text).unwrap();
+    let out = Command::new("virt-xml-validate")
+        .arg(&f)
+        .arg("domain")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn vmx_generated_from_an_ovf_profile_parses_back() {
+    let mut p = sample_profile();
+    p.guest_os.cim_id = None;
+    p.guest_os.description = None;
+    p.product = None;
+    p.eula = None;
+    for d in &mut p.disks {
+        d.capacity = 0;
+        d.file = Some("x.vmdk".into());
+        d.format = Some("vmdk".into());
+    }
+    let text = vmx::generate(&p).unwrap();
+    let back = vmx::parse(&text).unwrap();
+    assert_eq!(back, p, "{text}");
+}

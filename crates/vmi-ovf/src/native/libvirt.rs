@@ -68,6 +68,15 @@ fn dev_name(bus: &str, n: usize) -> String {
 /// Generate domain XML for `p`.
 pub fn generate(p: &HardwareProfile) -> Result<String> {
     p.validate()?;
+    // The domain schema of the libvirt releases in use has no emulated NVMe disk bus.
+    if p.disks.iter().any(|d| d.controller == Controller::Nvme)
+        || p.cdroms.iter().any(|c| c.controller == Controller::Nvme)
+    {
+        return Err(OvfError::Unsupported(
+            "libvirt domain XML has no emulated NVMe disk bus; use virtio-blk or virtio-scsi"
+                .into(),
+        ));
+    }
     let any_ide = p.disks.iter().any(|d| d.controller == Controller::Ide)
         || p.cdroms.iter().any(|c| c.controller == Controller::Ide);
     let machine = if any_ide { "pc" } else { "q35" };
@@ -445,6 +454,13 @@ mod tests {
         let text = generate(&p).unwrap();
         assert!(text.contains("machine=\"q35\""), "{text}");
         assert_eq!(parse(&text).unwrap(), p, "{text}");
+    }
+
+    #[test]
+    fn nvme_disks_are_refused() {
+        let mut p = kvm_profile();
+        p.disks[0].controller = Controller::Nvme;
+        assert!(generate(&p).is_err());
     }
 
     #[test]
