@@ -135,22 +135,44 @@ pub struct ImageFacts {
 }
 
 impl ImageFacts {
-    /// Facts from an opened image (its format-specific information, qemu-img style).
+    /// Facts from an opened image: its format-specific information (qemu-img style) plus, where
+    /// that is silent, the on-disk headers — the VHD footer's disk type (VHD spec "Hard Disk
+    /// Footer Format": 2 fixed, 3 dynamic, 4 differencing) and the VMDK sparse header's version
+    /// (VMDK 5.0 spec "Hosted Sparse Extent Header").
     pub fn from_image(img: &vmi_disk::Image) -> ImageFacts {
         let info = img.driver().info();
         let data = &info.format_specific["data"];
-        let subformat = ["create-type", "subformat", "type"]
+        let mut subformat = ["create-type", "subformat", "type"]
             .iter()
             .find_map(|k| data[*k].as_str().map(str::to_string));
-        let version = data["version"]
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .or_else(|| {
-                data["extents"]
-                    .get(0)
-                    .and_then(|e| e["version"].as_u64())
-                    .and_then(|v| u32::try_from(v).ok())
-            });
+        let mut version = data["version"].as_u64().and_then(|v| u32::try_from(v).ok());
+        let file = img.driver().file(0).ok();
+        match (img.format(), file) {
+            (vmi_disk::Format::Vpc, Some(f)) if subformat.is_none() => {
+                let mut footer = [0u8; 512];
+                let len = f.len().unwrap_or(0);
+                if len >= 512
+                    && f.read_at(&mut footer, len - 512).is_ok()
+                    && &footer[..8] == b"conectix"
+                {
+                    subformat = match u32::from_be_bytes([
+                        footer[60], footer[61], footer[62], footer[63],
+                    ]) {
+                        2 => Some("fixed".into()),
+                        3 => Some("dynamic".into()),
+                        4 => Some("differencing".into()),
+                        _ => None,
+                    };
+                }
+            }
+            (vmi_disk::Format::Vmdk, Some(f)) if version.is_none() => {
+                let mut head = [0u8; 8];
+                if f.read_at(&mut head, 0).is_ok() && &head[..4] == b"KDMV" {
+                    version = Some(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+                }
+            }
+            _ => {}
+        }
         ImageFacts {
             format: img.format().name().to_string(),
             subformat,

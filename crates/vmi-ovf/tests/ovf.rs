@@ -618,6 +618,14 @@ fn export_converts_disks_to_stream_optimized_vmdk_when_the_engine_can() {
         info["format-specific"]["data"]["create-type"], "streamOptimized",
         "{info}"
     );
+    // The packaged disk, read in place, is what ESXi accepts.
+    let img = package::open_disk(&pkg, 0, dir.path()).unwrap();
+    let facts = vmi_ovf::compat::ImageFacts::from_image(&img);
+    assert_eq!(facts.subformat.as_deref(), Some("streamOptimized"));
+    assert_eq!(facts.version, Some(3));
+    let esxi = vmi_ovf::compat::check(Some(&facts), None, &"vmware-esxi".parse().unwrap());
+    assert!(esxi.is_empty(), "{esxi:?}");
+    drop(img);
     // Import back to qcow2: disk converted, profile written.
     let out = dir.path().join("imported");
     let prof = package::import(&pkg, &out, vmi_disk::Format::Qcow2).unwrap();
@@ -690,6 +698,7 @@ fn convert_for_azure_gives_a_fixed_vhd_of_whole_mib_when_the_engine_can() {
     assert_eq!(info["virtual-size"], 6u64 << 20, "{info}");
     let img = vmi_disk::Image::open(&out, &vmi_disk::OpenOptions::new()).unwrap();
     let facts = vmi_ovf::compat::ImageFacts::from_image(&img);
+    assert_eq!(facts.subformat.as_deref(), Some("fixed"));
     assert!(
         vmi_ovf::compat::check(Some(&facts), None, &"azure".parse().unwrap()).is_empty(),
         "{facts:?}"
