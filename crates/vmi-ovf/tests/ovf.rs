@@ -804,3 +804,78 @@ fn vmx_generated_from_an_ovf_profile_parses_back() {
     let back = vmx::parse(&text).unwrap();
     assert_eq!(back, p, "{text}");
 }
+
+fn engine_missing(e: &vmi_ovf::OvfError) -> bool {
+    let s = format!("{e:?}");
+    s.contains("Unsupported") || s.contains("not yet")
+}
+
+#[test]
+fn convert_for_gcp_gives_disk_raw_in_a_gzipped_tar_when_the_engine_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_disk(dir.path(), "g.img", 2 << 20, 6);
+    let out = dir.path().join("image.tar.gz");
+    match vmi_ovf::targets::convert_for_target(&src, &"gcp".parse().unwrap(), &out, None) {
+        Err(e) if engine_missing(&e) => {
+            eprintln!("skipped: conversion engine not available: {e:?}");
+            return;
+        }
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => {}
+    }
+    if !have("tar") {
+        eprintln!("skipped: GNU tar absent");
+        return;
+    }
+    let x = dir.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    let st = Command::new("tar")
+        .arg("-xzf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let names: Vec<_> = std::fs::read_dir(&x)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["disk.raw"]);
+    assert_eq!(
+        std::fs::read(x.join("disk.raw")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+}
+
+#[test]
+fn ovf_import_command_converts_disks_and_writes_the_profile_when_the_engine_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_disk(dir.path(), "i.img", 1 << 20, 8);
+    let ova = dir.path().join("i.ova");
+    let mut p = two_disk_profile();
+    p.disks.truncate(1);
+    package::export(&[as_is(&src)], &p, &ova, &ExportOptions::default()).unwrap();
+    let out_dir = dir.path().join("out");
+    let args = OvfArgs {
+        command: OvfCommand::Import(cli::ImportArgs {
+            package: ova,
+            format: "qcow2".into(),
+            dir: out_dir.clone(),
+        }),
+    };
+    let mut out = Vec::new();
+    match cli::run_ovf(&args, &mut out) {
+        Err(e) if engine_missing(&e) => {
+            eprintln!("skipped: conversion engine not available: {e:?}");
+            return;
+        }
+        Err(e) => panic!("{e:?}"),
+        Ok(code) => assert_eq!(code, 0),
+    }
+    let prof = HardwareProfile::load(&out_dir.join("profile.toml")).unwrap();
+    assert_eq!(prof.cpus, p.cpus);
+    let disk = out_dir.join(prof.disks[0].file.as_ref().unwrap());
+    vmi_testkit::qemu::assert_qemu_check_clean(&disk, "qcow2");
+    vmi_testkit::qemu::assert_qemu_identical(&src, "raw", &disk, "qcow2");
+}
