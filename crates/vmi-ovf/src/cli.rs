@@ -31,6 +31,41 @@ pub enum OvfCommand {
     Verify(VerifyArgs),
     /// Show what a package holds.
     Info(InfoArgs),
+    /// Write a native hypervisor config (VMX, libvirt domain XML, VBoxManage script) from a profile.
+    Config(ConfigArgs),
+    /// Read a profile from a package, a `.vmx` or a libvirt domain XML and write it as TOML/JSON.
+    Profile(ProfileArgs),
+}
+
+/// Native config kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigKind {
+    /// VMware `.vmx`.
+    Vmx,
+    /// libvirt domain XML (KVM).
+    Libvirt,
+    /// VirtualBox `VBoxManage` commands.
+    Vbox,
+}
+
+/// `vmi ovf config SOURCE --to vmx|libvirt|vbox`
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Profile (TOML/JSON), `.ovf` or `.ova`.
+    pub source: PathBuf,
+    /// Config kind to write.
+    #[arg(long = "to", value_enum)]
+    pub kind: ConfigKind,
+}
+
+/// `vmi ovf profile SOURCE [-o P]`
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// `.ovf`, `.ova`, `.vmx`, libvirt domain `.xml`, or a profile.
+    pub source: PathBuf,
+    /// Output file (`.json` for JSON, TOML otherwise); standard output as TOML when absent.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
 }
 
 /// `vmi ovf export DISK... --profile P -o X.ova`
@@ -143,19 +178,43 @@ pub fn run_ovf(args: &OvfArgs, out: &mut dyn Write) -> Result<i32> {
         OvfCommand::Import(a) => import(a, out),
         OvfCommand::Verify(a) => verify(a, out),
         OvfCommand::Info(a) => info(a, out),
+        OvfCommand::Config(a) => {
+            let p = load_profile(&a.source)?;
+            let text = match a.kind {
+                ConfigKind::Vmx => crate::native::vmx::generate(&p)?,
+                ConfigKind::Libvirt => crate::native::libvirt::generate(&p)?,
+                ConfigKind::Vbox => crate::native::vbox::generate(&p)?,
+            };
+            w(out, format_args!("{text}"))?;
+            Ok(0)
+        }
+        OvfCommand::Profile(a) => {
+            let p = load_profile(&a.source)?;
+            match &a.output {
+                Some(o) => p.save(o)?,
+                None => w(out, format_args!("{}", p.to_toml()?))?,
+            }
+            Ok(0)
+        }
     }
 }
 
-fn load_profile(p: &Path) -> Result<HardwareProfile> {
+/// Largest native config read.
+const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A profile from a profile file, an `.ovf`/`.ova`, a `.vmx` or a libvirt domain `.xml`.
+pub fn load_profile(p: &Path) -> Result<HardwareProfile> {
     let ext = p
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if ext == "ovf" || ext == "ova" {
-        return Ok(Package::open(p)?.descriptor.profile);
+    match ext.as_str() {
+        "ovf" | "ova" => Ok(Package::open(p)?.descriptor.profile),
+        "vmx" => crate::native::vmx::parse(&crate::profile::read_text(p, MAX_CONFIG_BYTES)?),
+        "xml" => crate::native::libvirt::parse(&crate::profile::read_text(p, MAX_CONFIG_BYTES)?),
+        _ => HardwareProfile::load(p),
     }
-    HardwareProfile::load(p)
 }
 
 fn export(a: &ExportArgs, out: &mut dyn Write) -> Result<i32> {
@@ -578,6 +637,37 @@ mod tests {
             "k"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn config_and_profile_commands_convert_between_vmx_and_libvirt() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmx = dir.path().join("a.vmx");
+        std::fs::write(
+            &vmx,
+            "displayName = \"a\"\nmemsize = \"512\"\nnumvcpus = \"2\"\n",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let args = OvfArgs {
+            command: OvfCommand::Config(ConfigArgs {
+                source: vmx.clone(),
+                kind: ConfigKind::Libvirt,
+            }),
+        };
+        assert_eq!(run_ovf(&args, &mut out).unwrap(), 0);
+        let xml = dir.path().join("a.xml");
+        std::fs::write(&xml, &out).unwrap();
+        let args = OvfArgs {
+            command: OvfCommand::Profile(ProfileArgs {
+                source: xml,
+                output: None,
+            }),
+        };
+        let mut out = Vec::new();
+        assert_eq!(run_ovf(&args, &mut out).unwrap(), 0);
+        let p = HardwareProfile::from_toml(&String::from_utf8(out).unwrap()).unwrap();
+        assert_eq!((p.name.as_str(), p.memory_mib, p.cpus), ("a", 512, 2));
     }
 
     #[test]
