@@ -19,6 +19,12 @@ use vmi_disk::{CreateOptions, Format, FormatOptions, Gate, Image, OpenOptions};
 /// Largest descriptor read (the XML parser has its own, larger, cap).
 pub const MAX_DESCRIPTOR_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Guest OS id written for a VMware-dialect export when the profile names none ("Other, 64-bit").
+pub const DEFAULT_VMWARE_GUEST: &str = "otherGuest64";
+/// Virtual hardware family written for a VMware-dialect export when the profile names none: vmx-10
+/// runs on ESXi 5.5 and later (VMware KB 1003746).
+pub const DEFAULT_HARDWARE_VERSION: &str = "vmx-10";
+
 /// Where a package's files live.
 #[derive(Debug)]
 pub enum Source {
@@ -436,6 +442,18 @@ fn export_into(
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("ova"));
     let mut profile = profile.clone();
+    if !opts.no_vmware {
+        // vSphere deploys need a guest OS and a virtual hardware family: default to "Other
+        // (64-bit)" (CIM OsType 1, VMware `otherGuest64`) and vmx-10 (ESXi 5.5 and later).
+        let g = &mut profile.guest_os;
+        if g.cim_id.is_none() && g.vmware_id.is_none() && g.description.is_none() {
+            g.cim_id = Some(1);
+            g.vmware_id = Some(DEFAULT_VMWARE_GUEST.into());
+        }
+        if profile.hardware_version.is_none() {
+            profile.hardware_version = Some(DEFAULT_HARDWARE_VERSION.into());
+        }
+    }
     let mut files: Vec<(String, u64, String)> = Vec::new();
     let mut paths: Vec<PathBuf> = Vec::new();
     for (i, d) in disks.iter().enumerate() {

@@ -328,6 +328,19 @@ fn ova_members_are_ordered_and_unpack_with_gnu_tar_and_sha256sum() {
     let report = pkg.verify().unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.digests_ok.len(), 3);
+    // A VMware-dialect export names a guest OS and hardware family even when the profile does not.
+    let mut bare = HardwareProfile::new("bare");
+    bare.disks.push(DiskProfile {
+        capacity: 0,
+        controller: Controller::Lsilogic,
+        format: None,
+        file: None,
+    });
+    let bare_ova = dir.path().join("bare.ova");
+    package::export(&[as_is(&d1)], &bare, &bare_ova, &ExportOptions::default()).unwrap();
+    let bp = Package::open(&bare_ova).unwrap().descriptor.profile;
+    assert_eq!(bp.guest_os.vmware_id.as_deref(), Some("otherGuest64"));
+    assert_eq!(bp.hardware_version.as_deref(), Some("vmx-10"));
     if !have("tar") || !have("sha256sum") {
         eprintln!("skipped GNU tar / sha256sum cross-check: tools absent");
         return;
@@ -878,4 +891,97 @@ fn ovf_import_command_converts_disks_and_writes_the_profile_when_the_engine_can(
     let disk = out_dir.join(prof.disks[0].file.as_ref().unwrap());
     vmi_testkit::qemu::assert_qemu_check_clean(&disk, "qcow2");
     vmi_testkit::qemu::assert_qemu_identical(&src, "raw", &disk, "qcow2");
+}
+
+// ---- hostile input ----
+
+/// Deterministic xorshift, so failures reproduce.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn mutate(r: &mut Rng, base: &[u8]) -> Vec<u8> {
+    let mut b = base.to_vec();
+    for _ in 0..1 + r.below(4) {
+        match r.below(4) {
+            0 if !b.is_empty() => {
+                let i = r.below(b.len());
+                b[i] = r.next() as u8;
+            }
+            1 => b.truncate(r.below(b.len() + 1)),
+            2 if !b.is_empty() => {
+                let i = r.below(b.len());
+                let j = (i + r.below(64)).min(b.len());
+                let chunk = b[i..j].to_vec();
+                let at = r.below(b.len());
+                b.splice(at..at, chunk);
+            }
+            _ if !b.is_empty() => {
+                let i = r.below(b.len());
+                let j = (i + r.below(32)).min(b.len());
+                b.drain(i..j);
+            }
+            _ => {}
+        }
+    }
+    b
+}
+
+#[test]
+fn parsers_survive_mutated_input_without_panicking() {
+    let d = descriptor_for(
+        &sample_profile(),
+        &[("a.vmdk".into(), 10, VMDK_STREAM_URI.into())],
+    );
+    let ovf = envelope::write(&d, &WriteOptions::default()).unwrap();
+    let mut p = sample_profile();
+    p.nics[0].model = NicModel::E1000;
+    p.disks.truncate(1);
+    let vmx_text = vmx::generate(&p).unwrap();
+    p.disks[0].controller = Controller::VirtioBlk;
+    let dom = libvirt::generate(&p).unwrap();
+    let mf = "SHA256(a.ovf)= 0000000000000000000000000000000000000000000000000000000000000000\n";
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..400 {
+        for (base, which) in [
+            (ovf.as_bytes(), 0),
+            (vmx_text.as_bytes(), 1),
+            (dom.as_bytes(), 2),
+            (mf.as_bytes(), 3),
+        ] {
+            let m = mutate(&mut r, base);
+            let s = String::from_utf8_lossy(&m);
+            let _ = match which {
+                0 => envelope::parse(&s).map(|_| ()),
+                1 => vmx::parse(&s).map(|_| ()),
+                2 => libvirt::parse(&s).map(|_| ()),
+                _ => vmi_ovf::manifest::Manifest::parse(&s).map(|_| ()),
+            };
+        }
+    }
+    // Archives: mutated OVAs open or fail cleanly.
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = raw_disk(dir.path(), "a.img", 4096, 1);
+    let ova = dir.path().join("m.ova");
+    let mut p = two_disk_profile();
+    p.disks.truncate(1);
+    package::export(&[as_is(&d1)], &p, &ova, &ExportOptions::default()).unwrap();
+    let bytes = std::fs::read(&ova).unwrap();
+    let target = dir.path().join("mut.ova");
+    for _ in 0..150 {
+        std::fs::write(&target, mutate(&mut r, &bytes)).unwrap();
+        if let Ok(pkg) = Package::open(&target) {
+            let _ = pkg.verify();
+            let _ = package::open_disk(&pkg, 0, dir.path());
+        }
+    }
 }
