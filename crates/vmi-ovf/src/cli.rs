@@ -31,10 +31,21 @@ pub enum OvfCommand {
     Verify(VerifyArgs),
     /// Show what a package holds.
     Info(InfoArgs),
+    /// Extract an OVA into a directory package.
+    Unpack(UnpackArgs),
     /// Write a native hypervisor config (VMX, libvirt domain XML, VBoxManage script) from a profile.
     Config(ConfigArgs),
     /// Read a profile from a package, a `.vmx` or a libvirt domain XML and write it as TOML/JSON.
     Profile(ProfileArgs),
+}
+
+/// `vmi ovf unpack X.ova DIR`
+#[derive(Debug, Args)]
+pub struct UnpackArgs {
+    /// The OVA.
+    pub ova: PathBuf,
+    /// Directory to extract into.
+    pub dir: PathBuf,
 }
 
 /// Native config kinds.
@@ -178,6 +189,11 @@ pub fn run_ovf(args: &OvfArgs, out: &mut dyn Write) -> Result<i32> {
         OvfCommand::Import(a) => import(a, out),
         OvfCommand::Verify(a) => verify(a, out),
         OvfCommand::Info(a) => info(a, out),
+        OvfCommand::Unpack(a) => {
+            let ovf = package::unpack(&a.ova, &a.dir)?;
+            w(out, format_args!("{}\n", ovf.display()))?;
+            Ok(0)
+        }
         OvfCommand::Config(a) => {
             let p = load_profile(&a.source)?;
             let text = match a.kind {

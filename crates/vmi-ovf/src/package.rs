@@ -340,6 +340,36 @@ impl VerifyReport {
     }
 }
 
+/// Extract an OVA into `dir` (created if needed) as a directory package; returns the path of the
+/// `.ovf`. Member names must be plain relative names; nothing outside `dir` is written and existing
+/// files are not overwritten.
+pub fn unpack(ova_path: &Path, dir: &Path) -> Result<PathBuf> {
+    let pkg = Package::open(ova_path)?;
+    let Source::Ova(ova) = &pkg.source else {
+        return Err(OvfError::Usage(format!(
+            "{} is not an OVA",
+            ova_path.display()
+        )));
+    };
+    std::fs::create_dir_all(dir).map_err(|e| OvfError::io("create", dir, e))?;
+    for m in &ova.members {
+        let name = safe_name(m.name.trim_start_matches("./"))?;
+        if Path::new(name).components().count() != 1 {
+            return Err(OvfError::Invalid(format!(
+                "OVA member '{name}' is not a plain file name"
+            )));
+        }
+        let dst = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dst)
+            .map_err(|e| OvfError::io("create", &dst, e))?;
+        std::io::copy(&mut ova.reader(m), &mut f).map_err(|e| OvfError::io("write", &dst, e))?;
+    }
+    Ok(dir.join(&pkg.descriptor_name))
+}
+
 /// A disk to put in a package.
 #[derive(Debug, Clone)]
 pub enum DiskInput {

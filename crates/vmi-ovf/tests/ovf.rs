@@ -390,6 +390,25 @@ fn ova_members_are_ordered_and_unpack_with_gnu_tar_and_sha256sum() {
 }
 
 #[test]
+fn unpacked_ova_is_a_directory_package_that_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = raw_disk(dir.path(), "a.img", 100_000, 2);
+    let ova = dir.path().join("u.ova");
+    let mut p = two_disk_profile();
+    p.disks.truncate(1);
+    package::export(&[as_is(&d1)], &p, &ova, &ExportOptions::default()).unwrap();
+    let out = dir.path().join("unpacked");
+    let ovf = package::unpack(&ova, &out).unwrap();
+    assert_eq!(ovf, out.join("u.ovf"));
+    let pkg = Package::open(&ovf).unwrap();
+    let r = pkg.verify().unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    assert_eq!(r.digests_ok.len(), 2);
+    // Unpacking again does not overwrite.
+    assert!(package::unpack(&ova, &out).is_err());
+}
+
+#[test]
 fn disks_are_read_in_place_from_the_ova() {
     let dir = tempfile::tempdir().unwrap();
     let d1 = raw_disk(dir.path(), "a.img", 256 * 1024, 9);
