@@ -531,6 +531,25 @@ fn info(a: &InfoArgs, out: &mut dyn Write) -> Result<i32> {
     Ok(0)
 }
 
+/// `vmi convert SRC OUT --target T [--profile P]`: what the convert command calls when `--target`
+/// is given. Checks the result against the target's rules and prints any remaining problem.
+pub fn run_convert_target(
+    src: &Path,
+    target: &str,
+    out_path: &Path,
+    profile: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<i32> {
+    let target: Target = target.parse()?;
+    let profile = profile.map(load_profile).transpose()?;
+    let written = crate::targets::convert_for_target(src, &target, out_path, profile.as_ref())?;
+    w(
+        out,
+        format_args!("wrote {} for {target}\n", written.display()),
+    )?;
+    Ok(0)
+}
+
 /// Run `vmi compat …`. Exit code 1 when any error-severity problem is found.
 pub fn run_compat(args: &CompatArgs, out: &mut dyn Write) -> Result<i32> {
     let a = match &args.command {
