@@ -532,7 +532,8 @@ fn info(a: &InfoArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 /// `vmi convert SRC OUT --target T [--profile P]`: what the convert command calls when `--target`
-/// is given. Checks the result against the target's rules and prints any remaining problem.
+/// is given. Checks the result against the target's rules and prints any remaining problem (exit 1
+/// when one is an error).
 pub fn run_convert_target(
     src: &Path,
     target: &str,
