@@ -1004,3 +1004,25 @@ fn parsers_survive_mutated_input_without_panicking() {
         }
     }
 }
+
+#[test]
+fn convert_target_command_output_passes_the_targets_rules_when_the_engine_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = raw_disk(dir.path(), "c.img", (3 << 20) + 512, 3);
+    for (t, name) in [
+        ("azure", "c.vhd"),
+        ("vmware-esxi-6.7", "c.ova"),
+        ("kvm", "c.qcow2"),
+    ] {
+        let out_path = dir.path().join(name);
+        let mut out = Vec::new();
+        match cli::run_convert_target(&src, t, &out_path, None, &mut out) {
+            Err(e) if engine_missing(&e) => {
+                eprintln!("skipped: conversion engine not available: {e:?}");
+                return;
+            }
+            Err(e) => panic!("{t}: {e:?}"),
+            Ok(code) => assert_eq!(code, 0, "{t}: {}", String::from_utf8_lossy(&out)),
+        }
+    }
+}
