@@ -1026,3 +1026,42 @@ fn convert_target_command_output_passes_the_targets_rules_when_the_engine_can() 
         }
     }
 }
+
+#[test]
+fn archives_written_by_gnu_tar_in_gnu_and_pax_formats_are_read() {
+    if !have("tar") {
+        eprintln!("skipped: GNU tar absent");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let long = format!("{}.vmdk", "n".repeat(150));
+    std::fs::write(src.join("a.ovf"), b"<x/>").unwrap();
+    std::fs::write(src.join(&long), vec![3u8; 5000]).unwrap();
+    for fmt in ["gnu", "pax", "ustar"] {
+        let ova = dir.path().join(format!("{fmt}.ova"));
+        let mut cmd = Command::new("tar");
+        cmd.arg(format!("--format={fmt}"))
+            .arg("-cf")
+            .arg(&ova)
+            .arg("-C")
+            .arg(&src)
+            .arg("a.ovf");
+        if fmt != "ustar" {
+            cmd.arg(&long);
+        }
+        assert!(cmd.status().unwrap().success());
+        let o = vmi_ovf::ova::Ova::open(&ova).unwrap();
+        assert_eq!(o.members[0].name, "a.ovf", "{fmt}");
+        assert_eq!(o.read_small("a.ovf", 100).unwrap(), b"<x/>");
+        if fmt != "ustar" {
+            assert_eq!(o.members.len(), 2, "{fmt}: {:?}", o.members);
+            assert_eq!(
+                o.read_small(&long, 10_000).unwrap(),
+                vec![3u8; 5000],
+                "{fmt}"
+            );
+        }
+    }
+}
