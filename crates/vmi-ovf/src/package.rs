@@ -491,6 +491,7 @@ fn export_into(
         let (path, capacity, uri) = match d {
             DiskInput::Convert(src) => {
                 let dst = work.join(&name);
+                refuse_existing(&dst)?;
                 let cap = convert_to_stream_vmdk(src, &dst)?;
                 (dst, cap, VMDK_STREAM_URI.to_string())
             }
@@ -503,13 +504,19 @@ fn export_into(
                     .file_name()
                     .and_then(|n| n.to_str())
                     .ok_or_else(|| OvfError::Usage(format!("{}: no file name", path.display())))?;
-                let name = if is_ova { n.to_string() } else { name.clone() };
+                let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("img");
+                let name = if is_ova {
+                    n.to_string()
+                } else {
+                    format!("{stem}-disk{}.{ext}", i + 1)
+                };
                 let dst = if is_ova {
                     path.clone()
                 } else {
                     work.join(&name)
                 };
                 if !is_ova {
+                    refuse_existing(&dst)?;
                     std::fs::copy(path, &dst).map_err(|e| OvfError::io("copy", path, e))?;
                 }
                 files.push((name, 0, format_uri.clone()));
@@ -580,6 +587,7 @@ fn export_into(
     } else {
         let write = |name: &str, data: &[u8]| {
             let p = work.join(name);
+            refuse_existing(&p)?;
             std::fs::write(&p, data).map_err(|e| OvfError::io("write", &p, e))
         };
         write(&mf_name, mf_text.as_bytes())?;
@@ -589,6 +597,14 @@ fn export_into(
         std::fs::write(out, &text).map_err(|e| OvfError::io("write", out, e))?;
     }
     Ok(d)
+}
+
+/// Directory packages never overwrite: a file already at `p` is an error.
+fn refuse_existing(p: &Path) -> Result<()> {
+    if p.exists() {
+        return Err(OvfError::Usage(format!("{} already exists", p.display())));
+    }
+    Ok(())
 }
 
 fn set_capacity(p: &mut HardwareProfile, i: usize, capacity: u64) {

@@ -409,6 +409,24 @@ fn unpacked_ova_is_a_directory_package_that_verifies() {
 }
 
 #[test]
+fn directory_package_export_writes_beside_the_ovf_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = raw_disk(dir.path(), "a.img", 8192, 2);
+    let out = dir.path().join("pkg").join("d.ovf");
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    let mut p = two_disk_profile();
+    p.disks.truncate(1);
+    package::export(&[as_is(&d1)], &p, &out, &ExportOptions::default()).unwrap();
+    let pkg = Package::open(&out).unwrap();
+    let r = pkg.verify().unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    assert_eq!(r.digests_ok, ["d.ovf", "d-disk1.img"]);
+    std::fs::remove_file(&out).unwrap();
+    let e = package::export(&[as_is(&d1)], &p, &out, &ExportOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+}
+
+#[test]
 fn disks_are_read_in_place_from_the_ova() {
     let dir = tempfile::tempdir().unwrap();
     let d1 = raw_disk(dir.path(), "a.img", 256 * 1024, 9);
