@@ -527,13 +527,7 @@ fn parse_hardware(hw: &Element, d: &mut Descriptor) -> Result<()> {
                 if p.cpus == 0 {
                     invalid!("CPU VirtualQuantity is 0");
                 }
-                if let Some(c) = it
-                    .el
-                    .get_attr(NS_VMW, "CoresPerSocket")
-                    .or_else(|| it.el.find_local("CoresPerSocket").map(|_| ""))
-                {
-                    p.cores_per_socket = c.trim().parse().ok();
-                }
+                // VMware writes the topology as `<vmw:CoresPerSocket>` inside the CPU item.
                 if let Some(c) = it.el.elements().find(|c| c.is(NS_VMW, "CoresPerSocket")) {
                     p.cores_per_socket = c.text_content().parse().ok();
                 }
@@ -1388,7 +1382,8 @@ mod tests {
 
     #[test]
     fn writer_orders_rasd_children_alphabetically_and_gives_every_item_an_id() {
-        let p = crate::profile::sample();
+        let mut p = crate::profile::sample();
+        p.cores_per_socket = Some(2);
         let files = vec![
             ("a.vmdk".to_string(), 100, VMDK_STREAM_URI.to_string()),
             ("b.vmdk".to_string(), 200, VMDK_STREAM_URI.to_string()),

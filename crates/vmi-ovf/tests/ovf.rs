@@ -26,6 +26,7 @@ fn have(tool: &str) -> bool {
 fn sample_profile() -> HardwareProfile {
     let mut p = HardwareProfile::new("web01");
     p.cpus = 2;
+    p.cores_per_socket = Some(2);
     p.memory_mib = 2048;
     p.guest_os.cim_id = Some(94);
     p.guest_os.vmware_id = Some("ubuntu64Guest".into());
