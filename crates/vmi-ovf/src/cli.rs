@@ -334,7 +334,9 @@ fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<i32> {
 
 /// Validate descriptor text with `xmllint --schema`.
 pub fn schema_check(text: &str, schema: &Path) -> Result<Vec<String>> {
-    let dir = std::env::temp_dir().join(format!("vmi-ovf-schema-{}", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vmi-ovf-schema-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| OvfError::io("create", &dir, e))?;
     let f = dir.join("descriptor.ovf");
     std::fs::write(&f, text).map_err(|e| OvfError::io("write", &f, e))?;
