@@ -66,6 +66,10 @@ enum Command {
     Measure(cmd::measure::Args),
     /// Change an image's virtual size.
     Resize(cmd::resize::Args),
+    /// Package, unpack, verify and inspect OVF/OVA appliances.
+    Ovf(vmi_ovf::cli::OvfArgs),
+    /// Check an image and hardware profile against a target hypervisor or cloud.
+    Compat(vmi_ovf::cli::CompatArgs),
 }
 
 fn main() -> ExitCode {
@@ -113,7 +117,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Map(a) => cmd::map::run(gate, a),
         Command::Measure(a) => cmd::measure::run(gate, a),
         Command::Resize(a) => cmd::resize::run(gate, a),
+        Command::Ovf(a) => exit_code(vmi_ovf::cli::run_ovf(&a, &mut std::io::stdout().lock())?),
+        Command::Compat(a) => {
+            exit_code(vmi_ovf::cli::run_compat(&a, &mut std::io::stdout().lock())?)
+        }
     }
+}
+
+/// A subcommand's exit status as a process exit code.
+fn exit_code(code: i32) -> anyhow::Result<u8> {
+    u8::try_from(code).map_err(|_| anyhow::anyhow!("exit code {code} out of range"))
 }
 
 #[cfg(test)]
