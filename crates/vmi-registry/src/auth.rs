@@ -129,7 +129,9 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
 impl App {
     /// The context of a presented token, or 401.
     pub async fn authenticate(&self, token: &str) -> Result<Context> {
-        let unauthorized = || RegistryError::Unauthorized("The request you have made requires authentication.".into());
+        let unauthorized = || {
+            RegistryError::Unauthorized("The request you have made requires authentication.".into())
+        };
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(unauthorized());
         }

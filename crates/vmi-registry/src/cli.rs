@@ -103,7 +103,10 @@ async fn serve(config: Config) -> Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    println!("vmi registry listening on {url} (data in {})", registry.app.config.data_dir.display());
+    println!(
+        "vmi registry listening on {url} (data in {})",
+        registry.app.config.data_dir.display()
+    );
     if let Some(pw) = &boot.generated_password {
         println!(
             "created admin user '{}' in project '{}' with password: {pw}\n\
@@ -160,7 +163,11 @@ mod tests {
     fn flags_override_environment_which_overrides_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(&f, "listen = \"1.1.1.1:1\"\ndata_dir = \"/d\"\nregion = \"R\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "listen = \"1.1.1.1:1\"\ndata_dir = \"/d\"\nregion = \"R\"\n",
+        )
+        .unwrap();
         let args = ServeArgs {
             listen: Some("127.0.0.1:3".into()),
             ..Default::default()

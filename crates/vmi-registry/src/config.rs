@@ -251,7 +251,8 @@ mod tests {
 
     #[test]
     fn file_then_environment_override_the_defaults() {
-        let mut c = Config::from_toml("listen = \"0.0.0.0:1\"\n[admin]\npassword = \"pw\"\n").unwrap();
+        let mut c =
+            Config::from_toml("listen = \"0.0.0.0:1\"\n[admin]\npassword = \"pw\"\n").unwrap();
         assert_eq!(c.listen, "0.0.0.0:1");
         assert_eq!(c.data_dir, PathBuf::from("./vmi-data"));
         c.apply_env([("VMI_LISTEN".to_string(), "127.0.0.1:2".to_string())])

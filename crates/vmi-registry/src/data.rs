@@ -213,7 +213,10 @@ impl std::fmt::Debug for ObjectReader {
 }
 
 fn read_only() -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, "stored image data is read-only")
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "stored image data is read-only",
+    )
 }
 
 impl Storage for ObjectReader {
@@ -269,9 +272,21 @@ mod tests {
         s.write(Bytes::from_static(b"hello ")).await.unwrap();
         s.write(Bytes::from_static(b"world")).await.unwrap();
         s.finish().await.unwrap();
-        let all: Vec<Bytes> = d.read(&loc, None).await.unwrap().try_collect().await.unwrap();
+        let all: Vec<Bytes> = d
+            .read(&loc, None)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         assert_eq!(all.concat(), b"hello world");
-        let part: Vec<Bytes> = d.read(&loc, Some(6..11)).await.unwrap().try_collect().await.unwrap();
+        let part: Vec<Bytes> = d
+            .read(&loc, Some(6..11))
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         assert_eq!(part.concat(), b"world");
         let d2 = d.clone();
         let loc2 = loc.clone();

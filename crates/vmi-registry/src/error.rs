@@ -1,8 +1,7 @@
 //! The registry's error type and its one mapping to HTTP status codes and JSON bodies.
 //!
-//! Bodies follow Glance's shape (`{"code": "404 Not Found", "title": "Not Found", "message": …}`)
-//! and also carry Keystone's (`{"error": {"code": 404, "title": …, "message": …}}`) so that both
-//! kinds of client find the message where they look for it. Internal failures are logged with
+//! Bodies have Keystone's shape, `{"error": {"code": 404, "title": …, "message": …}}`, which is
+//! also what python-glanceclient parses (every top-level value an object with a `message`). Internal failures are logged with
 //! their full chain and answered with a generic message.
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -158,15 +157,11 @@ impl IntoResponse for RegistryError {
         } else {
             self.to_string()
         };
-        let mut body = json!({
-            "code": format!("{} {}", status.as_u16(), title),
-            "title": title,
-            "message": message,
-            "error": {"code": status.as_u16(), "title": title, "message": message},
-        });
+        let mut error = json!({"code": status.as_u16(), "title": title, "message": message});
         if let RegistryError::Refused { violations } = &self {
-            body["violations"] = json!(violations);
+            error["violations"] = json!(violations);
         }
+        let body = json!({ "error": error });
         let mut resp = (status, axum::Json(body)).into_response();
         if let RegistryError::RangeNotSatisfiable { size } = self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -68,9 +68,8 @@ impl Registry {
         let catalog: Arc<dyn Catalog> = match config.database_url()? {
             DatabaseUrl::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| {
-                        RegistryError::io(format!("creating {}", dir.display()), e)
-                    })?;
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| RegistryError::io(format!("creating {}", dir.display()), e))?;
                 }
                 let p = path.clone();
                 Arc::new(
@@ -195,10 +194,7 @@ impl Registry {
             .collect();
         self.app
             .data
-            .reap(
-                &keep,
-                Duration::from_secs(self.app.config.reap_grace_secs),
-            )
+            .reap(&keep, Duration::from_secs(self.app.config.reap_grace_secs))
             .await
     }
 

@@ -34,11 +34,13 @@ struct T {
 }
 
 fn config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        public_url: Some("http://registry.test".into()),
+        ..Config::default()
+    };
     c.admin.password = Some("adminpw".into());
     c.admin.token = Some(ADMIN_TOKEN.into());
-    c.public_url = Some("http://registry.test".into());
     c
 }
 
@@ -150,14 +152,23 @@ impl T {
 
     async fn create(&self, token: &str, v: Value) -> String {
         let r = self.post("/v2/images", token, v).await;
-        assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
         r.json()["id"].as_str().unwrap().to_string()
     }
 
     /// A project and a user with `role` on it; returns (project id, token).
     async fn user(&self, project: &str, user: &str, role: &str) -> (String, String) {
         let pid = match self
-            .post("/v3/projects", ADMIN_TOKEN, json!({"project": {"name": project}}))
+            .post(
+                "/v3/projects",
+                ADMIN_TOKEN,
+                json!({"project": {"name": project}}),
+            )
             .await
         {
             r if r.status == StatusCode::CREATED => {
@@ -210,7 +221,12 @@ impl T {
                 &[],
             )
             .await;
-        assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
         r.headers["x-subject-token"].to_str().unwrap().to_string()
     }
 
@@ -248,12 +264,19 @@ fn hex_md5(b: &[u8]) -> String {
 #[tokio::test]
 async fn version_discovery_answers_300_at_root_and_200_at_versions() {
     let t = setup().await;
-    let r = t.req(Method::GET, "/", None, None, Body::empty(), &[]).await;
+    let r = t
+        .req(Method::GET, "/", None, None, Body::empty(), &[])
+        .await;
     assert_eq!(r.status, StatusCode::MULTIPLE_CHOICES);
     let v = r.json();
     assert_eq!(v["versions"][0]["status"], "CURRENT");
-    assert_eq!(v["versions"][0]["links"][0]["href"], "http://registry.test/v2/");
-    let r = t.req(Method::GET, "/versions", None, None, Body::empty(), &[]).await;
+    assert_eq!(
+        v["versions"][0]["links"][0]["href"],
+        "http://registry.test/v2/"
+    );
+    let r = t
+        .req(Method::GET, "/versions", None, None, Body::empty(), &[])
+        .await;
     assert_eq!(r.status, StatusCode::OK);
 }
 
@@ -270,7 +293,9 @@ async fn schemas_are_served_and_the_image_api_requires_a_token() {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.json()["name"], name);
     }
-    let r = t.req(Method::GET, "/v2/images", None, None, Body::empty(), &[]).await;
+    let r = t
+        .req(Method::GET, "/v2/images", None, None, Body::empty(), &[])
+        .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let r = t.get("/v2/images", "bogus").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -299,7 +324,12 @@ async fn an_image_goes_from_queued_to_active_to_deleted_with_glance_digests() {
 
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let r = t.upload(&id, ADMIN_TOKEN, data.clone()).await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        StatusCode::NO_CONTENT,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
     let v = t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
     assert_eq!(v["status"], "active");
     assert_eq!(v["size"], data.len());
@@ -346,38 +376,109 @@ async fn an_image_goes_from_queued_to_active_to_deleted_with_glance_digests() {
     // Deactivate blocks downloads for non-admins; reactivate restores them.
     let (_, other) = t.user("p2", "u2", "member").await;
     let r = t
-        .patch(&id, ADMIN_TOKEN, json!([{"op": "replace", "path": "/visibility", "value": "public"}]))
+        .patch(
+            &id,
+            ADMIN_TOKEN,
+            json!([{"op": "replace", "path": "/visibility", "value": "public"}]),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let r = t
-        .req(Method::POST, &format!("/v2/images/{id}/actions/deactivate"), Some(ADMIN_TOKEN), None, Body::empty(), &[])
+        .req(
+            Method::POST,
+            &format!("/v2/images/{id}/actions/deactivate"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"], "deactivated");
-    assert_eq!(t.get(&format!("/v2/images/{id}/file"), &other).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(t.get(&format!("/v2/images/{id}/file"), ADMIN_TOKEN).await.status, StatusCode::OK);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"],
+        "deactivated"
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}/file"), &other).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}/file"), ADMIN_TOKEN)
+            .await
+            .status,
+        StatusCode::OK
+    );
     let r = t
-        .req(Method::POST, &format!("/v2/images/{id}/actions/reactivate"), Some(ADMIN_TOKEN), None, Body::empty(), &[])
+        .req(
+            Method::POST,
+            &format!("/v2/images/{id}/actions/reactivate"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(t.get(&format!("/v2/images/{id}/file"), &other).await.status, StatusCode::OK);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}/file"), &other).await.status,
+        StatusCode::OK
+    );
 
     // Tags.
-    let r = t.req(Method::PUT, &format!("/v2/images/{id}/tags/new"), Some(ADMIN_TOKEN), None, Body::empty(), &[]).await;
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/images/{id}/tags/new"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = t.delete(&format!("/v2/images/{id}/tags/a"), ADMIN_TOKEN).await;
+    let r = t
+        .delete(&format!("/v2/images/{id}/tags/a"), ADMIN_TOKEN)
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = t.delete(&format!("/v2/images/{id}/tags/zzz"), ADMIN_TOKEN).await;
+    let r = t
+        .delete(&format!("/v2/images/{id}/tags/zzz"), ADMIN_TOKEN)
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert_eq!(t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["tags"], json!(["b", "new"]));
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["tags"],
+        json!(["b", "new"])
+    );
 
     // Protected images cannot be deleted.
-    t.patch(&id, ADMIN_TOKEN, json!([{"op": "replace", "path": "/protected", "value": true}])).await;
-    assert_eq!(t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.status, StatusCode::FORBIDDEN);
-    t.patch(&id, ADMIN_TOKEN, json!([{"op": "replace", "path": "/protected", "value": false}])).await;
+    t.patch(
+        &id,
+        ADMIN_TOKEN,
+        json!([{"op": "replace", "path": "/protected", "value": true}]),
+    )
+    .await;
+    assert_eq!(
+        t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN)
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    t.patch(
+        &id,
+        ADMIN_TOKEN,
+        json!([{"op": "replace", "path": "/protected", "value": false}]),
+    )
+    .await;
     assert_eq!(t.stored_objects(), 1);
-    assert_eq!(t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.status, StatusCode::NO_CONTENT);
-    assert_eq!(t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(t.stored_objects(), 0);
 }
 
@@ -386,28 +487,69 @@ async fn json_patch_follows_glance_rules() {
     let t = setup().await;
     let id = t.create(ADMIN_TOKEN, json!({"name": "x"})).await;
     let r = t
-        .patch(&id, ADMIN_TOKEN, json!([
-            {"op": "replace", "path": "/name", "value": "y"},
-            {"op": "add", "path": "/os_distro", "value": "debian"},
-            {"op": "add", "path": "/disk_format", "value": "qcow2"},
-            {"op": "add", "path": "/min_disk", "value": 3}
-        ]))
+        .patch(
+            &id,
+            ADMIN_TOKEN,
+            json!([
+                {"op": "replace", "path": "/name", "value": "y"},
+                {"op": "add", "path": "/os_distro", "value": "debian"},
+                {"op": "add", "path": "/disk_format", "value": "qcow2"},
+                {"op": "add", "path": "/min_disk", "value": 3}
+            ]),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let v = r.json();
-    assert_eq!((v["name"].clone(), v["os_distro"].clone(), v["min_disk"].clone()), (json!("y"), json!("debian"), json!(3)));
-    let r = t.patch(&id, ADMIN_TOKEN, json!([{"op": "remove", "path": "/os_distro"}])).await;
+    assert_eq!(
+        (
+            v["name"].clone(),
+            v["os_distro"].clone(),
+            v["min_disk"].clone()
+        ),
+        (json!("y"), json!("debian"), json!(3))
+    );
+    let r = t
+        .patch(
+            &id,
+            ADMIN_TOKEN,
+            json!([{"op": "remove", "path": "/os_distro"}]),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.json().get("os_distro").is_none());
     let cases = [
-        (json!([{"op": "remove", "path": "/os_distro"}]), StatusCode::CONFLICT),
-        (json!([{"op": "replace", "path": "/nope", "value": "v"}]), StatusCode::CONFLICT),
-        (json!([{"op": "replace", "path": "/status", "value": "active"}]), StatusCode::FORBIDDEN),
-        (json!([{"op": "replace", "path": "/checksum", "value": "0"}]), StatusCode::FORBIDDEN),
-        (json!([{"op": "remove", "path": "/name"}]), StatusCode::FORBIDDEN),
-        (json!([{"op": "replace", "path": "/disk_format", "value": "floppy"}]), StatusCode::BAD_REQUEST),
-        (json!([{"op": "move", "path": "/name", "from": "/x"}]), StatusCode::BAD_REQUEST),
-        (json!([{"op": "add", "path": "/prop", "value": 5}]), StatusCode::BAD_REQUEST),
+        (
+            json!([{"op": "remove", "path": "/os_distro"}]),
+            StatusCode::CONFLICT,
+        ),
+        (
+            json!([{"op": "replace", "path": "/nope", "value": "v"}]),
+            StatusCode::CONFLICT,
+        ),
+        (
+            json!([{"op": "replace", "path": "/status", "value": "active"}]),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            json!([{"op": "replace", "path": "/checksum", "value": "0"}]),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            json!([{"op": "remove", "path": "/name"}]),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            json!([{"op": "replace", "path": "/disk_format", "value": "floppy"}]),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!([{"op": "move", "path": "/name", "from": "/x"}]),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!([{"op": "add", "path": "/prop", "value": 5}]),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!({"op": "add"}), StatusCode::BAD_REQUEST),
     ];
     for (ops, want) in cases {
@@ -415,18 +557,57 @@ async fn json_patch_follows_glance_rules() {
         assert_eq!(r.status, want, "{ops}");
     }
     let r = t
-        .req(Method::PATCH, &format!("/v2/images/{id}"), Some(ADMIN_TOKEN), Some("application/json"), "[]", &[])
+        .req(
+            Method::PATCH,
+            &format!("/v2/images/{id}"),
+            Some(ADMIN_TOKEN),
+            Some("application/json"),
+            "[]",
+            &[],
+        )
         .await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // Creation rules: read-only attributes, bad ids, duplicates.
-    assert_eq!(t.post("/v2/images", ADMIN_TOKEN, json!({"status": "active"})).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(t.post("/v2/images", ADMIN_TOKEN, json!({"id": "nope"})).await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(t.post("/v2/images", ADMIN_TOKEN, json!({"id": id})).await.status, StatusCode::CONFLICT);
-    assert_eq!(t.post("/v2/images", ADMIN_TOKEN, json!([1])).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        t.post("/v2/images", ADMIN_TOKEN, json!({"status": "active"}))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        t.post("/v2/images", ADMIN_TOKEN, json!({"id": "nope"}))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        t.post("/v2/images", ADMIN_TOKEN, json!({"id": id}))
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        t.post("/v2/images", ADMIN_TOKEN, json!([1])).await.status,
+        StatusCode::BAD_REQUEST
+    );
     // Changing formats after data is stored is refused.
-    let id2 = t.create(ADMIN_TOKEN, json!({"disk_format": "raw", "container_format": "bare"})).await;
-    assert_eq!(t.upload(&id2, ADMIN_TOKEN, vec![1u8; 1024]).await.status, StatusCode::NO_CONTENT);
-    let r = t.patch(&id2, ADMIN_TOKEN, json!([{"op": "replace", "path": "/disk_format", "value": "qcow2"}])).await;
+    let id2 = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    assert_eq!(
+        t.upload(&id2, ADMIN_TOKEN, vec![1u8; 1024]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let r = t
+        .patch(
+            &id2,
+            ADMIN_TOKEN,
+            json!([{"op": "replace", "path": "/disk_format", "value": "qcow2"}]),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
 
@@ -434,47 +615,97 @@ async fn json_patch_follows_glance_rules() {
 async fn uploads_need_formats_and_octet_stream() {
     let t = setup().await;
     let id = t.create(ADMIN_TOKEN, json!({"name": "x"})).await;
-    assert_eq!(t.upload(&id, ADMIN_TOKEN, b"abc".to_vec()).await.status, StatusCode::BAD_REQUEST);
-    t.patch(&id, ADMIN_TOKEN, json!([{"op": "add", "path": "/disk_format", "value": "raw"},
-                                     {"op": "add", "path": "/container_format", "value": "bare"}])).await;
+    assert_eq!(
+        t.upload(&id, ADMIN_TOKEN, b"abc".to_vec()).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    t.patch(
+        &id,
+        ADMIN_TOKEN,
+        json!([{"op": "add", "path": "/disk_format", "value": "raw"},
+                                     {"op": "add", "path": "/container_format", "value": "bare"}]),
+    )
+    .await;
     let r = t
-        .req(Method::PUT, &format!("/v2/images/{id}/file"), Some(ADMIN_TOKEN), Some("text/plain"), "abc", &[])
+        .req(
+            Method::PUT,
+            &format!("/v2/images/{id}/file"),
+            Some(ADMIN_TOKEN),
+            Some("text/plain"),
+            "abc",
+            &[],
+        )
         .await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"], "queued");
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"],
+        "queued"
+    );
 }
 
 #[tokio::test]
 async fn a_failed_upload_leaves_the_image_queued_and_no_data() {
     let t = setup_with(|c| c.image_size_cap = 1 << 20).await;
-    let id = t.create(ADMIN_TOKEN, json!({"disk_format": "raw", "container_format": "bare"})).await;
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
     // A body that breaks halfway.
     let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
         Ok(Bytes::from(vec![0u8; 100_000])),
         Err(std::io::Error::other("connection reset")),
     ];
-    let r = t.upload(&id, ADMIN_TOKEN, Body::from_stream(futures_util::stream::iter(chunks))).await;
+    let r = t
+        .upload(
+            &id,
+            ADMIN_TOKEN,
+            Body::from_stream(futures_util::stream::iter(chunks)),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert_eq!(t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"], "queued");
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"],
+        "queued"
+    );
     assert_eq!(t.stored_objects(), 0);
     // Over the size cap.
     let r = t.upload(&id, ADMIN_TOKEN, vec![0u8; (1 << 20) + 1]).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let chunks: Vec<Result<Bytes, std::io::Error>> =
-        (0..3).map(|_| Ok(Bytes::from(vec![0u8; 400_000]))).collect();
-    let r = t.upload(&id, ADMIN_TOKEN, Body::from_stream(futures_util::stream::iter(chunks))).await;
+    let chunks: Vec<Result<Bytes, std::io::Error>> = (0..3)
+        .map(|_| Ok(Bytes::from(vec![0u8; 400_000])))
+        .collect();
+    let r = t
+        .upload(
+            &id,
+            ADMIN_TOKEN,
+            Body::from_stream(futures_util::stream::iter(chunks)),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     let v = t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
-    assert_eq!((v["status"].clone(), v["size"].clone()), (json!("queued"), Value::Null));
+    assert_eq!(
+        (v["status"].clone(), v["size"].clone()),
+        (json!("queued"), Value::Null)
+    );
     assert_eq!(t.stored_objects(), 0);
     // The image still accepts a good upload afterwards.
-    assert_eq!(t.upload(&id, ADMIN_TOKEN, vec![5u8; 4096]).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        t.upload(&id, ADMIN_TOKEN, vec![5u8; 4096]).await.status,
+        StatusCode::NO_CONTENT
+    );
 }
 
 #[tokio::test]
 async fn concurrent_uploads_to_one_image_let_exactly_one_win() {
     let t = setup().await;
-    let id = t.create(ADMIN_TOKEN, json!({"disk_format": "raw", "container_format": "bare"})).await;
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let body = Body::from_stream(tokio_stream(rx));
     let router = t.reg.router();
@@ -500,7 +731,10 @@ async fn concurrent_uploads_to_one_image_let_exactly_one_win() {
     drop(tx);
     assert_eq!(first.await.unwrap(), StatusCode::NO_CONTENT);
     let v = t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
-    assert_eq!((v["status"].clone(), v["size"].clone()), (json!("active"), json!(2000)));
+    assert_eq!(
+        (v["status"].clone(), v["size"].clone()),
+        (json!("active"), json!(2000))
+    );
 }
 
 fn tokio_stream(
@@ -517,7 +751,11 @@ fn qemu_image(dir: &Path, fmt: &str, size: &str) -> Vec<u8> {
         .arg(size)
         .output()
         .expect("qemu-img runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read(&p).unwrap()
 }
 
@@ -526,16 +764,35 @@ async fn uploads_whose_content_differs_from_disk_format_are_refused_with_violati
     let t = setup().await;
     let scratch = tempfile::tempdir().unwrap();
     let vdi = qemu_image(scratch.path(), "vdi", "4M");
-    let id = t.create(ADMIN_TOKEN, json!({"disk_format": "raw", "container_format": "bare"})).await;
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
     let r = t.upload(&id, ADMIN_TOKEN, vdi.clone()).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let v = r.json();
-    assert_eq!(v["violations"][0]["kind"], "format-mismatch", "{v}");
-    assert_eq!(t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"], "queued");
+    assert_eq!(
+        v["error"]["violations"][0]["kind"], "format-mismatch",
+        "{v}"
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"],
+        "queued"
+    );
     assert_eq!(t.stored_objects(), 0);
     // Declared correctly, the same bytes are accepted and the virtual size is recorded.
-    let id = t.create(ADMIN_TOKEN, json!({"disk_format": "vdi", "container_format": "bare"})).await;
-    assert_eq!(t.upload(&id, ADMIN_TOKEN, vdi.clone()).await.status, StatusCode::NO_CONTENT);
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "vdi", "container_format": "bare"}),
+        )
+        .await;
+    assert_eq!(
+        t.upload(&id, ADMIN_TOKEN, vdi.clone()).await.status,
+        StatusCode::NO_CONTENT
+    );
     let v = t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
     assert_eq!(v["virtual_size"], 4 << 20);
     assert_eq!(v["size"], vdi.len());
@@ -556,11 +813,17 @@ async fn listing_filters_sorts_and_pages_like_glance() {
     .enumerate()
     {
         let id = t
-            .create(ADMIN_TOKEN, json!({"name": name, "disk_format": fmt, "container_format": "bare",
-                                         "tags": [tag], "rank": n.to_string()}))
+            .create(
+                ADMIN_TOKEN,
+                json!({"name": name, "disk_format": fmt, "container_format": "bare",
+                                         "tags": [tag], "rank": n.to_string()}),
+            )
             .await;
         if size > 0 {
-            assert_eq!(t.upload(&id, ADMIN_TOKEN, vec![0u8; size]).await.status, StatusCode::NO_CONTENT);
+            assert_eq!(
+                t.upload(&id, ADMIN_TOKEN, vec![0u8; size]).await.status,
+                StatusCode::NO_CONTENT
+            );
         }
         ids.push(id);
     }
@@ -577,21 +840,50 @@ async fn listing_filters_sorts_and_pages_like_glance() {
         let t = &t;
         async move { t.get(&format!("/v2/images?{s}"), ADMIN_TOKEN).await }
     };
-    assert_eq!(names(&q("sort_key=name&sort_dir=asc").await), ["alpha", "beta", "delta", "eps", "gamma"]);
-    assert_eq!(names(&q("sort=name:desc").await), ["gamma", "eps", "delta", "beta", "alpha"]);
+    assert_eq!(
+        names(&q("sort_key=name&sort_dir=asc").await),
+        ["alpha", "beta", "delta", "eps", "gamma"]
+    );
+    assert_eq!(
+        names(&q("sort=name:desc").await),
+        ["gamma", "eps", "delta", "beta", "alpha"]
+    );
     assert_eq!(names(&q("name=beta").await), ["beta"]);
-    assert_eq!(names(&q("name=in:beta,eps&sort_key=name&sort_dir=asc").await), ["beta", "eps"]);
-    assert_eq!(names(&q("disk_format=raw&status=active&sort=name:asc").await), ["alpha", "beta", "eps"]);
-    assert_eq!(names(&q("status=queued&sort=name:asc").await), ["delta", "gamma"]);
+    assert_eq!(
+        names(&q("name=in:beta,eps&sort_key=name&sort_dir=asc").await),
+        ["beta", "eps"]
+    );
+    assert_eq!(
+        names(&q("disk_format=raw&status=active&sort=name:asc").await),
+        ["alpha", "beta", "eps"]
+    );
+    assert_eq!(
+        names(&q("status=queued&sort=name:asc").await),
+        ["delta", "gamma"]
+    );
     assert_eq!(names(&q("tag=y&sort=name:asc").await), ["beta", "delta"]);
     assert_eq!(names(&q("size_min=1000&size_max=3000").await), ["beta"]);
     assert_eq!(names(&q("rank=3").await), ["delta"]);
-    assert_eq!(names(&q("container_format=bare&sort=size:desc,name:asc").await), ["eps", "beta", "alpha", "delta", "gamma"]);
-    assert_eq!(names(&q("created_at=gte:2000-01-01T00:00:00Z&sort=name:asc&limit=1").await), ["alpha"]);
+    assert_eq!(
+        names(&q("container_format=bare&sort=size:desc,name:asc").await),
+        ["eps", "beta", "alpha", "delta", "gamma"]
+    );
+    assert_eq!(
+        names(&q("created_at=gte:2000-01-01T00:00:00Z&sort=name:asc&limit=1").await),
+        ["alpha"]
+    );
     assert_eq!(q("sort=name:up").await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(q("sort=name&sort_key=name").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        q("sort=name&sort_key=name").await.status,
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(q("limit=-1").await.status, StatusCode::BAD_REQUEST);
-    assert_eq!(q("marker=00000000-0000-0000-0000-000000000000").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        q("marker=00000000-0000-0000-0000-000000000000")
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
     // Paging with next links visits every image once.
     let mut seen = Vec::new();
     let mut url = "/v2/images?limit=2&sort_key=name&sort_dir=asc".to_string();
@@ -606,7 +898,12 @@ async fn listing_filters_sorts_and_pages_like_glance() {
     }
     assert_eq!(seen, ["alpha", "beta", "delta", "eps", "gamma"]);
     // Hidden images are listed only on request.
-    t.patch(&ids[0], ADMIN_TOKEN, json!([{"op": "replace", "path": "/os_hidden", "value": true}])).await;
+    t.patch(
+        &ids[0],
+        ADMIN_TOKEN,
+        json!([{"op": "replace", "path": "/os_hidden", "value": true}]),
+    )
+    .await;
     assert_eq!(names(&q("tag=x&sort=name:asc").await), ["eps", "gamma"]);
     assert_eq!(names(&q("os_hidden=true").await), ["alpha"]);
 }
@@ -617,8 +914,12 @@ async fn members_accept_shares_and_only_then_see_them_listed() {
     let (_, owner) = t.user("owner", "o", "member").await;
     let (pb, b) = t.user("pb", "b", "member").await;
     let (_, c) = t.user("pc", "c", "member").await;
-    let id = t.create(&owner, json!({"name": "s", "visibility": "shared"})).await;
-    let private = t.create(&owner, json!({"name": "p", "visibility": "private"})).await;
+    let id = t
+        .create(&owner, json!({"name": "s", "visibility": "shared"}))
+        .await;
+    let private = t
+        .create(&owner, json!({"name": "p", "visibility": "private"}))
+        .await;
     let listed = |tok: String| {
         let t = &t;
         async move {
@@ -630,38 +931,101 @@ async fn members_accept_shares_and_only_then_see_them_listed() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(t.get(&format!("/v2/images/{id}"), &b).await.status, StatusCode::NOT_FOUND);
-    let r = t.post(&format!("/v2/images/{id}/members"), &owner, json!({"member": pb})).await;
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), &b).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = t
+        .post(
+            &format!("/v2/images/{id}/members"),
+            &owner,
+            json!({"member": pb}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["status"], "pending");
-    assert_eq!(t.post(&format!("/v2/images/{id}/members"), &owner, json!({"member": pb})).await.status, StatusCode::CONFLICT);
-    assert_eq!(t.post(&format!("/v2/images/{private}/members"), &owner, json!({"member": pb})).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        t.post(
+            &format!("/v2/images/{id}/members"),
+            &owner,
+            json!({"member": pb})
+        )
+        .await
+        .status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        t.post(
+            &format!("/v2/images/{private}/members"),
+            &owner,
+            json!({"member": pb})
+        )
+        .await
+        .status,
+        StatusCode::FORBIDDEN
+    );
     // Pending: visible by id, not listed.
-    assert_eq!(t.get(&format!("/v2/images/{id}"), &b).await.status, StatusCode::OK);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), &b).await.status,
+        StatusCode::OK
+    );
     assert!(!listed(b.clone()).await.contains(&id));
-    let r = t.get(&format!("/v2/images?member_status=pending&visibility=shared"), &b).await;
+    let r = t
+        .get("/v2/images?member_status=pending&visibility=shared", &b)
+        .await;
     assert_eq!(r.json()["images"].as_array().unwrap().len(), 1);
     // Only the member answers.
     let m = format!("/v2/images/{id}/members/{pb}");
-    assert_eq!(t.put_json(&m, &owner, json!({"status": "accepted"})).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(t.put_json(&m, &b, json!({"status": "maybe"})).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        t.put_json(&m, &owner, json!({"status": "accepted"}))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        t.put_json(&m, &b, json!({"status": "maybe"})).await.status,
+        StatusCode::BAD_REQUEST
+    );
     let r = t.put_json(&m, &b, json!({"status": "accepted"})).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(listed(b.clone()).await.contains(&id));
     assert_eq!(t.get(&m, &b).await.json()["status"], "accepted");
     // Strangers see neither image nor membership.
-    assert_eq!(t.get(&format!("/v2/images/{id}"), &c).await.status, StatusCode::NOT_FOUND);
-    assert_eq!(t.get(&format!("/v2/images/{id}/members"), &c).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), &c).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}/members"), &c).await.status,
+        StatusCode::NOT_FOUND
+    );
     assert!(!listed(c.clone()).await.contains(&id));
     // The owner lists every member; the member only itself.
-    assert_eq!(t.get(&format!("/v2/images/{id}/members"), &owner).await.json()["members"].as_array().unwrap().len(), 1);
-    assert_eq!(t.get(&format!("/v2/images/{id}/members"), &b).await.json()["members"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}/members"), &owner)
+            .await
+            .json()["members"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}/members"), &b).await.json()["members"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     // Rejecting hides it from the list again; removal hides it entirely.
     t.put_json(&m, &b, json!({"status": "rejected"})).await;
     assert!(!listed(b.clone()).await.contains(&id));
     assert_eq!(t.delete(&m, &b).await.status, StatusCode::FORBIDDEN);
     assert_eq!(t.delete(&m, &owner).await.status, StatusCode::NO_CONTENT);
-    assert_eq!(t.get(&format!("/v2/images/{id}"), &b).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), &b).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 /// Visibility × role × operation, checked against Glance's default policy.
@@ -675,12 +1039,32 @@ async fn authorisation_matrix_follows_glance_default_policy() {
     let (_, q_admin) = t.user("q", "q-admin", "admin").await;
     let (_, stranger) = t.user("z", "z-member", "member").await;
     // Reader cannot create; nobody but an admin makes an image public.
-    assert_eq!(t.post("/v2/images", &owner_reader, json!({})).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(t.post("/v2/images", &owner_member, json!({"visibility": "public"})).await.status, StatusCode::FORBIDDEN);
-    assert_eq!(t.post("/v2/images", &q_admin, json!({"visibility": "public"})).await.status, StatusCode::CREATED);
+    assert_eq!(
+        t.post("/v2/images", &owner_reader, json!({})).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        t.post("/v2/images", &owner_member, json!({"visibility": "public"}))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        t.post("/v2/images", &q_admin, json!({"visibility": "public"}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 
     #[derive(Clone, Copy, PartialEq, Debug)]
-    enum Who { OwnerMember, OwnerReader, QMember, QReader, QAdmin, Stranger }
+    enum Who {
+        OwnerMember,
+        OwnerReader,
+        QMember,
+        QReader,
+        QAdmin,
+        Stranger,
+    }
     let callers = [
         (Who::OwnerMember, owner_member.clone()),
         (Who::OwnerReader, owner_reader.clone()),
@@ -689,17 +1073,40 @@ async fn authorisation_matrix_follows_glance_default_policy() {
         (Who::QAdmin, q_admin.clone()),
         (Who::Stranger, stranger.clone()),
     ];
-    for vis in ["private", "shared-pending", "shared-accepted", "community", "public"] {
+    for vis in [
+        "private",
+        "shared-pending",
+        "shared-accepted",
+        "community",
+        "public",
+    ] {
         let api_vis = vis.split('-').next().unwrap();
         let id = t
-            .create(&q_admin, json!({"name": vis, "visibility": api_vis, "owner": po,
-                                      "disk_format": "raw", "container_format": "bare"}))
+            .create(
+                &q_admin,
+                json!({"name": vis, "visibility": api_vis, "owner": po,
+                                      "disk_format": "raw", "container_format": "bare"}),
+            )
             .await;
-        assert_eq!(t.upload(&id, &owner_member, vec![9u8; 512]).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            t.upload(&id, &owner_member, vec![9u8; 512]).await.status,
+            StatusCode::NO_CONTENT
+        );
         if vis.starts_with("shared") {
-            t.post(&format!("/v2/images/{id}/members"), &owner_member, json!({"member": pq})).await;
+            t.post(
+                &format!("/v2/images/{id}/members"),
+                &owner_member,
+                json!({"member": pq}),
+            )
+            .await;
             if vis == "shared-accepted" {
-                let r = t.put_json(&format!("/v2/images/{id}/members/{pq}"), &q_member, json!({"status": "accepted"})).await;
+                let r = t
+                    .put_json(
+                        &format!("/v2/images/{id}/members/{pq}"),
+                        &q_member,
+                        json!({"status": "accepted"}),
+                    )
+                    .await;
                 assert_eq!(r.status, StatusCode::OK);
             }
         }
@@ -707,11 +1114,13 @@ async fn authorisation_matrix_follows_glance_default_policy() {
             let in_owner = matches!(who, Who::OwnerMember | Who::OwnerReader);
             let admin = *who == Who::QAdmin;
             let in_q = matches!(who, Who::QMember | Who::QReader);
-            let sees = in_owner || admin || match vis {
-                "private" => false,
-                "shared-pending" | "shared-accepted" => in_q,
-                _ => true,
-            };
+            let sees = in_owner
+                || admin
+                || match vis {
+                    "private" => false,
+                    "shared-pending" | "shared-accepted" => in_q,
+                    _ => true,
+                };
             let modifies = admin || *who == Who::OwnerMember;
             let expect_write = if !sees {
                 StatusCode::NOT_FOUND
@@ -722,26 +1131,94 @@ async fn authorisation_matrix_follows_glance_default_policy() {
             };
             let ctx = format!("{vis} {who:?}");
             let show = t.get(&format!("/v2/images/{id}"), tok).await.status;
-            assert_eq!(show, if sees { StatusCode::OK } else { StatusCode::NOT_FOUND }, "show {ctx}");
+            assert_eq!(
+                show,
+                if sees {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                },
+                "show {ctx}"
+            );
             let dl = t.get(&format!("/v2/images/{id}/file"), tok).await.status;
-            assert_eq!(dl, if sees { StatusCode::OK } else { StatusCode::NOT_FOUND }, "download {ctx}");
-            let r = t.patch(&id, tok, json!([{"op": "add", "path": "/k", "value": "v"}])).await;
+            assert_eq!(
+                dl,
+                if sees {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                },
+                "download {ctx}"
+            );
+            let r = t
+                .patch(&id, tok, json!([{"op": "add", "path": "/k", "value": "v"}]))
+                .await;
             assert_eq!(r.status, expect_write, "update {ctx}");
-            let r = t.req(Method::PUT, &format!("/v2/images/{id}/tags/t"), Some(tok), None, Body::empty(), &[]).await;
-            let tag_expect = if expect_write == StatusCode::OK { StatusCode::NO_CONTENT } else { expect_write };
+            let r = t
+                .req(
+                    Method::PUT,
+                    &format!("/v2/images/{id}/tags/t"),
+                    Some(tok),
+                    None,
+                    Body::empty(),
+                    &[],
+                )
+                .await;
+            let tag_expect = if expect_write == StatusCode::OK {
+                StatusCode::NO_CONTENT
+            } else {
+                expect_write
+            };
             assert_eq!(r.status, tag_expect, "tag {ctx}");
-            let r = t.req(Method::POST, &format!("/v2/images/{id}/actions/deactivate"), Some(tok), None, Body::empty(), &[]).await;
+            let r = t
+                .req(
+                    Method::POST,
+                    &format!("/v2/images/{id}/actions/deactivate"),
+                    Some(tok),
+                    None,
+                    Body::empty(),
+                    &[],
+                )
+                .await;
             assert_eq!(r.status, tag_expect, "deactivate {ctx}");
             if r.status == StatusCode::NO_CONTENT {
-                t.req(Method::POST, &format!("/v2/images/{id}/actions/reactivate"), Some(tok), None, Body::empty(), &[]).await;
+                t.req(
+                    Method::POST,
+                    &format!("/v2/images/{id}/actions/reactivate"),
+                    Some(tok),
+                    None,
+                    Body::empty(),
+                    &[],
+                )
+                .await;
             }
-            let r = t.patch(&id, tok, json!([{"op": "replace", "path": "/visibility", "value": "public"}])).await;
-            let pub_expect = if !sees { StatusCode::NOT_FOUND } else if admin { StatusCode::OK } else { StatusCode::FORBIDDEN };
+            let r = t
+                .patch(
+                    &id,
+                    tok,
+                    json!([{"op": "replace", "path": "/visibility", "value": "public"}]),
+                )
+                .await;
+            let pub_expect = if !sees {
+                StatusCode::NOT_FOUND
+            } else if admin {
+                StatusCode::OK
+            } else {
+                StatusCode::FORBIDDEN
+            };
             assert_eq!(r.status, pub_expect, "publicize {ctx}");
             if r.status == StatusCode::OK {
-                t.patch(&id, tok, json!([{"op": "replace", "path": "/visibility", "value": api_vis}])).await;
+                t.patch(
+                    &id,
+                    tok,
+                    json!([{"op": "replace", "path": "/visibility", "value": api_vis}]),
+                )
+                .await;
             }
-            let listed = t.get("/v2/images?visibility=all&member_status=all", tok).await.json()["images"]
+            let listed = t
+                .get("/v2/images?visibility=all&member_status=all", tok)
+                .await
+                .json()["images"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -752,45 +1229,108 @@ async fn authorisation_matrix_follows_glance_default_policy() {
                 assert_eq!(r.status, expect_write, "delete {ctx}");
             }
         }
-        assert_eq!(t.delete(&format!("/v2/images/{id}"), &owner_member).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            t.delete(&format!("/v2/images/{id}"), &owner_member)
+                .await
+                .status,
+            StatusCode::NO_CONTENT
+        );
     }
 }
 
 #[tokio::test]
 async fn keystone_password_tokens_validate_revoke_and_list_the_image_endpoint() {
     let t = setup().await;
-    let r = t.req(Method::GET, "/v3", None, None, Body::empty(), &[]).await;
+    let r = t
+        .req(Method::GET, "/v3", None, None, Body::empty(), &[])
+        .await;
     assert_eq!(r.json()["version"]["id"], "v3.14");
     let r = t
-        .req(Method::POST, "/v3/auth/tokens", None, Some("application/json"),
-             password_auth("admin", "adminpw", "admin").to_string(), &[])
+        .req(
+            Method::POST,
+            "/v3/auth/tokens",
+            None,
+            Some("application/json"),
+            password_auth("admin", "adminpw", "admin").to_string(),
+            &[],
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
     let tok = r.headers["x-subject-token"].to_str().unwrap().to_string();
     let v = r.json();
     assert_eq!(v["token"]["project"]["name"], "admin");
-    assert!(v["token"]["roles"].as_array().unwrap().iter().any(|r| r["name"] == "admin"));
-    let image = v["token"]["catalog"].as_array().unwrap().iter().find(|s| s["type"] == "image").unwrap();
+    assert!(v["token"]["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "admin"));
+    let image = v["token"]["catalog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["type"] == "image")
+        .unwrap();
     assert_eq!(image["endpoints"][0]["url"], "http://registry.test");
     let r = t
-        .req(Method::POST, "/v3/auth/tokens", None, Some("application/json"),
-             password_auth("admin", "wrong", "admin").to_string(), &[])
+        .req(
+            Method::POST,
+            "/v3/auth/tokens",
+            None,
+            Some("application/json"),
+            password_auth("admin", "wrong", "admin").to_string(),
+            &[],
+        )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let r = t.req(Method::GET, "/v3/auth/tokens", Some(ADMIN_TOKEN), None, Body::empty(), &[("x-subject-token", &tok)]).await;
+    let r = t
+        .req(
+            Method::GET,
+            "/v3/auth/tokens",
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[("x-subject-token", &tok)],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(t.get("/v2/images", &tok).await.status, StatusCode::OK);
     // A static API token for scripts.
-    let r = t.req(Method::POST, "/v3/api-tokens", Some(&tok), None, Body::empty(), &[]).await;
+    let r = t
+        .req(
+            Method::POST,
+            "/v3/api-tokens",
+            Some(&tok),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
     let api = r.json()["api_token"]["token"].as_str().unwrap().to_string();
     assert_eq!(t.get("/v2/images", &api).await.status, StatusCode::OK);
-    let r = t.req(Method::DELETE, "/v3/auth/tokens", Some(ADMIN_TOKEN), None, Body::empty(), &[("x-subject-token", &tok)]).await;
+    let r = t
+        .req(
+            Method::DELETE,
+            "/v3/auth/tokens",
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[("x-subject-token", &tok)],
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(t.get("/v2/images", &tok).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        t.get("/v2/images", &tok).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     // Non-admins cannot administer identity.
     let (_, m) = t.user("p", "m", "member").await;
-    assert_eq!(t.post("/v3/projects", &m, json!({"project": {"name": "x"}})).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        t.post("/v3/projects", &m, json!({"project": {"name": "x"}}))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
 }
 
 /// A real socket: 64 MiB up and down with digest verification and ranged reads.
@@ -861,7 +1401,11 @@ async fn sixty_four_mib_round_trip_over_a_real_socket() {
     let got = r.bytes().await.unwrap();
     assert_eq!(got.len(), data.len());
     assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
-    for (s, e) in [(0u64, 0u64), (12_345, 1_234_567), ((64 << 20) - 100, (64 << 20) - 1)] {
+    for (s, e) in [
+        (0u64, 0u64),
+        (12_345, 1_234_567),
+        ((64 << 20) - 100, (64 << 20) - 1),
+    ] {
         let r = client
             .get(format!("{base}/v2/images/{id}/file"))
             .header("x-auth-token", ADMIN_TOKEN)

@@ -33,10 +33,7 @@ pub fn keystone_time(t: chrono::DateTime<chrono::Utc>) -> String {
 pub fn router() -> Router<Arc<App>> {
     Router::new()
         .route("/", get(version))
-        .route(
-            "/auth/tokens",
-            post(issue).get(validate).delete(revoke),
-        )
+        .route("/auth/tokens", post(issue).get(validate).delete(revoke))
         .route("/api-tokens", post(api_token))
         .route("/projects", get(list_projects).post(create_project))
         .route("/users", post(create_user))
@@ -126,11 +123,7 @@ async fn scope_project(app: &App, auth: &Value, user: &User) -> Result<Project> 
 }
 
 /// `POST /v3/auth/tokens`: password or token authentication.
-async fn issue(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response> {
+async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response> {
     let v = parse_json(&body)?;
     let auth = v
         .get("auth")
@@ -141,9 +134,9 @@ async fn issue(
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let user = if methods.contains(&"password") {
-        let u = auth
-            .pointer("/identity/password/user")
-            .ok_or_else(|| RegistryError::BadRequest("identity.password.user is required".into()))?;
+        let u = auth.pointer("/identity/password/user").ok_or_else(|| {
+            RegistryError::BadRequest("identity.password.user is required".into())
+        })?;
         let password = u
             .get("password")
             .and_then(Value::as_str)
@@ -324,7 +317,10 @@ async fn create_project(
         name: name.to_string(),
     };
     app.catalog.create_project(&p).await?;
-    Ok((StatusCode::CREATED, Json(json!({"project": project_json(&p)}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"project": project_json(&p)})),
+    ))
 }
 
 /// `POST /v3/users` with `{"user": {"name", "password", "default_project_id"}}` (admin).
@@ -375,9 +371,11 @@ async fn create_user(
     app.catalog.create_user(&user).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"user": {"id": user.id, "name": user.name, "domain_id": DOMAIN,
+        Json(
+            json!({"user": {"id": user.id, "name": user.name, "domain_id": DOMAIN,
                              "enabled": user.enabled,
-                             "default_project_id": user.default_project_id}})),
+                             "default_project_id": user.default_project_id}}),
+        ),
     ))
 }
 
@@ -392,10 +390,14 @@ async fn assign_role(
         .parse()
         .map_err(|e: String| RegistryError::NotFound(e))?;
     if app.catalog.get_project(&project).await?.is_none() {
-        return Err(RegistryError::NotFound(format!("Could not find project: {project}")));
+        return Err(RegistryError::NotFound(format!(
+            "Could not find project: {project}"
+        )));
     }
     if app.catalog.get_user(&user).await?.is_none() {
-        return Err(RegistryError::NotFound(format!("Could not find user: {user}")));
+        return Err(RegistryError::NotFound(format!(
+            "Could not find user: {user}"
+        )));
     }
     app.catalog.assign_role(&user, &project, role).await?;
     Ok(StatusCode::NO_CONTENT)

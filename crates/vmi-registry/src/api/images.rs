@@ -100,14 +100,12 @@ pub(crate) async fn load_visible(app: &App, ctx: &Context, id: &str) -> Result<I
         .get_image(id)
         .await?
         .ok_or_else(|| not_found(id))?;
-    let member = if img.visibility == Visibility::Shared
-        && img.owner != ctx.project_id
-        && !ctx.is_admin()
-    {
-        app.catalog.get_member(id, &ctx.project_id).await?
-    } else {
-        None
-    };
+    let member =
+        if img.visibility == Visibility::Shared && img.owner != ctx.project_id && !ctx.is_admin() {
+            app.catalog.get_member(id, &ctx.project_id).await?
+        } else {
+            None
+        };
     if !policy::can_see(ctx, &img, member.as_ref()) {
         return Err(not_found(id));
     }
@@ -123,7 +121,9 @@ fn opt_string(key: &str, v: &Value, allowed: Option<&[&str]>) -> Result<Option<S
         Value::Null => Ok(None),
         Value::String(s) => {
             if s.len() > MAX_NAME_LEN {
-                return Err(bad(format!("{key} is longer than {MAX_NAME_LEN} characters")));
+                return Err(bad(format!(
+                    "{key} is longer than {MAX_NAME_LEN} characters"
+                )));
             }
             if let Some(a) = allowed {
                 if !a.contains(&s.as_str()) {
@@ -219,7 +219,9 @@ fn apply_attr(
     match key {
         "name" => img.name = opt_string(key, v, None)?,
         "visibility" => {
-            let s = v.as_str().ok_or_else(|| bad("visibility must be a string"))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| bad("visibility must be a string"))?;
             let vis: Visibility = s.parse().map_err(bad)?;
             policy::check_visibility(ctx, vis)?;
             img.visibility = vis;
@@ -285,8 +287,9 @@ pub async fn create(
         .ok_or_else(|| bad("the request body must be a JSON object"))?;
     let id = match obj.get("id") {
         None | Some(Value::Null) => uuid::Uuid::new_v4(),
-        Some(Value::String(s)) => uuid::Uuid::parse_str(s)
-            .map_err(|_| bad(format!("id '{s}' is not a valid UUID")))?,
+        Some(Value::String(s)) => {
+            uuid::Uuid::parse_str(s).map_err(|_| bad(format!("id '{s}' is not a valid UUID")))?
+        }
         Some(_) => return Err(bad("id must be a string")),
     };
     let mut img = ImageRecord::new(id.hyphenated().to_string(), ctx.project_id.clone(), now());
@@ -391,7 +394,9 @@ pub async fn list(
     for (k, v) in &params {
         match k.as_str() {
             "limit" => {
-                let n: i64 = v.parse().map_err(|_| bad("limit param must be an integer"))?;
+                let n: i64 = v
+                    .parse()
+                    .map_err(|_| bad("limit param must be an integer"))?;
                 q.limit = u32::try_from(n)
                     .map_err(|_| bad("limit param must be positive"))?
                     .min(MAX_LIMIT);
@@ -463,7 +468,8 @@ pub async fn list(
         q.sort = Vec::new();
         for part in s.split(',') {
             let (k, d) = part.split_once(':').unwrap_or((part, "desc"));
-            q.sort.push((parse_sort_key(k.trim())?, parse_dir(d.trim())?));
+            q.sort
+                .push((parse_sort_key(k.trim())?, parse_dir(d.trim())?));
         }
     } else if !sort_keys.is_empty() || !sort_dirs.is_empty() {
         if sort_keys.is_empty() {
@@ -656,7 +662,15 @@ pub async fn deactivate(
     ctx: Context,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    set_status(&app, &ctx, &id, Status::Active, Status::Deactivated, "deactivate").await
+    set_status(
+        &app,
+        &ctx,
+        &id,
+        Status::Active,
+        Status::Deactivated,
+        "deactivate",
+    )
+    .await
 }
 
 /// `POST /v2/images/{id}/actions/reactivate`
@@ -665,7 +679,15 @@ pub async fn reactivate(
     ctx: Context,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    set_status(&app, &ctx, &id, Status::Deactivated, Status::Active, "reactivate").await
+    set_status(
+        &app,
+        &ctx,
+        &id,
+        Status::Deactivated,
+        Status::Active,
+        "reactivate",
+    )
+    .await
 }
 
 /// `PUT /v2/images/{id}/tags/{tag}`
@@ -833,7 +855,10 @@ async fn receive(app: &App, img: &ImageRecord, body: Body, cap: u64) -> Result<(
         .map_err(|e| RegistryError::io("hashing", e))?;
     let discard = |e: RegistryError| async {
         if let Err(d) = app.data.delete(&location).await {
-            eprintln!("vmi-registry: removing refused data: {}", crate::error::chain(&d));
+            eprintln!(
+                "vmi-registry: removing refused data: {}",
+                crate::error::chain(&d)
+            );
         }
         Err::<(), _>(e)
     };
@@ -944,10 +969,7 @@ pub async fn download(
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let range = parse_range(headers.get(header::RANGE), size)?;
-    let stream = app
-        .data
-        .read(location, range.map(|(s, e)| s..e))
-        .await?;
+    let stream = app.data.read(location, range.map(|(s, e)| s..e)).await?;
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
     h.insert(

@@ -30,9 +30,7 @@ pub fn member_json(m: &MemberRecord) -> Value {
 }
 
 fn member_not_found(image: &str, member: &str) -> RegistryError {
-    RegistryError::NotFound(format!(
-        "Member {member} not found for image {image}"
-    ))
+    RegistryError::NotFound(format!("Member {member} not found for image {image}"))
 }
 
 fn owns(ctx: &Context, img: &ImageRecord) -> bool {

@@ -120,8 +120,10 @@ async fn info_import(_ctx: crate::auth::Context) -> Json<Value> {
 
 /// `GET /v2/info/stores`: one store.
 async fn info_stores(_ctx: crate::auth::Context) -> Json<Value> {
-    Json(json!({"stores": [{"id": "default", "description": "vmi image store",
-                            "default": true}]}))
+    Json(
+        json!({"stores": [{"id": "default", "description": "vmi image store",
+                            "default": true}]}),
+    )
 }
 
 /// Parse a JSON request body.

@@ -96,7 +96,8 @@ fn load_extras(c: &Connection, img: &mut ImageRecord) -> rusqlite::Result<()> {
     img.tags = st
         .query_map([&img.id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut st = c.prepare_cached("SELECT name, value FROM image_properties WHERE image_id = ?1")?;
+    let mut st =
+        c.prepare_cached("SELECT name, value FROM image_properties WHERE image_id = ?1")?;
     img.properties = st
         .query_map([&img.id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
@@ -105,7 +106,10 @@ fn load_extras(c: &Connection, img: &mut ImageRecord) -> rusqlite::Result<()> {
 
 fn write_extras(c: &Connection, img: &ImageRecord) -> rusqlite::Result<()> {
     c.execute("DELETE FROM image_tags WHERE image_id = ?1", [&img.id])?;
-    c.execute("DELETE FROM image_properties WHERE image_id = ?1", [&img.id])?;
+    c.execute(
+        "DELETE FROM image_properties WHERE image_id = ?1",
+        [&img.id],
+    )?;
     let mut st = c.prepare_cached("INSERT INTO image_tags (image_id, tag) VALUES (?1, ?2)")?;
     for t in &img.tags {
         st.execute(params![img.id, t])?;
@@ -335,7 +339,11 @@ fn list_sql(q: &ImageQuery) -> Result<(String, Vec<Value>)> {
                 ands.push(format!("{} = ?", sort_expr(*pk)));
                 p.push(sort_value(*pk, m));
             }
-            ands.push(format!("{} {} ?", sort_expr(*k), if *asc { ">" } else { "<" }));
+            ands.push(format!(
+                "{} {} ?",
+                sort_expr(*k),
+                if *asc { ">" } else { "<" }
+            ));
             p.push(sort_value(*k, m));
             ors.push(format!("({})", ands.join(" AND ")));
         }
@@ -890,7 +898,10 @@ mod tests {
         i.status = Status::Saving;
         assert!(c.update_image(&i, Status::Queued).await.unwrap());
         assert!(!c.update_image(&i, Status::Queued).await.unwrap());
-        assert_eq!(c.get_image("a").await.unwrap().unwrap().status, Status::Saving);
+        assert_eq!(
+            c.get_image("a").await.unwrap().unwrap().status,
+            Status::Saving
+        );
     }
 
     #[tokio::test]
