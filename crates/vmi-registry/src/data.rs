@@ -18,12 +18,14 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
-use object_store::{GetOptions, GetRange, ObjectStore, WriteMultipart};
+use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, WriteMultipart};
 use std::collections::HashSet;
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio_util::io::ReaderStream;
 use vmi_disk::storage::Storage;
 
 /// A stream of image bytes.
@@ -31,6 +33,8 @@ pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
 /// Size of each part of a multipart upload (S3's minimum is 5 MiB).
 const PART_BYTES: usize = 8 << 20;
+/// Read size when streaming a local file to a client.
+const READ_BYTES: usize = 1 << 20;
 /// Parts written concurrently per upload.
 const PART_CONCURRENCY: usize = 4;
 /// Prefix of every image object.
@@ -155,7 +159,22 @@ impl ImageData for WholeObjectData {
             .get_opts(&path, opts)
             .await
             .map_err(|e| RegistryError::store("reading image data", e))?;
-        Ok(got.into_stream().map_err(io::Error::other).boxed())
+        match got.payload {
+            // Local files: read in large blocks (the store's own stream reads 8 KiB at a time).
+            GetResultPayload::File(mut file, _) => {
+                let r = got.range.clone();
+                let file = tokio::task::spawn_blocking(move || {
+                    file.seek(SeekFrom::Start(r.start)).map(|_| file)
+                })
+                .await
+                .map_err(|e| RegistryError::store("reading image data", e))?
+                .map_err(|e| RegistryError::io("seeking in image data", e))?;
+                let len = got.range.end.saturating_sub(got.range.start);
+                let reader = tokio::fs::File::from_std(file).take(len);
+                Ok(ReaderStream::with_capacity(reader, READ_BYTES).boxed())
+            }
+            GetResultPayload::Stream(s) => Ok(s.map_err(io::Error::other).boxed()),
+        }
     }
 
     fn random_access(&self, location: &str, size: u64) -> Result<Box<dyn Storage>> {

@@ -2,8 +2,9 @@
 //! `os_hash_algo = sha512`) and SHA-256.
 //!
 //! Hashing three digests costs more CPU than moving the bytes, so [`HashPipeline`] hashes in
-//! batches on the blocking pool while the next batch is being received, and each batch runs
-//! SHA-512 on a second thread beside MD5 and SHA-256.
+//! batches on the blocking pool while the next batch is being received, and each batch runs the
+//! three digests on three threads (SHA-512 and MD5 are the slow ones, at roughly 500 MB/s each
+//! on current x86 cores; SHA-256 uses the SHA extensions where the CPU has them).
 
 use bytes::Bytes;
 use md5::Md5;
@@ -39,7 +40,7 @@ pub struct DigestValues {
 }
 
 impl Digests {
-    /// Hash `chunks` in order, SHA-512 on a second thread.
+    /// Hash `chunks` in order, each digest on its own thread.
     pub fn update_all(&mut self, chunks: &[Bytes]) {
         let Digests {
             md5,
@@ -53,8 +54,12 @@ impl Digests {
                     sha512.update(c);
                 }
             });
+            s.spawn(|| {
+                for c in chunks {
+                    md5.update(c);
+                }
+            });
             for c in chunks {
-                md5.update(c);
                 sha256.update(c);
             }
         });
