@@ -1,13 +1,17 @@
-//! Command-line arguments of `vmi serve`, and its entry point [`run_serve`].
+//! Command-line arguments of `vmi serve` and `vmi image`, and their entry points [`run_serve`]
+//! and [`run_image`].
 //!
-//! The `vmi` binary embeds [`ServeArgs`] as its `serve` subcommand and calls [`run_serve`].
-//! Settings come from defaults, then `--config FILE` (or `VMI_CONFIG`), then `VMI_*`
-//! environment variables, then these flags.
+//! The `vmi` binary embeds [`ServeArgs`] as its `serve` subcommand and [`ImageArgs`] as its
+//! `image` subcommand. `serve` settings come from defaults, then `--config FILE` (or
+//! `VMI_CONFIG`), then `VMI_*` environment variables, then these flags.
 
+use crate::client::{Auth, RegistryClient};
 use crate::config::Config;
 use crate::error::{chain, RegistryError, Result};
 use crate::server::Registry;
-use clap::Args;
+use clap::{Args, Subcommand};
+use serde_json::{json, Map, Value};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -152,6 +156,391 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// `vmi image`: talk to a registry.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Registry URL (default: $VMI_REGISTRY_URL, else http://127.0.0.1:9292).
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+    /// Token (default: $VMI_TOKEN, else $OS_AUTH_TOKEN).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// User for password authentication (default: $OS_USERNAME); the password is read from
+    /// $OS_PASSWORD.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub user: Option<String>,
+    /// Project to scope a password login to (default: $OS_PROJECT_NAME).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub project: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// `vmi image` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// List images.
+    List {
+        /// Glance filter, e.g. `status=active`, `name=in:a,b`, `sort=name:asc` (repeatable).
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
+    },
+    /// Show one image (by id or unique name).
+    Show {
+        /// Image id or name.
+        image: String,
+    },
+    /// Create an image, and upload its data when --file is given.
+    Create {
+        /// Image name.
+        name: String,
+        /// Disk format.
+        #[arg(long, default_value = "raw")]
+        disk_format: String,
+        /// Container format.
+        #[arg(long, default_value = "bare")]
+        container_format: String,
+        /// private, shared, community or public.
+        #[arg(long)]
+        visibility: Option<String>,
+        /// Custom property (repeatable).
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+        /// Tag (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Image data to upload.
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
+    /// Upload the data of a queued image.
+    Upload {
+        /// Image id or name.
+        image: String,
+        /// The data.
+        file: PathBuf,
+    },
+    /// Download image data, verifying its checksum.
+    Download {
+        /// Image id or name.
+        image: String,
+        /// Output file.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Continue a partial download in --output.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Change attributes.
+    Set {
+        /// Image id or name.
+        image: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New visibility.
+        #[arg(long)]
+        visibility: Option<String>,
+        /// Set a custom property (repeatable).
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+        /// Remove a custom property (repeatable).
+        #[arg(long = "remove-property", value_name = "KEY")]
+        remove: Vec<String>,
+        /// Protect against deletion (true/false).
+        #[arg(long)]
+        protected: Option<bool>,
+        /// Minimum disk, GiB.
+        #[arg(long)]
+        min_disk: Option<u64>,
+        /// Minimum RAM, MiB.
+        #[arg(long)]
+        min_ram: Option<u64>,
+    },
+    /// Delete images.
+    Delete {
+        /// Image ids or names.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Share a (shared-visibility) image with a project.
+    Share {
+        /// Image id or name.
+        image: String,
+        /// Project id.
+        project: String,
+    },
+    /// Accept an image shared with your project.
+    Accept {
+        /// Image id.
+        image: String,
+    },
+    /// Reject an image shared with your project.
+    Reject {
+        /// Image id.
+        image: String,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String)> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| RegistryError::BadRequest(format!("expected KEY=VALUE, got '{s}'")))
+}
+
+fn env_of(vars: &[(String, String)], key: &str) -> Option<String> {
+    vars.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
+}
+
+/// Run `vmi image …`, printing to stdout.
+pub fn run_image(args: ImageArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RegistryError::io("starting the runtime", e))?;
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    let mut out = std::io::stdout().lock();
+    rt.block_on(image_command(&args, &vars, &mut out, true))
+}
+
+fn print_image(out: &mut dyn Write, img: &Value, as_json: bool) -> Result<()> {
+    let text = if as_json {
+        serde_json::to_string_pretty(img).unwrap_or_default()
+    } else {
+        let mut lines = Vec::new();
+        if let Some(m) = img.as_object() {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            for k in keys {
+                let v = &m[k];
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                lines.push(format!("{k:<18} {s}"));
+            }
+        }
+        lines.join("\n")
+    };
+    writeln!(out, "{text}").map_err(|e| RegistryError::io("writing output", e))
+}
+
+/// `vmi image …` against the environment `vars`, writing to `out`.
+pub async fn image_command(
+    args: &ImageArgs,
+    vars: &[(String, String)],
+    out: &mut dyn Write,
+    progress: bool,
+) -> Result<()> {
+    let url = args
+        .url
+        .clone()
+        .or_else(|| env_of(vars, "VMI_REGISTRY_URL"))
+        .unwrap_or_else(|| "http://127.0.0.1:9292".into());
+    let token = args
+        .token
+        .clone()
+        .or_else(|| env_of(vars, "VMI_TOKEN"))
+        .or_else(|| env_of(vars, "OS_AUTH_TOKEN"));
+    let auth = match (
+        token,
+        args.user.clone().or_else(|| env_of(vars, "OS_USERNAME")),
+    ) {
+        (Some(t), _) => Auth::Token(t),
+        (None, Some(user)) => Auth::Password {
+            user,
+            password: env_of(vars, "OS_PASSWORD").ok_or_else(|| {
+                RegistryError::BadRequest("set OS_PASSWORD for password authentication".into())
+            })?,
+            project: args
+                .project
+                .clone()
+                .or_else(|| env_of(vars, "OS_PROJECT_NAME")),
+        },
+        (None, None) => {
+            return Err(RegistryError::BadRequest(
+                "no credentials: pass --token (or set VMI_TOKEN), or --user with OS_PASSWORD"
+                    .into(),
+            ))
+        }
+    };
+    let c = RegistryClient::connect(&url, &auth).await?;
+    let w = |out: &mut dyn Write, s: String| {
+        writeln!(out, "{s}").map_err(|e| RegistryError::io("writing output", e))
+    };
+    match &args.command {
+        ImageCommand::List { filters } => {
+            let f = filters
+                .iter()
+                .map(|s| key_value(s))
+                .collect::<Result<Vec<_>>>()?;
+            let imgs = c.list(&f).await?;
+            if args.json {
+                return w(out, serde_json::to_string_pretty(&imgs).unwrap_or_default());
+            }
+            w(
+                out,
+                format!(
+                    "{:<36}  {:<24}  {:<11}  {:>12}",
+                    "ID", "NAME", "STATUS", "SIZE"
+                ),
+            )?;
+            for i in imgs {
+                let size = i["size"]
+                    .as_u64()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                w(
+                    out,
+                    format!(
+                        "{:<36}  {:<24}  {:<11}  {:>12}",
+                        i["id"].as_str().unwrap_or(""),
+                        i["name"].as_str().unwrap_or(""),
+                        i["status"].as_str().unwrap_or(""),
+                        size
+                    ),
+                )?;
+            }
+            Ok(())
+        }
+        ImageCommand::Show { image } => print_image(out, &c.show(image).await?, args.json),
+        ImageCommand::Create {
+            name,
+            disk_format,
+            container_format,
+            visibility,
+            properties,
+            tags,
+            file,
+        } => {
+            let mut attrs = Map::new();
+            for p in properties {
+                let (k, v) = key_value(p)?;
+                attrs.insert(k, json!(v));
+            }
+            attrs.insert("name".into(), json!(name));
+            attrs.insert("disk_format".into(), json!(disk_format));
+            attrs.insert("container_format".into(), json!(container_format));
+            attrs.insert("tags".into(), json!(tags));
+            if let Some(v) = visibility {
+                attrs.insert("visibility".into(), json!(v));
+            }
+            let img = c.create(&Value::Object(attrs)).await?;
+            let id = img["id"].as_str().unwrap_or_default().to_string();
+            if let Some(f) = file {
+                c.upload(&id, f, progress).await?;
+            }
+            print_image(out, &c.show(&id).await?, args.json)
+        }
+        ImageCommand::Upload { image, file } => {
+            let id = c.resolve(image).await?;
+            c.upload(&id, file, progress).await?;
+            print_image(out, &c.show(&id).await?, args.json)
+        }
+        ImageCommand::Download {
+            image,
+            output,
+            resume,
+        } => {
+            let id = c.resolve(image).await?;
+            let d = c.download(&id, output, *resume, progress).await?;
+            w(
+                out,
+                format!(
+                    "{}: {} bytes written{}, md5 {} verified",
+                    output.display(),
+                    d.written,
+                    if d.resumed_from > 0 {
+                        format!(" after {} already present", d.resumed_from)
+                    } else {
+                        String::new()
+                    },
+                    d.md5
+                ),
+            )
+        }
+        ImageCommand::Set {
+            image,
+            name,
+            visibility,
+            properties,
+            remove,
+            protected,
+            min_disk,
+            min_ram,
+        } => {
+            let id = c.resolve(image).await?;
+            let mut ops = Vec::new();
+            let mut set = |k: &str, v: Value| {
+                ops.push(json!({"op": "add", "path": format!("/{}", k.replace('~', "~0").replace('/', "~1")), "value": v}))
+            };
+            if let Some(v) = name {
+                set("name", json!(v));
+            }
+            if let Some(v) = visibility {
+                set("visibility", json!(v));
+            }
+            if let Some(v) = protected {
+                set("protected", json!(v));
+            }
+            if let Some(v) = min_disk {
+                set("min_disk", json!(v));
+            }
+            if let Some(v) = min_ram {
+                set("min_ram", json!(v));
+            }
+            for p in properties {
+                let (k, v) = key_value(p)?;
+                set(&k, json!(v));
+            }
+            for k in remove {
+                ops.push(json!({"op": "remove",
+                    "path": format!("/{}", k.replace('~', "~0").replace('/', "~1"))}));
+            }
+            print_image(out, &c.patch(&id, &Value::Array(ops)).await?, args.json)
+        }
+        ImageCommand::Delete { images } => {
+            for i in images {
+                let id = c.resolve(i).await?;
+                c.delete(&id).await?;
+                w(out, format!("deleted {id}"))?;
+            }
+            Ok(())
+        }
+        ImageCommand::Share { image, project } => {
+            let id = c.resolve(image).await?;
+            let m = c.share(&id, project).await?;
+            w(
+                out,
+                format!(
+                    "shared {id} with {project}: {}",
+                    m["status"].as_str().unwrap_or("")
+                ),
+            )
+        }
+        ImageCommand::Accept { image } | ImageCommand::Reject { image } => {
+            let status = if matches!(args.command, ImageCommand::Accept { .. }) {
+                "accepted"
+            } else {
+                "rejected"
+            };
+            let m = c.answer(image, status).await?;
+            w(
+                out,
+                format!("{image}: {}", m["status"].as_str().unwrap_or("")),
+            )
+        }
     }
 }
 

@@ -51,6 +51,14 @@ pub enum RegistryError {
         /// Each reason the image is unsafe.
         violations: Vec<Violation>,
     },
+    /// A registry this process talked to answered with an error (`status` 0: no answer).
+    #[error("registry: {message}{}", if *.status > 0 { format!(" (HTTP {status})") } else { String::new() })]
+    Remote {
+        /// The HTTP status, or 0 when the request failed before an answer.
+        status: u16,
+        /// The registry's message.
+        message: String,
+    },
     /// The configuration is invalid.
     #[error("configuration: {0}")]
     Config(String),
@@ -126,6 +134,7 @@ impl RegistryError {
             RegistryError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RegistryError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RegistryError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            RegistryError::Remote { .. } => StatusCode::BAD_GATEWAY,
             RegistryError::Config(_)
             | RegistryError::Catalog { .. }
             | RegistryError::Store { .. }

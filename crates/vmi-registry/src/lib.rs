@@ -12,12 +12,14 @@
 //!   keeps one object per upload in an `object_store` (local files now, S3-compatible later).
 //! - [`config`] builds the effective configuration from defaults, a TOML file, environment
 //!   variables and flags; [`server`] assembles everything and runs it; [`cli`] holds the
-//!   command-line arguments the `vmi` binary exposes.
+//!   command-line arguments the `vmi` binary exposes; [`client`] is the HTTP client behind
+//!   `vmi image …`.
 
 pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod data;
 pub mod digest;

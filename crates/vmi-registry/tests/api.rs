@@ -1428,3 +1428,119 @@ async fn sixty_four_mib_round_trip_over_a_real_socket() {
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
 }
+
+/// `vmi image …` against a served registry: create with upload, list, show, set, resumed
+/// download with verification, share/accept with password login, delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_client_drives_a_served_registry() {
+    use clap::Parser;
+    use vmi_registry::cli::{image_command, ImageArgs};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        image: ImageArgs,
+    }
+
+    let t = setup_with(|c| c.public_url = None).await;
+    let (pb, _) = t.user("beta", "bob", "member").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(t.reg.clone().serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("disk.raw");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let admin_env = vec![("VMI_TOKEN".to_string(), ADMIN_TOKEN.to_string())];
+    let bob_env = vec![
+        ("OS_USERNAME".to_string(), "bob".to_string()),
+        ("OS_PASSWORD".to_string(), "pw".to_string()),
+    ];
+    let run = |argv: Vec<String>, env: Vec<(String, String)>| {
+        let url = url.clone();
+        async move {
+            let mut full = vec!["vmi-image".to_string(), "--url".to_string(), url];
+            full.extend(argv);
+            let cli = Cli::try_parse_from(full).unwrap();
+            let mut out = Vec::new();
+            let r = image_command(&cli.image, &env, &mut out, false).await;
+            (r, String::from_utf8(out).unwrap())
+        }
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+
+    let mut create =
+        args("--json create disk1 --visibility shared --property os_distro=debian --file");
+    create.push(src.display().to_string());
+    let (r, out) = run(create, admin_env.clone()).await;
+    r.unwrap();
+    let img: Value = serde_json::from_str(&out).unwrap();
+    let id = img["id"].as_str().unwrap().to_string();
+    assert_eq!(img["status"], "active");
+    assert_eq!(img["checksum"], hex_md5(&data));
+    assert_eq!(img["os_distro"], "debian");
+
+    let (r, out) = run(args("list --filter status=active"), admin_env.clone()).await;
+    r.unwrap();
+    assert!(out.contains(&id) && out.contains("disk1"), "{out}");
+    let (r, out) = run(
+        args("set disk1 --property hw_disk_bus=scsi --remove-property os_distro --min-ram 256"),
+        admin_env.clone(),
+    )
+    .await;
+    r.unwrap();
+    assert!(
+        out.contains("hw_disk_bus        scsi") && !out.contains("os_distro"),
+        "{out}"
+    );
+
+    // A partial file is completed with a ranged request and verified as a whole.
+    let dst = scratch.path().join("out.raw");
+    std::fs::write(&dst, &data[..1_000_000]).unwrap();
+    let mut dl = args(&format!("download {id} --resume -o"));
+    dl.push(dst.display().to_string());
+    let (r, out) = run(dl.clone(), admin_env.clone()).await;
+    r.unwrap();
+    assert!(
+        out.contains("2000000 bytes written after 1000000 already present"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    // A corrupt partial file fails verification.
+    std::fs::write(&dst, vec![0u8; 10]).unwrap();
+    let (r, _) = run(dl, admin_env.clone()).await;
+    assert!(r.unwrap_err().to_string().contains("checksum mismatch"));
+
+    // Share with project beta; bob (password login) accepts and then sees it listed.
+    let (r, _) = run(args(&format!("share {id} {pb}")), admin_env.clone()).await;
+    r.unwrap();
+    let (r, out) = run(args("list"), bob_env.clone()).await;
+    r.unwrap();
+    assert!(!out.contains(&id));
+    let (r, _) = run(args(&format!("accept {id}")), bob_env.clone()).await;
+    r.unwrap();
+    let (r, out) = run(args("list"), bob_env.clone()).await;
+    r.unwrap();
+    assert!(out.contains(&id), "{out}");
+    let (r, _) = run(args(&format!("delete {id}")), bob_env.clone()).await;
+    assert!(matches!(
+        r,
+        Err(vmi_registry::RegistryError::Remote { status: 403, .. })
+    ));
+
+    let (r, out) = run(args("delete disk1"), admin_env.clone()).await;
+    r.unwrap();
+    assert!(out.contains(&id));
+    let (r, _) = run(args(&format!("show {id}")), admin_env.clone()).await;
+    assert!(matches!(
+        r,
+        Err(vmi_registry::RegistryError::Remote { status: 404, .. })
+    ));
+    let (r, _) = run(args("list"), vec![]).await;
+    assert!(r.is_err());
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+}
