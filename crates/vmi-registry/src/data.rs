@@ -22,8 +22,9 @@ use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, WriteMul
 use std::collections::HashSet;
 use std::io::{self, Seek, SeekFrom};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::AsyncReadExt;
 use tokio_util::io::ReaderStream;
 use vmi_disk::storage::Storage;
@@ -73,12 +74,27 @@ pub trait ImageData: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct WholeObjectData {
     store: Arc<dyn ObjectStore>,
+    /// For a local-filesystem store, its root: the reaper also removes the staging files
+    /// (`<object>#<n>`) that an upload interrupted by a crash leaves, which the store's
+    /// listing does not show.
+    local_root: Option<PathBuf>,
 }
 
 impl WholeObjectData {
     /// Image data over `store`.
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        WholeObjectData { store }
+        WholeObjectData {
+            store,
+            local_root: None,
+        }
+    }
+
+    /// Image data over a `LocalFileSystem` rooted at `root`.
+    pub fn local(store: Arc<dyn ObjectStore>, root: PathBuf) -> Self {
+        WholeObjectData {
+            store,
+            local_root: Some(root),
+        }
     }
 
     fn path(location: &str) -> Result<ObjPath> {
@@ -206,15 +222,60 @@ impl ImageData for WholeObjectData {
                 doomed.push(meta.location);
             }
         }
-        let n = doomed.len();
+        let mut n = doomed.len();
         for p in doomed {
             match self.store.delete(&p).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(RegistryError::store("reaping image data", e)),
             }
         }
+        if let Some(root) = self.local_root.clone() {
+            n += tokio::task::spawn_blocking(move || {
+                reap_staging(&root.join(IMAGES_PREFIX), SystemTime::now() - grace)
+            })
+            .await
+            .map_err(|e| RegistryError::store("reaping staging files", e))?
+            .map_err(|e| RegistryError::io("reaping staging files", e))?;
+        }
         Ok(n)
     }
+}
+
+/// Whether `name` is a local store's staging file name: `<object>#<digits>`.
+fn is_staging_name(name: &str) -> bool {
+    match name.rsplit_once('#') {
+        Some((_, n)) => !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
+        None => false,
+    }
+}
+
+/// Delete staging files under `images/<image-id>/` last modified before `cutoff`.
+fn reap_staging(images: &std::path::Path, cutoff: SystemTime) -> io::Result<usize> {
+    let mut n = 0;
+    let dirs = match std::fs::read_dir(images) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for dir in dirs {
+        let dir = dir?;
+        if !dir.file_type()?.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(dir.path())? {
+            let f = f?;
+            let name = f.file_name();
+            let old = f.metadata()?.modified()? < cutoff;
+            if f.file_type()?.is_file() && is_staging_name(&name.to_string_lossy()) && old {
+                match std::fs::remove_file(f.path()) {
+                    Ok(()) => n += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// Blocking random access to one stored object, for [`vmi_disk::inspect::inspect`].
@@ -319,6 +380,26 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(&got, b"hello");
+    }
+
+    #[tokio::test]
+    async fn reap_removes_staging_files_of_interrupted_local_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let d = WholeObjectData::local(Arc::new(fs), dir.path().to_path_buf());
+        let mut s = d.begin("img").await.unwrap();
+        let live = s.location().to_string();
+        s.write(Bytes::from_static(b"kept")).await.unwrap();
+        s.finish().await.unwrap();
+        // What a crash in the middle of an upload leaves behind.
+        let img_dir = dir.path().join("images/img");
+        std::fs::write(img_dir.join("0b4c#1"), b"partial").unwrap();
+        std::fs::write(img_dir.join("name#tag"), b"not staging").unwrap();
+        let keep: HashSet<String> = [live.clone()].into_iter().collect();
+        assert_eq!(d.reap(&keep, Duration::from_secs(3600)).await.unwrap(), 0);
+        assert_eq!(d.reap(&keep, Duration::ZERO).await.unwrap(), 2);
+        assert!(!img_dir.join("0b4c#1").exists());
+        assert!(d.read(&live, None).await.is_ok());
     }
 
     #[tokio::test]

@@ -3,17 +3,20 @@
 
 use crate::auth::{hash_password, hash_token, new_password};
 use crate::catalog::sqlite::SqliteCatalog;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Cmp, Field, Filter, ImageQuery, Viewer};
 use crate::config::{Config, DatabaseUrl, StoreUrl};
 use crate::data::{ImageData, WholeObjectData};
 use crate::error::{RegistryError, Result};
-use crate::model::{now, Project, Role, TokenKind, TokenRecord, User};
+use crate::model::{now, Project, Role, Status, TokenKind, TokenRecord, User};
 use axum::http::HeaderMap;
 use object_store::local::LocalFileSystem;
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Stale uploads reset per reaper pass.
+const STALE_BATCH: u32 = 1000;
 
 /// Everything a request handler needs.
 pub struct App {
@@ -85,7 +88,7 @@ impl Registry {
                     .map_err(|e| RegistryError::io(format!("creating {}", dir.display()), e))?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| RegistryError::store(format!("opening {}", dir.display()), e))?;
-                Arc::new(WholeObjectData::new(Arc::new(fs)))
+                Arc::new(WholeObjectData::local(Arc::new(fs), dir))
             }
         };
         Ok(Self::with_parts(config, catalog, data))
@@ -183,8 +186,39 @@ impl Registry {
         })
     }
 
-    /// Remove stored data no live image references and older than the configured grace.
+    /// Put images stuck in `saving` for longer than the grace (their uploader died) back to
+    /// `queued`, then remove stored data that no live image references and that is older than
+    /// the grace. Returns the number of objects removed.
     pub async fn reap(&self) -> Result<usize> {
+        let grace = Duration::from_secs(self.app.config.reap_grace_secs);
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::zero());
+        let mut q = ImageQuery::new(Viewer::Admin);
+        q.os_hidden = None;
+        q.limit = STALE_BATCH;
+        q.filters = vec![
+            Filter {
+                field: Field::Status,
+                cmp: Cmp::Eq,
+                value: Status::Saving.as_str().into(),
+            },
+            Filter {
+                field: Field::UpdatedAt,
+                cmp: Cmp::Lt,
+                value: cutoff.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            },
+        ];
+        for mut img in self.app.catalog.list_images(&q).await? {
+            img.status = Status::Queued;
+            img.updated_at = now();
+            if self.app.catalog.update_image(&img, Status::Saving).await? {
+                eprintln!(
+                    "vmi registry: image {} was saving for longer than {}s; back to queued",
+                    img.id,
+                    grace.as_secs()
+                );
+            }
+        }
         let keep: HashSet<String> = self
             .app
             .catalog

@@ -1544,3 +1544,55 @@ async fn the_image_client_drives_a_served_registry() {
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn the_reaper_requeues_abandoned_uploads_and_spares_recent_unreferenced_data() {
+    let t = setup_with(|c| c.reap_grace_secs = 3600).await;
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let cat = &t.reg.app.catalog;
+    // An uploader that died two hours ago, and one that is still running.
+    let mut img = cat.get_image(&id).await.unwrap().unwrap();
+    img.status = vmi_registry::model::Status::Saving;
+    img.updated_at = "2000-01-01T00:00:00Z".into();
+    assert!(cat
+        .update_image(&img, vmi_registry::model::Status::Queued)
+        .await
+        .unwrap());
+    let fresh = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let mut f = cat.get_image(&fresh).await.unwrap().unwrap();
+    f.status = vmi_registry::model::Status::Saving;
+    assert!(cat
+        .update_image(&f, vmi_registry::model::Status::Queued)
+        .await
+        .unwrap());
+    // Data that no image references, written just now, is kept during the grace period.
+    let mut sink = t.reg.app.data.begin(&id).await.unwrap();
+    sink.write(Bytes::from_static(b"orphan")).await.unwrap();
+    sink.finish().await.unwrap();
+    assert_eq!(t.reg.reap().await.unwrap(), 0);
+    assert_eq!(t.stored_objects(), 1);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"],
+        "queued"
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{fresh}"), ADMIN_TOKEN)
+            .await
+            .json()["status"],
+        "saving"
+    );
+    assert_eq!(
+        t.upload(&id, ADMIN_TOKEN, vec![1u8; 10]).await.status,
+        StatusCode::NO_CONTENT
+    );
+}
