@@ -42,6 +42,23 @@ impl Default for AdminConfig {
     }
 }
 
+/// S3-compatible object storage, used with `store = "s3://bucket/prefix"`. Unset values fall
+/// back to the usual `AWS_*` environment variables.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL of a non-AWS service, e.g. `http://127.0.0.1:9000`.
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow plain-HTTP endpoints.
+    pub allow_http: bool,
+}
+
 /// The effective configuration of `vmi serve`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,6 +84,8 @@ pub struct Config {
     pub reap_grace_secs: u64,
     /// The bootstrap administrator.
     pub admin: AdminConfig,
+    /// S3 settings for an `s3://` store.
+    pub s3: S3Config,
 }
 
 impl Default for Config {
@@ -82,6 +101,7 @@ impl Default for Config {
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             reap_grace_secs: DEFAULT_REAP_GRACE_SECS,
             admin: AdminConfig::default(),
+            s3: S3Config::default(),
         }
     }
 }
@@ -98,6 +118,13 @@ pub enum DatabaseUrl {
 pub enum StoreUrl {
     /// A local directory.
     File(PathBuf),
+    /// An S3 bucket, and a key prefix inside it (may be empty).
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix, without leading or trailing `/`.
+        prefix: String,
+    },
 }
 
 fn parse_u64(key: &str, v: &str) -> Result<u64> {
@@ -136,6 +163,11 @@ impl Config {
                 "VMI_ADMIN_PROJECT" => self.admin.project = v,
                 "VMI_ADMIN_PASSWORD" => self.admin.password = Some(v),
                 "VMI_ADMIN_TOKEN" => self.admin.token = Some(v),
+                "VMI_S3_ENDPOINT" => self.s3.endpoint = Some(v),
+                "VMI_S3_REGION" => self.s3.region = Some(v),
+                "VMI_S3_ACCESS_KEY_ID" => self.s3.access_key_id = Some(v),
+                "VMI_S3_SECRET_ACCESS_KEY" => self.s3.secret_access_key = Some(v),
+                "VMI_S3_ALLOW_HTTP" => self.s3.allow_http = matches!(v.as_str(), "1" | "true"),
                 _ => {}
             }
         }
@@ -170,13 +202,21 @@ impl Config {
             Some(u) => {
                 if let Some(p) = u.strip_prefix("file://") {
                     Ok(StoreUrl::File(PathBuf::from(p)))
-                } else if u.starts_with("s3://") {
-                    Err(RegistryError::Config(
-                        "the S3 image store is not available in this build".into(),
-                    ))
+                } else if let Some(rest) = u.strip_prefix("s3://") {
+                    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                    if bucket.is_empty() {
+                        return Err(RegistryError::Config(format!(
+                            "store '{}': no bucket",
+                            redact_url(u)
+                        )));
+                    }
+                    Ok(StoreUrl::S3 {
+                        bucket: bucket.to_string(),
+                        prefix: prefix.trim_matches('/').to_string(),
+                    })
                 } else {
                     Err(RegistryError::Config(format!(
-                        "store '{}': expected file://PATH",
+                        "store '{}': expected file://PATH or s3://BUCKET/PREFIX",
                         redact_url(u)
                     )))
                 }
@@ -192,6 +232,9 @@ impl Config {
         }
         if c.admin.token.is_some() {
             c.admin.token = Some(REDACTED.into());
+        }
+        if c.s3.secret_access_key.is_some() {
+            c.s3.secret_access_key = Some(REDACTED.into());
         }
         c.database = c.database.as_deref().map(redact_url);
         c.store = c.store.as_deref().map(redact_url);
@@ -271,11 +314,32 @@ mod tests {
         let mut c = Config::default();
         c.admin.password = Some("hunter2".into());
         c.admin.token = Some("tok".into());
+        c.s3.secret_access_key = Some("s3cr3t".into());
         c.database = Some("postgres://u:pw@db/x?sslpassword=zz".into());
         let text = c.redacted().to_toml().unwrap();
         assert!(!text.contains("hunter2") && !text.contains("tok\"") && !text.contains("pw@"));
-        assert!(!text.contains("zz"));
+        assert!(!text.contains("zz") && !text.contains("s3cr3t"));
         assert!(text.contains("postgres://u:***@db/x"));
+    }
+
+    #[test]
+    fn s3_store_urls_name_a_bucket_and_a_prefix() {
+        let c = Config {
+            store: Some("s3://images/vmi/prod/".into()),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.store_url().unwrap(),
+            StoreUrl::S3 {
+                bucket: "images".into(),
+                prefix: "vmi/prod".into()
+            }
+        );
+        let c = Config {
+            store: Some("s3:///x".into()),
+            ..Config::default()
+        };
+        assert!(c.store_url().is_err());
     }
 
     #[test]

@@ -47,6 +47,48 @@ impl App {
     }
 }
 
+/// Image data in an S3 bucket.
+#[cfg(feature = "s3")]
+fn s3_data(config: &Config, bucket: &str, prefix: &str) -> Result<Arc<dyn ImageData>> {
+    use object_store::aws::AmazonS3Builder;
+    use object_store::prefix::PrefixStore;
+    use object_store::ObjectStore;
+    let s3c = &config.s3;
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(v) = &s3c.endpoint {
+        b = b.with_endpoint(v);
+    }
+    if let Some(v) = &s3c.region {
+        b = b.with_region(v);
+    }
+    if let Some(v) = &s3c.access_key_id {
+        b = b.with_access_key_id(v);
+    }
+    if let Some(v) = &s3c.secret_access_key {
+        b = b.with_secret_access_key(v);
+    }
+    if s3c.allow_http {
+        b = b.with_allow_http(true);
+    }
+    let s3 = b
+        .build()
+        .map_err(|e| RegistryError::store(format!("opening bucket {bucket}"), e))?;
+    let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(PrefixStore::new(s3, prefix))
+    };
+    Ok(Arc::new(WholeObjectData::new(store)))
+}
+
+/// Image data in an S3 bucket: not compiled in.
+#[cfg(not(feature = "s3"))]
+fn s3_data(_config: &Config, _bucket: &str, _prefix: &str) -> Result<Arc<dyn ImageData>> {
+    Err(RegistryError::Config(
+        "this build has no S3 image store (build vmi-registry with the `s3` feature)".into(),
+    ))
+}
+
 /// What the bootstrap did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bootstrap {
@@ -90,6 +132,7 @@ impl Registry {
                     .map_err(|e| RegistryError::store(format!("opening {}", dir.display()), e))?;
                 Arc::new(WholeObjectData::local(Arc::new(fs), dir))
             }
+            StoreUrl::S3 { bucket, prefix } => s3_data(&config, &bucket, &prefix)?,
         };
         Ok(Self::with_parts(config, catalog, data))
     }

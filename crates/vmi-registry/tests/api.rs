@@ -1596,3 +1596,91 @@ async fn the_reaper_requeues_abandoned_uploads_and_spares_recent_unreferenced_da
         StatusCode::NO_CONTENT
     );
 }
+
+/// The same data path on an S3-compatible store. Runs when `VMI_TEST_S3_ENDPOINT` names one
+/// (`tests/s3.sh` starts a local S3 server and sets it); any credentials the server accepts.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_keeps_the_data_path_guarantees() {
+    let Ok(endpoint) = std::env::var("VMI_TEST_S3_ENDPOINT") else {
+        eprintln!("s3 test skipped: VMI_TEST_S3_ENDPOINT is not set");
+        return;
+    };
+    let bucket = format!("vmi-test-{}", uuid::Uuid::new_v4().simple());
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "creating the bucket: {}",
+        r.status()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.store = Some(format!("s3://{bucket}/registry"));
+    c.reap_grace_secs = 0;
+    c.s3.endpoint = Some(endpoint);
+    c.s3.region = Some("us-east-1".into());
+    c.s3.access_key_id = Some("testing".into());
+    c.s3.secret_access_key = Some("testing".into());
+    c.s3.allow_http = true;
+    let reg = Registry::open(c).await.unwrap();
+    reg.bootstrap().await.unwrap();
+    let t = T { reg, dir };
+
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    // Three multipart parts.
+    let data: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 241) as u8).collect();
+    let r = t.upload(&id, ADMIN_TOKEN, data.clone()).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NO_CONTENT,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v = t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
+    assert_eq!(v["checksum"], hex_md5(&data));
+    let r = t.get(&format!("/v2/images/{id}/file"), ADMIN_TOKEN).await;
+    assert_eq!(Sha256::digest(&r.body), Sha256::digest(&data));
+    let r = t
+        .req(
+            Method::GET,
+            &format!("/v2/images/{id}/file"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[("range", "bytes=9000000-9000099")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.body[..], &data[9_000_000..9_000_100]);
+    // A refused upload leaves no object behind: the reaper finds nothing to remove.
+    let scratch = tempfile::tempdir().unwrap();
+    let vdi = qemu_image(scratch.path(), "vdi", "1M");
+    let bad = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    assert_eq!(
+        t.upload(&bad, ADMIN_TOKEN, vdi).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(t.reg.reap().await.unwrap(), 0);
+    // Deleting the image deletes its object; the live one survives reaping.
+    assert_eq!(
+        t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(t.reg.reap().await.unwrap(), 0);
+}
