@@ -1684,3 +1684,77 @@ async fn s3_store_keeps_the_data_path_guarantees() {
     );
     assert_eq!(t.reg.reap().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn deleting_an_image_during_its_upload_makes_the_upload_lose_without_leftovers() {
+    let t = setup().await;
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let router = t.reg.router();
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri(format!("/v2/images/{id}/file"))
+        .header("x-auth-token", ADMIN_TOKEN)
+        .body(Body::from_stream(tokio_stream(rx)))
+        .unwrap();
+    let upload = tokio::spawn(async move { router.oneshot(req).await.unwrap().status() });
+    tx.send(Ok(Bytes::from(vec![3u8; 5000]))).await.unwrap();
+    for _ in 0..200 {
+        if t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"] == "saving" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    drop(tx);
+    assert_eq!(upload.await.unwrap(), StatusCode::CONFLICT);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(t.stored_objects(), 0);
+}
+
+#[tokio::test]
+async fn info_endpoints_roles_and_head_requests_answer() {
+    let t = setup().await;
+    let r = t.get("/v2/info/import", ADMIN_TOKEN).await;
+    assert_eq!(r.json()["import-methods"]["value"], json!([]));
+    let r = t.get("/v2/info/stores", ADMIN_TOKEN).await;
+    assert_eq!(r.json()["stores"][0]["default"], true);
+    let r = t.get("/v3/roles", ADMIN_TOKEN).await;
+    assert_eq!(r.json()["roles"].as_array().unwrap().len(), 3);
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    t.upload(&id, ADMIN_TOKEN, vec![1u8; 100]).await;
+    let r = t
+        .req(
+            Method::HEAD,
+            &format!("/v2/images/{id}/file"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["content-length"], "100");
+    assert!(r.body.is_empty());
+    let r = t.get("/v2/no-such-thing", ADMIN_TOKEN).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"]["code"], 404);
+}
