@@ -111,6 +111,8 @@ impl Default for Config {
 pub enum DatabaseUrl {
     /// A SQLite file.
     Sqlite(PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
 }
 
 /// Where image data lives.
@@ -182,12 +184,10 @@ impl Config {
                 if let Some(p) = u.strip_prefix("sqlite://") {
                     Ok(DatabaseUrl::Sqlite(PathBuf::from(p)))
                 } else if u.starts_with("postgres://") || u.starts_with("postgresql://") {
-                    Err(RegistryError::Config(
-                        "the PostgreSQL catalog is not available in this build".into(),
-                    ))
+                    Ok(DatabaseUrl::Postgres(u.clone()))
                 } else {
                     Err(RegistryError::Config(format!(
-                        "database '{}': expected sqlite://PATH",
+                        "database '{}': expected sqlite://PATH or postgres://…",
                         redact_url(u)
                     )))
                 }

@@ -47,6 +47,23 @@ impl App {
     }
 }
 
+/// A PostgreSQL catalog.
+#[cfg(feature = "postgres")]
+async fn postgres_catalog(url: &str) -> Result<Arc<dyn Catalog>> {
+    Ok(Arc::new(
+        crate::catalog::postgres::PostgresCatalog::connect(url).await?,
+    ))
+}
+
+/// A PostgreSQL catalog: not compiled in.
+#[cfg(not(feature = "postgres"))]
+async fn postgres_catalog(_url: &str) -> Result<Arc<dyn Catalog>> {
+    Err(RegistryError::Config(
+        "this build has no PostgreSQL catalog (build vmi-registry with the `postgres` feature)"
+            .into(),
+    ))
+}
+
 /// Image data in an S3 bucket.
 #[cfg(feature = "s3")]
 fn s3_data(config: &Config, bucket: &str, prefix: &str) -> Result<Arc<dyn ImageData>> {
@@ -123,6 +140,7 @@ impl Registry {
                         .map_err(|e| RegistryError::catalog("opening", e))??,
                 )
             }
+            DatabaseUrl::Postgres(url) => postgres_catalog(&url).await?,
         };
         let data: Arc<dyn ImageData> = match config.store_url()? {
             StoreUrl::File(dir) => {

@@ -48,9 +48,30 @@ async fn setup_with(f: impl FnOnce(&mut Config)) -> T {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
     f(&mut c);
+    // With the postgres feature and VMI_TEST_POSTGRES_URL (postgres://user@host:port, see
+    // tests/postgres.sh), every test runs on a fresh PostgreSQL database instead of SQLite.
+    #[cfg(feature = "postgres")]
+    if let Ok(base) = std::env::var("VMI_TEST_POSTGRES_URL") {
+        c.database = Some(fresh_postgres_database(&base).await);
+    }
     let reg = Registry::open(c).await.unwrap();
     reg.bootstrap().await.unwrap();
     T { reg, dir }
+}
+
+#[cfg(feature = "postgres")]
+async fn fresh_postgres_database(base: &str) -> String {
+    let name = format!("vmi_t_{}", uuid::Uuid::new_v4().simple());
+    let (client, conn) =
+        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    format!("{base}/{name}")
 }
 
 async fn setup() -> T {
@@ -1757,4 +1778,62 @@ async fn info_endpoints_roles_and_head_requests_answer() {
     let r = t.get("/v2/no-such-thing", ADMIN_TOKEN).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["error"]["code"], 404);
+}
+
+/// Two service processes on one PostgreSQL catalog and one image store: concurrent uploads to
+/// one image are serialised by the catalog (exactly one wins, the other gets 409), and what one
+/// node stored the other serves.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_postgres_catalog_behave_as_one_service() {
+    if std::env::var("VMI_TEST_POSTGRES_URL").is_err() {
+        eprintln!("two-node test skipped: VMI_TEST_POSTGRES_URL is not set");
+        return;
+    }
+    let a = setup().await;
+    let b = Registry::open(a.reg.app.config.clone()).await.unwrap();
+    b.bootstrap().await.unwrap();
+    let b = T {
+        reg: b,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let id = a
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let router = a.reg.router();
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri(format!("/v2/images/{id}/file"))
+        .header("x-auth-token", ADMIN_TOKEN)
+        .body(Body::from_stream(tokio_stream(rx)))
+        .unwrap();
+    let first = tokio::spawn(async move { router.oneshot(req).await.unwrap().status() });
+    tx.send(Ok(Bytes::from(vec![4u8; 70_000]))).await.unwrap();
+    for _ in 0..300 {
+        if b.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"] == "saving" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        b.upload(&id, ADMIN_TOKEN, vec![5u8; 10]).await.status,
+        StatusCode::CONFLICT
+    );
+    drop(tx);
+    assert_eq!(first.await.unwrap(), StatusCode::NO_CONTENT);
+    let v = b.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["checksum"], hex_md5(&vec![4u8; 70_000]));
+    let r = b.get(&format!("/v2/images/{id}/file"), ADMIN_TOKEN).await;
+    assert_eq!(r.body.len(), 70_000);
+    // A token issued by one node works on the other.
+    let tok = b.password_token("admin", "adminpw", "admin").await;
+    assert_eq!(
+        a.get(&format!("/v2/images/{id}"), &tok).await.status,
+        StatusCode::OK
+    );
 }

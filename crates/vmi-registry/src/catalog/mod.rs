@@ -7,6 +7,9 @@
 //! image being deleted during an upload) is a compare-and-swap on the image status, so several
 //! service processes can share one database.
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use crate::error::Result;

@@ -4,11 +4,11 @@
 //! `migrations/sqlite/` are applied at open inside an immediate transaction, so several
 //! processes opening one database at once apply each migration exactly once.
 
-use super::{Catalog, Cmp, Field, Filter, ImageQuery, MemberFilter, SortKey, Viewer};
+use super::sql::{image_values, list_sql, SqlValue, IMAGE_COLS};
+use super::{Catalog, ImageQuery};
 use crate::error::{RegistryError, Result};
 use crate::model::{
     ImageRecord, MemberRecord, MemberStatus, Project, Role, Status, TokenKind, TokenRecord, User,
-    Visibility,
 };
 use async_trait::async_trait;
 use rusqlite::types::Value;
@@ -21,12 +21,6 @@ const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../../migrations/sqlite/
 
 /// How long a writer waits for another process's lock before failing.
 const BUSY_TIMEOUT_MS: u32 = 10_000;
-
-/// Columns of `images`, in the order [`image_from_row`] reads them.
-const IMAGE_COLS: &str = "i.id, i.name, i.status, i.visibility, i.owner, i.disk_format, \
-    i.container_format, i.size, i.virtual_size, i.checksum, i.os_hash_algo, i.os_hash_value, \
-    i.sha256, i.min_disk, i.min_ram, i.protected, i.os_hidden, i.location, i.created_at, \
-    i.updated_at";
 
 /// A catalog in one SQLite file (or in memory, for tests).
 #[derive(Clone)]
@@ -51,12 +45,16 @@ fn db(what: &'static str) -> impl Fn(rusqlite::Error) -> RegistryError {
     }
 }
 
-fn int(v: u64, what: &'static str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| RegistryError::BadRequest(format!("{what} {v} is too large")))
-}
-
 fn uint(v: Option<i64>) -> Option<u64> {
     v.and_then(|v| u64::try_from(v).ok())
+}
+
+fn to_sqlite(v: SqlValue) -> Value {
+    match v {
+        SqlValue::Int(Some(i)) => Value::Integer(i),
+        SqlValue::Text(Some(s)) => Value::Text(s),
+        SqlValue::Int(None) | SqlValue::Text(None) => Value::Null,
+    }
 }
 
 fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
@@ -121,245 +119,6 @@ fn write_extras(c: &Connection, img: &ImageRecord) -> rusqlite::Result<()> {
         st.execute(params![img.id, k, v])?;
     }
     Ok(())
-}
-
-/// Values of the mutable columns, in `UPDATE`/`INSERT` order after the id.
-fn image_values(img: &ImageRecord) -> Result<Vec<Value>> {
-    let opt_int = |v: Option<u64>, what| -> Result<Value> {
-        Ok(match v {
-            Some(v) => Value::Integer(int(v, what)?),
-            None => Value::Null,
-        })
-    };
-    let text = |v: &Option<String>| match v {
-        Some(s) => Value::Text(s.clone()),
-        None => Value::Null,
-    };
-    Ok(vec![
-        text(&img.name),
-        Value::Text(img.status.as_str().into()),
-        Value::Text(img.visibility.as_str().into()),
-        Value::Text(img.owner.clone()),
-        text(&img.disk_format),
-        text(&img.container_format),
-        opt_int(img.size, "size")?,
-        opt_int(img.virtual_size, "virtual_size")?,
-        text(&img.checksum),
-        text(&img.os_hash_algo),
-        text(&img.os_hash_value),
-        text(&img.sha256),
-        Value::Integer(int(img.min_disk, "min_disk")?),
-        Value::Integer(int(img.min_ram, "min_ram")?),
-        Value::Integer(i64::from(img.protected)),
-        Value::Integer(i64::from(img.os_hidden)),
-        text(&img.location),
-        Value::Text(img.created_at.clone()),
-        Value::Text(img.updated_at.clone()),
-    ])
-}
-
-fn sort_expr(k: SortKey) -> &'static str {
-    match k {
-        SortKey::Name => "COALESCE(i.name, '')",
-        SortKey::Status => "i.status",
-        SortKey::ContainerFormat => "COALESCE(i.container_format, '')",
-        SortKey::DiskFormat => "COALESCE(i.disk_format, '')",
-        SortKey::Size => "COALESCE(i.size, -1)",
-        SortKey::Id => "i.id",
-        SortKey::CreatedAt => "i.created_at",
-        SortKey::UpdatedAt => "i.updated_at",
-        SortKey::Visibility => "i.visibility",
-        SortKey::Owner => "i.owner",
-        SortKey::MinDisk => "i.min_disk",
-        SortKey::MinRam => "i.min_ram",
-    }
-}
-
-fn sort_value(k: SortKey, m: &ImageRecord) -> Value {
-    let num = |v: u64| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX));
-    match k {
-        SortKey::Name => Value::Text(m.name.clone().unwrap_or_default()),
-        SortKey::Status => Value::Text(m.status.as_str().into()),
-        SortKey::ContainerFormat => Value::Text(m.container_format.clone().unwrap_or_default()),
-        SortKey::DiskFormat => Value::Text(m.disk_format.clone().unwrap_or_default()),
-        SortKey::Size => m.size.map(num).unwrap_or(Value::Integer(-1)),
-        SortKey::Id => Value::Text(m.id.clone()),
-        SortKey::CreatedAt => Value::Text(m.created_at.clone()),
-        SortKey::UpdatedAt => Value::Text(m.updated_at.clone()),
-        SortKey::Visibility => Value::Text(m.visibility.as_str().into()),
-        SortKey::Owner => Value::Text(m.owner.clone()),
-        SortKey::MinDisk => num(m.min_disk),
-        SortKey::MinRam => num(m.min_ram),
-    }
-}
-
-fn field_expr(f: Field) -> &'static str {
-    match f {
-        Field::Id => "i.id",
-        Field::Name => "i.name",
-        Field::Status => "i.status",
-        Field::Owner => "i.owner",
-        Field::DiskFormat => "i.disk_format",
-        Field::ContainerFormat => "i.container_format",
-        Field::Size => "i.size",
-        Field::CreatedAt => "i.created_at",
-        Field::UpdatedAt => "i.updated_at",
-        Field::Protected => "i.protected",
-    }
-}
-
-fn filter_value(f: &Filter, v: &str) -> Result<Value> {
-    match f.field {
-        Field::Size => v
-            .parse::<i64>()
-            .map(Value::Integer)
-            .map_err(|_| RegistryError::BadRequest(format!("invalid size filter '{v}'"))),
-        Field::Protected => match v {
-            "true" => Ok(Value::Integer(1)),
-            "false" => Ok(Value::Integer(0)),
-            _ => Err(RegistryError::BadRequest(format!(
-                "invalid protected filter '{v}'"
-            ))),
-        },
-        _ => Ok(Value::Text(v.to_string())),
-    }
-}
-
-/// Build the listing SQL and its parameters.
-fn list_sql(q: &ImageQuery) -> Result<(String, Vec<Value>)> {
-    let mut w: Vec<String> = vec!["i.status != 'deleted'".into()];
-    let mut p: Vec<Value> = Vec::new();
-    match &q.viewer {
-        Viewer::Admin => {
-            if let Some(v) = q.visibility {
-                w.push("i.visibility = ?".into());
-                p.push(Value::Text(v.as_str().into()));
-            }
-        }
-        Viewer::Project(project) => {
-            let member = |p: &mut Vec<Value>| -> String {
-                p.push(Value::Text(project.clone()));
-                match q.member_status {
-                    MemberFilter::Only(s) => {
-                        p.push(Value::Text(s.as_str().into()));
-                        "EXISTS (SELECT 1 FROM image_members m WHERE m.image_id = i.id \
-                         AND m.member_id = ? AND m.status = ?)"
-                            .into()
-                    }
-                    MemberFilter::All => "EXISTS (SELECT 1 FROM image_members m WHERE \
-                         m.image_id = i.id AND m.member_id = ?)"
-                        .into(),
-                }
-            };
-            let owner = Value::Text(project.clone());
-            match q.visibility {
-                None => {
-                    p.push(owner);
-                    let m = member(&mut p);
-                    let community = if q.all_visibilities {
-                        " OR i.visibility = 'community'"
-                    } else {
-                        ""
-                    };
-                    w.push(format!(
-                        "(i.owner = ? OR i.visibility = 'public' \
-                         OR (i.visibility = 'shared' AND {m}){community})"
-                    ));
-                }
-                Some(Visibility::Public) => w.push("i.visibility = 'public'".into()),
-                Some(Visibility::Community) => w.push("i.visibility = 'community'".into()),
-                Some(Visibility::Shared) => {
-                    p.push(owner);
-                    let m = member(&mut p);
-                    w.push(format!("i.visibility = 'shared' AND (i.owner = ? OR {m})"));
-                }
-                Some(Visibility::Private) => {
-                    w.push("i.visibility = 'private' AND i.owner = ?".into());
-                    p.push(owner);
-                }
-            }
-        }
-    }
-    for f in &q.filters {
-        let col = field_expr(f.field);
-        match &f.cmp {
-            Cmp::In(vals) => {
-                if vals.is_empty() {
-                    w.push("0".into());
-                    continue;
-                }
-                let marks = vec!["?"; vals.len()].join(", ");
-                w.push(format!("{col} IN ({marks})"));
-                for v in vals {
-                    p.push(filter_value(f, v)?);
-                }
-            }
-            cmp => {
-                let op = match cmp {
-                    Cmp::Eq => "=",
-                    Cmp::Neq => "!=",
-                    Cmp::Gt => ">",
-                    Cmp::Gte => ">=",
-                    Cmp::Lt => "<",
-                    _ => "<=",
-                };
-                w.push(format!("{col} {op} ?"));
-                p.push(filter_value(f, &f.value)?);
-            }
-        }
-    }
-    for t in &q.tags {
-        w.push("EXISTS (SELECT 1 FROM image_tags t WHERE t.image_id = i.id AND t.tag = ?)".into());
-        p.push(Value::Text(t.clone()));
-    }
-    for (k, v) in &q.properties {
-        w.push(
-            "EXISTS (SELECT 1 FROM image_properties x WHERE x.image_id = i.id \
-             AND x.name = ? AND x.value = ?)"
-                .into(),
-        );
-        p.push(Value::Text(k.clone()));
-        p.push(Value::Text(v.clone()));
-    }
-    if let Some(h) = q.os_hidden {
-        w.push("i.os_hidden = ?".into());
-        p.push(Value::Integer(i64::from(h)));
-    }
-    let mut keys = q.sort.clone();
-    if !keys.iter().any(|(k, _)| *k == SortKey::Id) {
-        let dir = keys.last().map(|(_, asc)| *asc).unwrap_or(false);
-        keys.push((SortKey::Id, dir));
-    }
-    if let Some(m) = &q.marker {
-        // Keyset pagination: rows strictly after the marker in the sort order.
-        let mut ors = Vec::new();
-        for (i, (k, asc)) in keys.iter().enumerate() {
-            let mut ands = Vec::new();
-            for (pk, _) in &keys[..i] {
-                ands.push(format!("{} = ?", sort_expr(*pk)));
-                p.push(sort_value(*pk, m));
-            }
-            ands.push(format!(
-                "{} {} ?",
-                sort_expr(*k),
-                if *asc { ">" } else { "<" }
-            ));
-            p.push(sort_value(*k, m));
-            ors.push(format!("({})", ands.join(" AND ")));
-        }
-        w.push(format!("({})", ors.join(" OR ")));
-    }
-    let order: Vec<String> = keys
-        .iter()
-        .map(|(k, asc)| format!("{} {}", sort_expr(*k), if *asc { "ASC" } else { "DESC" }))
-        .collect();
-    p.push(Value::Integer(i64::from(q.limit)));
-    let sql = format!(
-        "SELECT {IMAGE_COLS} FROM images i WHERE {} ORDER BY {} LIMIT ?",
-        w.join(" AND "),
-        order.join(", ")
-    );
-    Ok((sql, p))
 }
 
 fn member_from_row(r: &Row<'_>) -> rusqlite::Result<MemberRecord> {
@@ -481,7 +240,7 @@ impl Catalog for SqliteCatalog {
         let img = image.clone();
         self.run("creating an image", move |c| {
             let mut vals = vec![Value::Text(img.id.clone())];
-            vals.extend(image_values(&img)?);
+            vals.extend(image_values(&img)?.into_iter().map(to_sqlite));
             let tx = c.transaction().map_err(db("creating an image"))?;
             tx.execute(
                 &format!(
@@ -527,7 +286,10 @@ impl Catalog for SqliteCatalog {
             let f = db("listing images");
             let mut st = c.prepare(&sql).map_err(&f)?;
             let mut imgs: Vec<ImageRecord> = st
-                .query_map(params_from_iter(p), image_from_row)
+                .query_map(
+                    params_from_iter(p.into_iter().map(to_sqlite)),
+                    image_from_row,
+                )
                 .map_err(&f)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(&f)?;
@@ -543,7 +305,7 @@ impl Catalog for SqliteCatalog {
         let img = image.clone();
         self.run("updating an image", move |c| {
             let f = db("updating an image");
-            let mut vals = image_values(&img)?;
+            let mut vals: Vec<Value> = image_values(&img)?.into_iter().map(to_sqlite).collect();
             vals.push(Value::Text(img.id.clone()));
             vals.push(Value::Text(expected.as_str().into()));
             let sets: Vec<String> = IMAGE_COLS
@@ -875,6 +637,7 @@ impl Catalog for SqliteCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{SortKey, Viewer};
 
     fn image(id: &str, owner: &str, name: &str, created: &str) -> ImageRecord {
         let mut i = ImageRecord::new(id.into(), owner.into(), created.into());
