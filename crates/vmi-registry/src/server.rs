@@ -248,8 +248,8 @@ impl Registry {
     }
 
     /// Put images stuck in `saving` for longer than the grace (their uploader died) back to
-    /// `queued`, then remove stored data that no live image references and that is older than
-    /// the grace. Returns the number of objects removed.
+    /// `queued`, drop expired tokens, then remove stored data that no live image references and
+    /// that is older than the grace. Returns the number of objects removed.
     pub async fn reap(&self) -> Result<usize> {
         let grace = Duration::from_secs(self.app.config.reap_grace_secs);
         let cutoff = chrono::Utc::now()
@@ -280,6 +280,10 @@ impl Registry {
                 );
             }
         }
+        self.app
+            .catalog
+            .delete_expired_tokens(&crate::api::identity::keystone_time(chrono::Utc::now()))
+            .await?;
         let keep: HashSet<String> = self
             .app
             .catalog

@@ -54,6 +54,19 @@ const READ_ONLY: [&str; 14] = [
     "direct_url",
     "stores",
 ];
+/// Core attributes clients may set (everything else is a custom property).
+const CORE: [&str; 10] = [
+    "name",
+    "visibility",
+    "protected",
+    "os_hidden",
+    "disk_format",
+    "container_format",
+    "min_disk",
+    "min_ram",
+    "tags",
+    "owner",
+];
 /// Attributes Glance reserves.
 const RESERVED: [&str; 3] = ["deleted", "deleted_at", "locations"];
 
@@ -190,19 +203,7 @@ fn apply_attr(
             "Attribute '{key}' is reserved."
         )));
     }
-    let core = matches!(
-        key,
-        "name"
-            | "visibility"
-            | "protected"
-            | "os_hidden"
-            | "disk_format"
-            | "container_format"
-            | "min_disk"
-            | "min_ram"
-            | "tags"
-            | "owner"
-    );
+    let core = CORE.contains(&key);
     let Some(v) = value else {
         if core {
             return Err(RegistryError::Forbidden(format!(
@@ -560,20 +561,9 @@ pub async fn update(
                 let v = o
                     .get("value")
                     .ok_or_else(|| bad(format!("operation '{name}' needs a value")))?;
-                let custom = !matches!(
-                    key.as_str(),
-                    "name"
-                        | "visibility"
-                        | "protected"
-                        | "os_hidden"
-                        | "disk_format"
-                        | "container_format"
-                        | "min_disk"
-                        | "min_ram"
-                        | "tags"
-                        | "owner"
-                ) && !READ_ONLY.contains(&key.as_str())
-                    && !RESERVED.contains(&key.as_str());
+                let k = key.as_str();
+                let custom =
+                    !CORE.contains(&k) && !READ_ONLY.contains(&k) && !RESERVED.contains(&k);
                 if name == "replace" && custom && !img.properties.contains_key(&key) {
                     return Err(RegistryError::Conflict(format!(
                         "Property {key} does not exist."

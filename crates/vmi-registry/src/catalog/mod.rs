@@ -240,4 +240,6 @@ pub trait Catalog: Send + Sync + 'static {
     async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>>;
     /// Revoke a token; false if there was none.
     async fn delete_token(&self, token_hash: &str) -> Result<bool>;
+    /// Remove tokens that expired before `now` (Keystone time format); returns the count.
+    async fn delete_expired_tokens(&self, now: &str) -> Result<u64>;
 }

@@ -595,4 +595,14 @@ impl Catalog for PostgresCatalog {
             .map_err(db("revoking a token"))?;
         Ok(n > 0)
     }
+
+    async fn delete_expired_tokens(&self, now: &str) -> Result<u64> {
+        let c = self.client.lock().await;
+        c.execute(
+            "DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < $1",
+            &[&now],
+        )
+        .await
+        .map_err(db("removing expired tokens"))
+    }
 }

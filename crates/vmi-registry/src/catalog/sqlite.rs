@@ -632,6 +632,20 @@ impl Catalog for SqliteCatalog {
         })
         .await
     }
+
+    async fn delete_expired_tokens(&self, now: &str) -> Result<u64> {
+        let now = now.to_string();
+        self.run("removing expired tokens", move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < ?1",
+                    [&now],
+                )
+                .map_err(db("removing expired tokens"))?;
+            Ok(n as u64)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -665,6 +679,58 @@ mod tests {
             c.get_image("a").await.unwrap().unwrap().status,
             Status::Saving
         );
+    }
+
+    #[tokio::test]
+    async fn expired_session_tokens_are_removed_and_api_tokens_kept() {
+        let c = SqliteCatalog::in_memory().unwrap();
+        c.create_project(&Project {
+            id: "p".into(),
+            name: "p".into(),
+        })
+        .await
+        .unwrap();
+        c.create_user(&User {
+            id: "u".into(),
+            name: "u".into(),
+            password_hash: None,
+            default_project_id: None,
+            enabled: true,
+        })
+        .await
+        .unwrap();
+        for (h, kind, exp) in [
+            (
+                "old",
+                TokenKind::Session,
+                Some("2000-01-01T00:00:00.000000Z"),
+            ),
+            (
+                "new",
+                TokenKind::Session,
+                Some("2999-01-01T00:00:00.000000Z"),
+            ),
+            ("api", TokenKind::Api, None),
+        ] {
+            c.create_token(&TokenRecord {
+                token_hash: h.into(),
+                user_id: "u".into(),
+                project_id: "p".into(),
+                kind,
+                issued_at: "t".into(),
+                expires_at: exp.map(str::to_string),
+            })
+            .await
+            .unwrap();
+        }
+        let n = c
+            .delete_expired_tokens("2026-01-01T00:00:00.000000Z")
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert!(c.get_token("old").await.unwrap().is_none());
+        assert!(c.get_token("new").await.unwrap().is_some());
+        assert!(c.get_token("api").await.unwrap().is_some());
     }
 
     #[tokio::test]
