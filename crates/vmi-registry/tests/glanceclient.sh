@@ -82,7 +82,7 @@ glance_bob() { "$venv/bin/glance" --os-image-url "$url" --os-auth-token "$bob_to
 field() { awk -v k="$1" -F'|' '{gsub(/ /, "", $2)} $2 == k {gsub(/^ +| +$/, "", $3); print $3}'; }
 
 md5_of() { md5sum <"$1" | cut -d' ' -f1; }
-g_listed() { glance image-list | grep -q "$1"; }
+g_listed() { glance image-list | grep -c "$1" >/dev/null; }
 g_active() {
     [ "$(glance image-show "$1" | field status)" = active ] &&
         [ "$(glance image-show "$1" | field checksum)" = "$want_md5" ]
@@ -92,7 +92,7 @@ g_update() {
         [ "$(glance image-show "$1" | field os_distro)" = debian ]
 }
 g_download() { glance image-download --file "$work/out.raw" "$1" && [ "$(md5_of "$work/out.raw")" = "$want_md5" ]; }
-g_bob_lists() { glance_bob image-list | grep -q "$1"; }
+g_bob_lists() { glance_bob image-list | grep -c "$1" >/dev/null; }
 g_bob_cannot_download() { ! glance_bob image-download --file "$work/x" "$1"; }
 g_gone() { ! glance image-show "$1"; }
 
@@ -119,13 +119,13 @@ export OS_AUTH_URL="$url/v3" OS_USERNAME=admin OS_PASSWORD=adminpw OS_PROJECT_NA
     OS_IMAGE_API_VERSION=2 OS_REGION_NAME=RegionOne OS_INTERFACE=public
 os() { "$venv/bin/openstack" "$@"; }
 os_bob() { OS_USERNAME=bob OS_PASSWORD=bobpw OS_PROJECT_NAME=beta "$venv/bin/openstack" "$@"; }
-o_listed() { os image list -f value -c ID | grep -q "$1"; }
+o_listed() { os image list -f value -c ID | grep -c "$1" >/dev/null; }
 o_active() {
     [ "$(os image show "$1" -f value -c status)" = active ] &&
         [ "$(os image show "$1" -f value -c checksum)" = "$want_md5" ]
 }
 o_save() { os image save --file "$work/osc.raw" "$1" && [ "$(md5_of "$work/osc.raw")" = "$want_md5" ]; }
-o_bob_lists() { os_bob image list -f value -c ID | grep -q "$1"; }
+o_bob_lists() { os_bob image list -f value -c ID | grep -c "$1" >/dev/null; }
 
 step "openstack token issue" os token issue
 oid=$(os image create --disk-format raw --container-format bare --file "$work/disk.raw" \
