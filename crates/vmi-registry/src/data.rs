@@ -67,7 +67,42 @@ pub trait ImageData: Send + Sync + 'static {
     /// Delete the bytes at `location` (absent is fine).
     async fn delete(&self, location: &str) -> Result<()>;
     /// Delete stored data that is not in `keep` and is older than `grace`; returns the count.
+    /// Upload sessions' chunks are never in `keep`, so abandoned sessions go after `grace`.
     async fn reap(&self, keep: &HashSet<String>, grace: Duration) -> Result<usize>;
+
+    /// Open a resumable upload session `session` for `image_id`.
+    async fn session_create(&self, image_id: &str, session: &str) -> Result<()>;
+    /// The chunks a session has received, in order and contiguous from offset 0; `None` when
+    /// there is no such session.
+    async fn session_chunks(&self, image_id: &str, session: &str) -> Result<Option<Vec<Chunk>>>;
+    /// A sink for the chunk of `session` that starts at `offset`. The chunk exists only once
+    /// the sink finishes, so an interrupted chunk leaves the session as it was.
+    async fn session_append(
+        &self,
+        image_id: &str,
+        session: &str,
+        offset: u64,
+    ) -> Result<Box<dyn UploadSink>>;
+    /// Delete a session and its chunks.
+    async fn session_delete(&self, image_id: &str, session: &str) -> Result<()>;
+}
+
+/// One stored chunk of an upload session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Where the chunk starts in the image.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// Where it is stored (for [`ImageData::read`]).
+    pub location: String,
+}
+
+/// The marker object that makes a session exist.
+const SESSION_MARKER: &str = "session";
+
+fn session_prefix(image_id: &str, session: &str) -> String {
+    format!("{IMAGES_PREFIX}/{image_id}/sessions/{session}")
 }
 
 /// One object per upload in an `object_store`.
@@ -208,6 +243,90 @@ impl ImageData for WholeObjectData {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(RegistryError::store("deleting image data", e)),
         }
+    }
+
+    async fn session_create(&self, image_id: &str, session: &str) -> Result<()> {
+        let p = Self::path(&format!(
+            "{}/{SESSION_MARKER}",
+            session_prefix(image_id, session)
+        ))?;
+        self.store
+            .put(&p, Bytes::new().into())
+            .await
+            .map_err(|e| RegistryError::store("creating an upload session", e))?;
+        Ok(())
+    }
+
+    async fn session_chunks(&self, image_id: &str, session: &str) -> Result<Option<Vec<Chunk>>> {
+        let prefix = ObjPath::from(session_prefix(image_id, session));
+        let mut listing = self.store.list(Some(&prefix));
+        let mut marker = false;
+        let mut chunks = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| RegistryError::store("listing an upload session", e))?;
+            let name = meta.location.filename().unwrap_or_default();
+            if name == SESSION_MARKER {
+                marker = true;
+            } else if let Ok(offset) = name.parse::<u64>() {
+                chunks.push(Chunk {
+                    offset,
+                    len: meta.size,
+                    location: meta.location.to_string(),
+                });
+            }
+        }
+        if !marker {
+            return Ok(None);
+        }
+        chunks.sort_by_key(|c| c.offset);
+        let mut next = 0u64;
+        for c in &chunks {
+            if c.offset != next {
+                return Err(RegistryError::store(
+                    "reading an upload session",
+                    format!("chunk at {} where {next} was expected", c.offset),
+                ));
+            }
+            next = next.saturating_add(c.len);
+        }
+        Ok(Some(chunks))
+    }
+
+    async fn session_append(
+        &self,
+        image_id: &str,
+        session: &str,
+        offset: u64,
+    ) -> Result<Box<dyn UploadSink>> {
+        let location = format!("{}/{offset:020}", session_prefix(image_id, session));
+        let upload = self
+            .store
+            .put_multipart(&Self::path(&location)?)
+            .await
+            .map_err(|e| RegistryError::store("starting a chunk", e))?;
+        Ok(Box::new(ObjectUpload {
+            location,
+            writer: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+        }))
+    }
+
+    async fn session_delete(&self, image_id: &str, session: &str) -> Result<()> {
+        let prefix = ObjPath::from(session_prefix(image_id, session));
+        let mut listing = self.store.list(Some(&prefix));
+        let mut doomed = Vec::new();
+        while let Some(meta) = listing.next().await {
+            doomed.push(
+                meta.map_err(|e| RegistryError::store("listing an upload session", e))?
+                    .location,
+            );
+        }
+        for p in doomed {
+            match self.store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(RegistryError::store("deleting an upload session", e)),
+            }
+        }
+        Ok(())
     }
 
     async fn reap(&self, keep: &HashSet<String>, grace: Duration) -> Result<usize> {

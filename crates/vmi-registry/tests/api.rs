@@ -1696,6 +1696,61 @@ async fn s3_store_keeps_the_data_path_guarantees() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(t.reg.reap().await.unwrap(), 0);
+    // A resumable upload in two chunks.
+    let rid = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/images/{rid}/uploads"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    let loc = r.headers["location"].to_str().unwrap().to_string();
+    for (off, part) in [(0usize, &data[..6 << 20]), (6 << 20, &data[6 << 20..])] {
+        let r = t
+            .req(
+                Method::PATCH,
+                &loc,
+                Some(ADMIN_TOKEN),
+                None,
+                Body::from(part.to_vec()),
+                &[("upload-offset", &off.to_string())],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+    }
+    let sha = hex::encode(Sha256::digest(&data));
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest=sha256:{sha}"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NO_CONTENT,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{rid}"), ADMIN_TOKEN)
+            .await
+            .json()["checksum"],
+        hex_md5(&data)
+    );
+    assert_eq!(t.reg.reap().await.unwrap(), 0);
     // Deleting the image deletes its object; the live one survives reaping.
     assert_eq!(
         t.delete(&format!("/v2/images/{id}"), ADMIN_TOKEN)
@@ -1836,4 +1891,271 @@ async fn two_nodes_on_one_postgres_catalog_behave_as_one_service() {
         a.get(&format!("/v2/images/{id}"), &tok).await.status,
         StatusCode::OK
     );
+    // A resumable upload started on one node completes through the other.
+    let id = a
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let data: Vec<u8> = (0..500_000u32).map(|i| (i % 211) as u8).collect();
+    let r = a
+        .req(
+            Method::POST,
+            &format!("/v2/images/{id}/uploads"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    let loc = r.headers["location"].to_str().unwrap().to_string();
+    let r = a
+        .req(
+            Method::PATCH,
+            &loc,
+            Some(ADMIN_TOKEN),
+            None,
+            Body::from(data[..200_000].to_vec()),
+            &[("upload-offset", "0")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = b.get(&loc, ADMIN_TOKEN).await;
+    assert_eq!(r.headers["upload-offset"], "200000");
+    let r = b
+        .req(
+            Method::PATCH,
+            &loc,
+            Some(ADMIN_TOKEN),
+            None,
+            Body::from(data[200_000..].to_vec()),
+            &[("upload-offset", "200000")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let sha = hex::encode(Sha256::digest(&data));
+    let r = b
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest=sha256:{sha}"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let v = a.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
+    assert_eq!(
+        (v["status"].clone(), v["checksum"].clone()),
+        (json!("active"), json!(hex_md5(&data)))
+    );
+}
+
+#[tokio::test]
+async fn resumable_uploads_survive_dropped_chunks_and_verify_the_digest() {
+    let t = setup().await;
+    let id = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 239) as u8).collect();
+    let sha = hex::encode(Sha256::digest(&data));
+    let open = |id: String| {
+        let t = &t;
+        async move {
+            let r = t
+                .req(
+                    Method::POST,
+                    &format!("/v2/images/{id}/uploads"),
+                    Some(ADMIN_TOKEN),
+                    None,
+                    Body::empty(),
+                    &[],
+                )
+                .await;
+            assert_eq!(
+                r.status,
+                StatusCode::ACCEPTED,
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(r.headers["upload-offset"], "0");
+            r.headers["location"].to_str().unwrap().to_string()
+        }
+    };
+    let patch = |loc: String, offset: u64, body: Body| {
+        let t = &t;
+        async move {
+            t.req(
+                Method::PATCH,
+                &loc,
+                Some(ADMIN_TOKEN),
+                None,
+                body,
+                &[("upload-offset", &offset.to_string())],
+            )
+            .await
+        }
+    };
+    let offset_of = |loc: String| {
+        let t = &t;
+        async move {
+            let r = t.get(&loc, ADMIN_TOKEN).await;
+            assert_eq!(r.status, StatusCode::NO_CONTENT);
+            r.headers["upload-offset"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        }
+    };
+    let loc = open(id.clone()).await;
+    // The image is being uploaded: a direct upload or a second session is refused.
+    assert_eq!(
+        t.upload(&id, ADMIN_TOKEN, vec![0u8; 4]).await.status,
+        StatusCode::CONFLICT
+    );
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/images/{id}/uploads"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    let mib = 1usize << 20;
+    let r = patch(loc.clone(), 0, Body::from(data[..mib].to_vec())).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(r.headers["upload-offset"], mib.to_string().as_str());
+    // A chunk whose connection drops is not kept.
+    let broken: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from(data[mib..mib + 1000].to_vec())),
+        Err(std::io::Error::other("connection reset")),
+    ];
+    let r = patch(
+        loc.clone(),
+        mib as u64,
+        Body::from_stream(futures_util::stream::iter(broken)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(offset_of(loc.clone()).await, mib as u64);
+    // A chunk at the wrong offset is refused and told where to resume.
+    let r = patch(loc.clone(), 5, Body::from(vec![1u8; 10])).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.headers["upload-offset"], mib.to_string().as_str());
+    // Resume with Content-Range, as OCI clients send it.
+    let r = t
+        .req(
+            Method::PATCH,
+            &loc,
+            Some(ADMIN_TOKEN),
+            None,
+            Body::from(data[mib..].to_vec()),
+            &[(
+                "content-range",
+                &format!("bytes {mib}-{}/*", data.len() - 1),
+            )],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(offset_of(loc.clone()).await, data.len() as u64);
+    // The wrong digest ends the session: nothing stored, image queued.
+    let wrong = format!("{loc}?digest=sha256:{}", "0".repeat(64));
+    let r = t
+        .req(
+            Method::PUT,
+            &wrong,
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(t.get(&loc, ADMIN_TOKEN).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json()["status"],
+        "queued"
+    );
+    assert_eq!(t.stored_objects(), 0);
+
+    // Again, in two chunks, finished with the right digest.
+    let loc = open(id.clone()).await;
+    assert_eq!(
+        patch(loc.clone(), 0, Body::from(data[..2 * mib].to_vec()))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        patch(
+            loc.clone(),
+            2 * mib as u64,
+            Body::from(data[2 * mib..].to_vec())
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("{loc}?digest=sha256:{sha}"),
+            Some(ADMIN_TOKEN),
+            None,
+            Body::empty(),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NO_CONTENT,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v = t.get(&format!("/v2/images/{id}"), ADMIN_TOKEN).await.json();
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["size"], data.len());
+    assert_eq!(v["checksum"], hex_md5(&data));
+    assert_eq!(
+        &t.get(&format!("/v2/images/{id}/file"), ADMIN_TOKEN)
+            .await
+            .body[..],
+        &data[..]
+    );
+    assert_eq!(t.stored_objects(), 1);
+
+    // Cancelling puts the image back to queued and removes the chunks.
+    let id2 = t
+        .create(
+            ADMIN_TOKEN,
+            json!({"disk_format": "raw", "container_format": "bare"}),
+        )
+        .await;
+    let loc = open(id2.clone()).await;
+    patch(loc.clone(), 0, Body::from(vec![7u8; 1000])).await;
+    assert_eq!(
+        t.delete(&loc, ADMIN_TOKEN).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        t.get(&format!("/v2/images/{id2}"), ADMIN_TOKEN)
+            .await
+            .json()["status"],
+        "queued"
+    );
+    assert_eq!(t.stored_objects(), 1);
+    // Other projects cannot see sessions of images they cannot see.
+    let (_, other) = t.user("x", "x", "member").await;
+    let loc = open(id2.clone()).await;
+    assert_eq!(t.get(&loc, &other).await.status, StatusCode::NOT_FOUND);
 }

@@ -22,7 +22,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use vmi_disk::inspect::{inspect, InspectOptions};
@@ -796,7 +797,11 @@ pub async fn upload(
             "Image {id} is already being uploaded by another request"
         )));
     }
-    match receive(&app, &saving, body, cap).await {
+    let stream = body
+        .into_data_stream()
+        .map_err(|e| bad(format!("Error reading the request body: {e}")))
+        .boxed();
+    match receive(&app, &saving, stream, cap, None).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(e) => {
             let mut queued = saving.clone();
@@ -810,14 +815,19 @@ pub async fn upload(
 }
 
 /// Stream the body to a new object while hashing, inspect it, and make the image active.
-async fn receive(app: &App, img: &ImageRecord, body: Body, cap: u64) -> Result<()> {
+pub(crate) async fn receive(
+    app: &App,
+    img: &ImageRecord,
+    mut stream: BoxStream<'static, Result<Bytes>>,
+    cap: u64,
+    expected_sha256: Option<&str>,
+) -> Result<()> {
     let mut sink = app.data.begin(&img.id).await?;
     let mut hasher = HashPipeline::new();
     let mut total: u64 = 0;
-    let mut stream = body.into_data_stream();
     let streamed: Result<()> = async {
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| bad(format!("Error reading the request body: {e}")))?;
+            let chunk = chunk?;
             total = total.saturating_add(chunk.len() as u64);
             if total > cap {
                 return Err(RegistryError::PayloadTooLarge(format!(
@@ -852,6 +862,15 @@ async fn receive(app: &App, img: &ImageRecord, body: Body, cap: u64) -> Result<(
         }
         Err::<(), _>(e)
     };
+    if let Some(want) = expected_sha256 {
+        if !want.eq_ignore_ascii_case(&digests.sha256) {
+            return discard(bad(format!(
+                "digest mismatch: the data has sha256:{}, expected sha256:{want}",
+                digests.sha256
+            )))
+            .await;
+        }
+    }
     // Safe upload: inspect the stored bytes before anyone can download them.
     let opts = InspectOptions {
         expected_format: img.disk_format.as_deref().and_then(expected_format),

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod images;
 pub mod members;
 pub mod schemas;
+pub mod uploads;
 
 use crate::error::{RegistryError, Result};
 use crate::server::App;
@@ -50,6 +51,15 @@ pub fn router(app: Arc<App>) -> Router {
             "/images/{id}/file",
             put(images::upload)
                 .get(images::download)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/images/{id}/uploads", post(uploads::create))
+        .route(
+            "/images/{id}/uploads/{session}",
+            get(uploads::status)
+                .patch(uploads::append)
+                .put(uploads::finish)
+                .delete(uploads::cancel)
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/images/{id}/actions/deactivate", post(images::deactivate))
