@@ -15,6 +15,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Consecutive failures of one chunk before a resumable upload gives up.
+const UPLOAD_RETRIES: u32 = 5;
 /// How often the reaper looks for unreferenced image data.
 const REAP_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -226,6 +228,15 @@ pub enum ImageCommand {
         image: String,
         /// The data.
         file: PathBuf,
+        /// Upload through a resumable session (vmi registries), in chunks, retrying failed ones.
+        #[arg(long)]
+        resumable: bool,
+        /// Chunk size for --resumable, MiB.
+        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        chunk_mib: u64,
+        /// Continue the session another run opened (the URL its error printed).
+        #[arg(long, value_name = "URL")]
+        session: Option<String>,
     },
     /// Download image data, verifying its checksum.
     Download {
@@ -443,9 +454,28 @@ pub async fn image_command(
             }
             print_image(out, &c.show(&id).await?, args.json)
         }
-        ImageCommand::Upload { image, file } => {
+        ImageCommand::Upload {
+            image,
+            file,
+            resumable,
+            chunk_mib,
+            session,
+        } => {
             let id = c.resolve(image).await?;
-            c.upload(&id, file, progress).await?;
+            if *resumable || session.is_some() {
+                let chunk = chunk_mib.saturating_mul(1 << 20).max(1);
+                c.upload_resumable(
+                    &id,
+                    file,
+                    chunk,
+                    session.as_deref(),
+                    UPLOAD_RETRIES,
+                    progress,
+                )
+                .await?;
+            } else {
+                c.upload(&id, file, progress).await?;
+            }
             print_image(out, &c.show(&id).await?, args.json)
         }
         ImageCommand::Download {

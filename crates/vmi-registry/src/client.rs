@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// How to authenticate.
 #[derive(Debug, Clone)]
@@ -158,9 +158,15 @@ impl RegistryClient {
         })
     }
 
+    /// A request to `path` (relative to the registry, or an absolute URL it returned).
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
         self.http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, url)
             .header("x-auth-token", &self.token)
     }
 
@@ -302,6 +308,128 @@ impl RegistryClient {
             .await;
         pb.finish_and_clear();
         r
+    }
+
+    /// Upload `file` through a resumable upload session in chunks of `chunk` bytes, retrying a
+    /// failed chunk from the offset the server reports (up to `retries` times in a row).
+    /// `session` continues a session another process opened (its `Location`). On failure the
+    /// error names the session so that a later call can continue it.
+    pub async fn upload_resumable(
+        &self,
+        id: &str,
+        file: &Path,
+        chunk: u64,
+        session: Option<&str>,
+        retries: u32,
+        progress: bool,
+    ) -> Result<()> {
+        let io = |what: &str, e| RegistryError::io(format!("{what} {}", file.display()), e);
+        // The digest the server verifies at the end: one local pass before sending.
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| io("opening", e))?;
+        let mut sha = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = f.read(&mut buf).await.map_err(|e| io("reading", e))?;
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+            len += n as u64;
+        }
+        let digest = hex::encode(sha.finalize());
+        let loc = match session {
+            Some(s) => s.to_string(),
+            None => {
+                let resp = self
+                    .req(reqwest::Method::POST, &format!("/v2/images/{id}/uploads"))
+                    .send()
+                    .await
+                    .map_err(|e| transport("opening an upload session", e))?;
+                let resp = check(resp).await?;
+                resp.headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .ok_or_else(|| RegistryError::Remote {
+                        status: 0,
+                        message: "no Location for the upload session".into(),
+                    })?
+            }
+        };
+        let failed = |e: RegistryError| RegistryError::Remote {
+            status: match &e {
+                RegistryError::Remote { status, .. } => *status,
+                _ => 0,
+            },
+            message: format!("{e}; continue with --session {loc}"),
+        };
+        let pb = bar(len, progress);
+        let mut offset = self.session_offset(&loc).await.map_err(failed)?;
+        let mut tries = 0;
+        while offset < len {
+            pb.set_position(offset);
+            let n = chunk.min(len - offset);
+            let mut part = vec![0u8; usize::try_from(n).unwrap_or(usize::MAX)];
+            f.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| io("seeking in", e))?;
+            f.read_exact(&mut part)
+                .await
+                .map_err(|e| io("reading", e))?;
+            let sent = self
+                .req(reqwest::Method::PATCH, &loc)
+                .header("upload-offset", offset)
+                .header("content-type", "application/octet-stream")
+                .body(part)
+                .send()
+                .await;
+            let ok = match sent {
+                Ok(resp) => check(resp).await.is_ok(),
+                Err(_) => false,
+            };
+            if ok {
+                tries = 0;
+            } else {
+                tries += 1;
+                if tries > retries {
+                    pb.finish_and_clear();
+                    return Err(failed(RegistryError::Remote {
+                        status: 0,
+                        message: format!("chunk at offset {offset} failed {tries} times"),
+                    }));
+                }
+            }
+            offset = self.session_offset(&loc).await.map_err(failed)?;
+        }
+        pb.finish_and_clear();
+        self.empty(
+            self.req(
+                reqwest::Method::PUT,
+                &format!("{loc}?digest=sha256:{digest}"),
+            ),
+            "finishing the upload",
+        )
+        .await
+    }
+
+    async fn session_offset(&self, loc: &str) -> Result<u64> {
+        let resp = self
+            .req(reqwest::Method::HEAD, loc)
+            .send()
+            .await
+            .map_err(|e| transport("querying the upload session", e))?;
+        let resp = check(resp).await?;
+        resp.headers()
+            .get("upload-offset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| RegistryError::Remote {
+                status: 0,
+                message: "no Upload-Offset in the answer".into(),
+            })
     }
 
     /// Download image `id` to `out`, resuming a partial file when `resume` is set, and verify

@@ -1535,6 +1535,52 @@ async fn the_image_client_drives_a_served_registry() {
     let (r, _) = run(dl, admin_env.clone()).await;
     assert!(r.unwrap_err().to_string().contains("checksum mismatch"));
 
+    // Resumable uploads in 1 MiB chunks, and continuing a session another process opened.
+    for name in ["disk2", "disk3"] {
+        let (r, _) = run(args(&format!("create {name}")), admin_env.clone()).await;
+        r.unwrap();
+    }
+    let mut up = args("--json upload disk2 --resumable --chunk-mib 1");
+    up.insert(3, src.display().to_string());
+    let (r, out) = run(up, admin_env.clone()).await;
+    r.unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["status"].clone(), v["checksum"].clone()),
+        (json!("active"), json!(hex_md5(&data)))
+    );
+    let http = reqwest::Client::new();
+    let (_, out) = run(args("--json show disk3"), admin_env.clone()).await;
+    let id3 = serde_json::from_str::<Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .post(format!("{url}/v2/images/{id3}/uploads"))
+        .header("x-auth-token", ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let loc = format!("{url}{}", r.headers()["location"].to_str().unwrap());
+    let r = http
+        .patch(&loc)
+        .header("x-auth-token", ADMIN_TOKEN)
+        .header("upload-offset", "0")
+        .body(data[..700_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let mut up = args("--json upload disk3 --session");
+    up.insert(3, src.display().to_string());
+    up.push(loc);
+    let (r, out) = run(up, admin_env.clone()).await;
+    r.unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["checksum"],
+        hex_md5(&data)
+    );
+
     // Share with project beta; bob (password login) accepts and then sees it listed.
     let (r, _) = run(args(&format!("share {id} {pb}")), admin_env.clone()).await;
     r.unwrap();
