@@ -1,0 +1,245 @@
+//! The catalog: everything the registry knows except image bytes.
+//!
+//! [`Catalog`] is the one interface the API layer uses; each database backend implements it in
+//! its own module with its own migration set under `migrations/<backend>/`. [`sqlite`] is the
+//! embedded backend. A PostgreSQL backend implements the same trait; the queries are written in
+//! the subset of SQL both share, and every state change that can race (an upload starting, an
+//! image being deleted during an upload) is a compare-and-swap on the image status, so several
+//! service processes can share one database.
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub(crate) mod sql;
+pub mod sqlite;
+
+use crate::error::Result;
+use crate::model::{
+    ImageRecord, MemberRecord, MemberStatus, Project, Role, Status, TokenRecord, User, Visibility,
+};
+use async_trait::async_trait;
+
+/// Sortable image columns (Glance's `sort_key` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    /// `name`
+    Name,
+    /// `status`
+    Status,
+    /// `container_format`
+    ContainerFormat,
+    /// `disk_format`
+    DiskFormat,
+    /// `size`
+    Size,
+    /// `id`
+    Id,
+    /// `created_at`
+    CreatedAt,
+    /// `updated_at`
+    UpdatedAt,
+    /// `visibility`
+    Visibility,
+    /// `owner`
+    Owner,
+    /// `min_disk`
+    MinDisk,
+    /// `min_ram`
+    MinRam,
+}
+
+impl SortKey {
+    /// Parse Glance's name.
+    pub fn parse(s: &str) -> Option<SortKey> {
+        Some(match s {
+            "name" => SortKey::Name,
+            "status" => SortKey::Status,
+            "container_format" => SortKey::ContainerFormat,
+            "disk_format" => SortKey::DiskFormat,
+            "size" => SortKey::Size,
+            "id" => SortKey::Id,
+            "created_at" => SortKey::CreatedAt,
+            "updated_at" => SortKey::UpdatedAt,
+            "visibility" => SortKey::Visibility,
+            "owner" => SortKey::Owner,
+            "min_disk" => SortKey::MinDisk,
+            "min_ram" => SortKey::MinRam,
+            _ => return None,
+        })
+    }
+}
+
+/// A comparison in a list filter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cmp {
+    /// `=`
+    Eq,
+    /// `!=`
+    Neq,
+    /// `>`
+    Gt,
+    /// `>=`
+    Gte,
+    /// `<`
+    Lt,
+    /// `<=`
+    Lte,
+    /// One of several values (`in:a,b`).
+    In(Vec<String>),
+}
+
+/// Filterable columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// `id`
+    Id,
+    /// `name`
+    Name,
+    /// `status`
+    Status,
+    /// `owner`
+    Owner,
+    /// `disk_format`
+    DiskFormat,
+    /// `container_format`
+    ContainerFormat,
+    /// `size` (numeric)
+    Size,
+    /// `created_at`
+    CreatedAt,
+    /// `updated_at`
+    UpdatedAt,
+    /// `protected` (`true`/`false`)
+    Protected,
+}
+
+/// One list filter: `field cmp value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    /// The column.
+    pub field: Field,
+    /// The comparison.
+    pub cmp: Cmp,
+    /// The value (ignored for [`Cmp::In`]).
+    pub value: String,
+}
+
+/// Whose images a listing may include.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Viewer {
+    /// Every image.
+    Admin,
+    /// Images the project owns, public ones, shared ones it is a member of, community ones when
+    /// asked for.
+    Project(String),
+}
+
+/// Which member statuses make a shared image appear in a member's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberFilter {
+    /// Only this status.
+    Only(MemberStatus),
+    /// Any status.
+    All,
+}
+
+/// An image listing request, already validated by the API layer.
+#[derive(Debug, Clone)]
+pub struct ImageQuery {
+    /// Whose view.
+    pub viewer: Viewer,
+    /// Restrict to one visibility; `None` is Glance's default view.
+    pub visibility: Option<Visibility>,
+    /// `visibility=all`: the default view plus every community image.
+    pub all_visibilities: bool,
+    /// Member statuses that include a shared image (default: accepted).
+    pub member_status: MemberFilter,
+    /// Column filters (all must hold).
+    pub filters: Vec<Filter>,
+    /// Tags the image must all have.
+    pub tags: Vec<String>,
+    /// Custom properties that must equal the value.
+    pub properties: Vec<(String, String)>,
+    /// `Some(v)` lists only images with `os_hidden = v`; `None` lists both.
+    pub os_hidden: Option<bool>,
+    /// Sort order; the id is always the final tie-breaker.
+    pub sort: Vec<(SortKey, bool)>,
+    /// Continue after this image (in sort order).
+    pub marker: Option<ImageRecord>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+impl ImageQuery {
+    /// Glance's default listing for `viewer`.
+    pub fn new(viewer: Viewer) -> Self {
+        ImageQuery {
+            viewer,
+            visibility: None,
+            all_visibilities: false,
+            member_status: MemberFilter::Only(MemberStatus::Accepted),
+            filters: Vec::new(),
+            tags: Vec::new(),
+            properties: Vec::new(),
+            os_hidden: Some(false),
+            sort: vec![(SortKey::CreatedAt, false)],
+            marker: None,
+            limit: 25,
+        }
+    }
+}
+
+/// Everything the registry stores except image bytes.
+#[async_trait]
+pub trait Catalog: Send + Sync + 'static {
+    /// Insert a new image with its tags and properties; [`crate::RegistryError::Conflict`] if
+    /// the id exists (even as a deleted tombstone).
+    async fn create_image(&self, image: &ImageRecord) -> Result<()>;
+    /// The image with this id, including deleted tombstones.
+    async fn get_image(&self, id: &str) -> Result<Option<ImageRecord>>;
+    /// Images matching `query`, never deleted ones.
+    async fn list_images(&self, query: &ImageQuery) -> Result<Vec<ImageRecord>>;
+    /// Replace every mutable field, tags and properties of `image`, but only if the stored status
+    /// is still `expected`. Returns false (and changes nothing) when another writer got there
+    /// first: the compare-and-swap that serialises concurrent writers.
+    async fn update_image(&self, image: &ImageRecord, expected: Status) -> Result<bool>;
+    /// Store locations of every image that is not deleted (the reaper keeps these).
+    async fn live_locations(&self) -> Result<Vec<String>>;
+
+    /// Add a member; Conflict if it exists.
+    async fn add_member(&self, member: &MemberRecord) -> Result<()>;
+    /// One member of an image.
+    async fn get_member(&self, image_id: &str, member_id: &str) -> Result<Option<MemberRecord>>;
+    /// All members of an image.
+    async fn list_members(&self, image_id: &str) -> Result<Vec<MemberRecord>>;
+    /// Change a member's status; false if there is no such member.
+    async fn update_member(&self, member: &MemberRecord) -> Result<bool>;
+    /// Remove a member; false if there was none.
+    async fn delete_member(&self, image_id: &str, member_id: &str) -> Result<bool>;
+
+    /// Add a project; Conflict if the name exists.
+    async fn create_project(&self, project: &Project) -> Result<()>;
+    /// A project by id.
+    async fn get_project(&self, id: &str) -> Result<Option<Project>>;
+    /// A project by name.
+    async fn find_project(&self, name: &str) -> Result<Option<Project>>;
+    /// Every project.
+    async fn list_projects(&self) -> Result<Vec<Project>>;
+    /// Add a user; Conflict if the name exists.
+    async fn create_user(&self, user: &User) -> Result<()>;
+    /// A user by id.
+    async fn get_user(&self, id: &str) -> Result<Option<User>>;
+    /// A user by name.
+    async fn find_user(&self, name: &str) -> Result<Option<User>>;
+    /// Give `user_id` `role` on `project_id` (idempotent).
+    async fn assign_role(&self, user_id: &str, project_id: &str, role: Role) -> Result<()>;
+    /// The roles `user_id` holds on `project_id`.
+    async fn roles(&self, user_id: &str, project_id: &str) -> Result<Vec<Role>>;
+    /// Store a token (by hash).
+    async fn create_token(&self, token: &TokenRecord) -> Result<()>;
+    /// A token by hash.
+    async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>>;
+    /// Revoke a token; false if there was none.
+    async fn delete_token(&self, token_hash: &str) -> Result<bool>;
+    /// Remove tokens that expired before `now` (Keystone time format); returns the count.
+    async fn delete_expired_tokens(&self, now: &str) -> Result<u64>;
+}

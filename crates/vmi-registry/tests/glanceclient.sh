@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Compatibility test: unmodified python-glanceclient and python-openstackclient against a running
+# vmi registry, with token authentication (glance CLI, static API token) and password
+# authentication (openstack CLI through /v3/auth/tokens and the service catalog).
+#
+# Steps: create, upload, list, show, set, download (checksum verified), share, accept,
+# deactivate, reactivate, delete.
+#
+# Usage (from anywhere):  bash crates/vmi-registry/tests/glanceclient.sh
+# Environment:
+#   VMI_SERVE  command that runs `vmi serve` (default: the vmi-registry `serve` example, built here)
+#   VENV       virtualenv for the clients (default: target/glanceclient-venv; created if missing)
+#   PORT       port to listen on (default: 19393)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+venv=${VENV:-$root/target/glanceclient-venv}
+port=${PORT:-19393}
+url="http://127.0.0.1:$port"
+
+if [ ! -x "$venv/bin/glance" ] || [ ! -x "$venv/bin/openstack" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q python-glanceclient python-openstackclient
+fi
+if [ -z "${VMI_SERVE:-}" ]; then
+    (cd "$root" && cargo build -q -p vmi-registry --example serve)
+    VMI_SERVE="$root/target/debug/examples/serve"
+fi
+
+work=$(mktemp -d)
+admin_token=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+VMI_ADMIN_PASSWORD=adminpw VMI_ADMIN_TOKEN=$admin_token \
+    $VMI_SERVE --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/serve.log" 2>&1 &
+server=$!
+cleanup() {
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+    curl -s -o /dev/null "$url/versions" && break
+    sleep 0.1
+done
+
+passed=0
+failed=0
+step() {
+    local name=$1
+    shift
+    if "$@" >"$work/step.out" 2>&1; then
+        passed=$((passed + 1))
+        echo "ok   $name"
+    else
+        failed=$((failed + 1))
+        echo "FAIL $name"
+        sed 's/^/     /' "$work/step.out" | tail -20
+    fi
+}
+
+# Identity set-up over the Keystone-compatible API: project "beta" with member user "bob".
+api() { curl -sf -H "X-Auth-Token: $admin_token" -H 'Content-Type: application/json' "$@"; }
+beta=$(api -X POST "$url/v3/projects" -d '{"project": {"name": "beta"}}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["project"]["id"])')
+bob=$(api -X POST "$url/v3/users" \
+    -d "{\"user\": {\"name\": \"bob\", \"password\": \"bobpw\", \"default_project_id\": \"$beta\"}}" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["user"]["id"])')
+api -X PUT "$url/v3/projects/$beta/users/$bob/roles/member"
+bob_token=$(curl -sf -D - -o /dev/null -H 'Content-Type: application/json' "$url/v3/auth/tokens" -d \
+    '{"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": "bob",
+      "domain": {"name": "Default"}, "password": "bobpw"}}},
+      "scope": {"project": {"name": "beta", "domain": {"name": "Default"}}}}}' |
+    awk 'tolower($1) == "x-subject-token:" {print $2}' | tr -d '\r')
+
+head -c $((8 << 20)) /dev/urandom >"$work/disk.raw"
+want_md5=$(md5sum "$work/disk.raw" | cut -d' ' -f1)
+
+# --- python-glanceclient with token authentication -------------------------------------------
+# (image-create reads image data from a non-terminal stdin, so stdin is closed for it)
+glance() { "$venv/bin/glance" --os-image-url "$url" --os-auth-token "$admin_token" "$@"; }
+glance_bob() { "$venv/bin/glance" --os-image-url "$url" --os-auth-token "$bob_token" "$@"; }
+field() { awk -v k="$1" -F'|' '{gsub(/ /, "", $2)} $2 == k {gsub(/^ +| +$/, "", $3); print $3}'; }
+
+md5_of() { md5sum <"$1" | cut -d' ' -f1; }
+g_listed() { glance image-list | grep -c "$1" >/dev/null; }
+g_active() {
+    [ "$(glance image-show "$1" | field status)" = active ] &&
+        [ "$(glance image-show "$1" | field checksum)" = "$want_md5" ]
+}
+g_update() {
+    glance image-update --property os_distro=debian --name renamed "$1" >/dev/null &&
+        [ "$(glance image-show "$1" | field os_distro)" = debian ]
+}
+g_download() { glance image-download --file "$work/out.raw" "$1" && [ "$(md5_of "$work/out.raw")" = "$want_md5" ]; }
+g_bob_lists() { glance_bob image-list | grep -c "$1" >/dev/null; }
+g_bob_cannot_download() { ! glance_bob image-download --file "$work/x" "$1"; }
+g_gone() { ! glance image-show "$1"; }
+
+id=$(glance image-create --name glance-one --disk-format raw --container-format bare \
+    --visibility shared <&- | field id)
+step "glance image-create" test -n "$id"
+step "glance image-upload" glance image-upload --file "$work/disk.raw" "$id"
+step "glance image-list" g_listed "$id"
+step "glance image-show (active, md5)" g_active "$id"
+step "glance image-update --property" g_update "$id"
+step "glance image-download (checksum)" g_download "$id"
+step "glance member-create" glance member-create "$id" "$beta"
+step "glance member-update accepted (by the member)" glance_bob member-update "$id" "$beta" accepted
+step "glance image-list shows the accepted share" g_bob_lists "$id"
+step "glance image-deactivate" glance image-deactivate "$id"
+step "member download of a deactivated image is refused" g_bob_cannot_download "$id"
+step "glance image-reactivate" glance image-reactivate "$id"
+step "glance image-delete" glance image-delete "$id"
+step "deleted image is gone" g_gone "$id"
+
+# --- openstack CLI with password authentication through /v3 --------------------------------
+export OS_AUTH_URL="$url/v3" OS_USERNAME=admin OS_PASSWORD=adminpw OS_PROJECT_NAME=admin \
+    OS_USER_DOMAIN_NAME=Default OS_PROJECT_DOMAIN_NAME=Default OS_IDENTITY_API_VERSION=3 \
+    OS_IMAGE_API_VERSION=2 OS_REGION_NAME=RegionOne OS_INTERFACE=public
+os() { "$venv/bin/openstack" "$@"; }
+os_bob() { OS_USERNAME=bob OS_PASSWORD=bobpw OS_PROJECT_NAME=beta "$venv/bin/openstack" "$@"; }
+o_listed() { os image list -f value -c ID | grep -c "$1" >/dev/null; }
+o_active() {
+    [ "$(os image show "$1" -f value -c status)" = active ] &&
+        [ "$(os image show "$1" -f value -c checksum)" = "$want_md5" ]
+}
+o_save() { os image save --file "$work/osc.raw" "$1" && [ "$(md5_of "$work/osc.raw")" = "$want_md5" ]; }
+o_bob_lists() { os_bob image list -f value -c ID | grep -c "$1" >/dev/null; }
+
+step "openstack token issue" os token issue
+oid=$(os image create --disk-format raw --container-format bare --file "$work/disk.raw" \
+    --shared osc-one -f value -c id) || true
+step "openstack image create --file" test -n "$oid"
+step "openstack image list" o_listed "$oid"
+step "openstack image show (active, md5)" o_active "$oid"
+step "openstack image set --property" os image set --property hw_disk_bus=virtio --min-ram 128 "$oid"
+step "openstack image save (checksum)" o_save "$oid"
+step "openstack image add project" os image add project "$oid" "$beta"
+step "openstack image set --accept (as the member)" os_bob image set --accept "$oid"
+step "openstack image list (as the member)" o_bob_lists "$oid"
+step "openstack image set --deactivate" os image set --deactivate "$oid"
+step "openstack image set --activate" os image set --activate "$oid"
+step "openstack image delete" os image delete "$oid"
+
+echo "glanceclient compatibility: $passed passed, $failed failed"
+if [ "$failed" -ne 0 ]; then
+    echo "--- server log"; tail -30 "$work/serve.log"
+    exit 1
+fi
