@@ -70,6 +70,10 @@ enum Command {
     Ovf(vmi_ovf::cli::OvfArgs),
     /// Check an image and hardware profile against a target hypervisor or cloud.
     Compat(vmi_ovf::cli::CompatArgs),
+    /// Run the image registry (Glance v2 compatible API, Keystone v3 tokens).
+    Serve(vmi_registry::cli::ServeArgs),
+    /// Talk to an image registry: list, show, create, upload, download, set, delete, share.
+    Image(vmi_registry::cli::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -121,6 +125,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Compat(a) => {
             exit_code(vmi_ovf::cli::run_compat(&a, &mut std::io::stdout().lock())?)
         }
+        Command::Serve(a) => vmi_registry::cli::run_serve(a).map(|()| 0).map_err(Into::into),
+        Command::Image(a) => vmi_registry::cli::run_image(a).map(|()| 0).map_err(Into::into),
     }
 }
 

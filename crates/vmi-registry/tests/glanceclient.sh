@@ -8,7 +8,7 @@
 #
 # Usage (from anywhere):  bash crates/vmi-registry/tests/glanceclient.sh
 # Environment:
-#   VMI_SERVE  command that runs `vmi serve` (default: the vmi-registry `serve` example, built here)
+#   VMI_SERVE  command that runs `vmi serve` (default: the `vmi` binary, built here)
 #   VENV       virtualenv for the clients (default: target/glanceclient-venv; created if missing)
 #   PORT       port to listen on (default: 19393)
 set -euo pipefail
@@ -23,8 +23,8 @@ if [ ! -x "$venv/bin/glance" ] || [ ! -x "$venv/bin/openstack" ]; then
     "$venv/bin/pip" install -q python-glanceclient python-openstackclient
 fi
 if [ -z "${VMI_SERVE:-}" ]; then
-    (cd "$root" && cargo build -q -p vmi-registry --example serve)
-    VMI_SERVE="$root/target/debug/examples/serve"
+    (cd "$root" && cargo build -q -p vmi-cli)
+    VMI_SERVE="$root/target/debug/vmi serve"
 fi
 
 work=$(mktemp -d)
