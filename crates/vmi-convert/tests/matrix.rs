@@ -18,10 +18,30 @@ const TARGETS: &[(&str, Format, &str, &str)] = &[
     ("raw", Format::Raw, "", "raw"),
     ("qcow2", Format::Qcow2, "", "qcow2"),
     ("qcow2-v2", Format::Qcow2, "compat=0.10", "qcow2"),
-    ("vmdk-sparse", Format::Vmdk, "subformat=monolithicSparse", "vmdk"),
-    ("vmdk-stream", Format::Vmdk, "subformat=streamOptimized", "vmdk"),
-    ("vhd-fixed", Format::Vpc, "subformat=fixed,force_size=on", "vpc"),
-    ("vhd-dynamic", Format::Vpc, "subformat=dynamic,force_size=on", "vpc"),
+    (
+        "vmdk-sparse",
+        Format::Vmdk,
+        "subformat=monolithicSparse",
+        "vmdk",
+    ),
+    (
+        "vmdk-stream",
+        Format::Vmdk,
+        "subformat=streamOptimized",
+        "vmdk",
+    ),
+    (
+        "vhd-fixed",
+        Format::Vpc,
+        "subformat=fixed,force_size=on",
+        "vpc",
+    ),
+    (
+        "vhd-dynamic",
+        Format::Vpc,
+        "subformat=dynamic,force_size=on",
+        "vpc",
+    ),
     ("vhdx", Format::Vhdx, "", "vhdx"),
     ("vdi", Format::Vdi, "", "vdi"),
 ];
@@ -30,8 +50,16 @@ fn convert(src: &Path, src_fmt: Format, dst: &Path, fmt: Format, o: &str, worker
     let img = Image::open(src, &OpenOptions::new().format(Some(src_fmt))).expect("open source");
     let mut fo = FormatOptions::new();
     fo.parse(o).expect("options");
-    let target = Target { path: dst.to_path_buf(), format: fmt, create: CreateOptions::new(0).options(fo) };
-    let opts = ConvertOptions { workers, min_sparse: 4096, ..Default::default() };
+    let target = Target {
+        path: dst.to_path_buf(),
+        format: fmt,
+        create: CreateOptions::new(0).options(fo),
+    };
+    let opts = ConvertOptions {
+        workers,
+        min_sparse: 4096,
+        ..Default::default()
+    };
     convert_to_path(&img, &target, &opts)
         .unwrap_or_else(|e| panic!("convert {} -> {}: {e}", src.display(), dst.display()));
 }

@@ -209,8 +209,14 @@ fn iso_with_a_qcow2_header_in_its_system_area_is_refused_as_ambiguous() {
         "a plain qcow2 header probes as qcow2"
     );
     let found = matches(&poly);
-    assert!(found.iter().any(|(f, _)| *f == Format::Iso), "the ISO descriptors are seen: {found:?}");
-    assert!(found.iter().any(|(f, _)| *f == Format::Qcow2), "the qcow2 header is seen: {found:?}");
+    assert!(
+        found.iter().any(|(f, _)| *f == Format::Iso),
+        "the ISO descriptors are seen: {found:?}"
+    );
+    assert!(
+        found.iter().any(|(f, _)| *f == Format::Qcow2),
+        "the qcow2 header is seen: {found:?}"
+    );
     let e = probe_bytes(&poly).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
     assert!(e.to_string().contains("ambiguous"), "{e}");

@@ -131,6 +131,8 @@ pub const OFF_L1: u64 = 36;
 pub const OFF_REFTABLE: u64 = 48;
 /// Byte offset of `incompatible_features` (v3).
 pub const OFF_INCOMPAT: u64 = 72;
+/// Byte offset of `nb_snapshots` (u32) followed by `snapshots_offset` (u64) (spec: bytes 60-71).
+pub const OFF_SNAPSHOTS: u64 = 60;
 /// Byte offset of `autoclear_features` (v3).
 pub const OFF_AUTOCLEAR: u64 = 88;
 

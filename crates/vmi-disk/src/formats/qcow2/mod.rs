@@ -16,7 +16,7 @@ mod compress;
 mod header;
 mod l2;
 mod refcount;
-mod snapshot;
+pub mod snapshot;
 mod write;
 
 use crate::check::{CheckMode, CheckReport};
@@ -169,6 +169,12 @@ struct Inner {
     /// Clusters freed (refcount 0, nothing on disk pointing at them) that single-cluster
     /// allocations reuse before growing the file; at most [`MAX_FREE_LIST`].
     free: Vec<u64>,
+    /// Internal snapshots (spec: "Snapshots"), as the table on disk lists them.
+    snaps: Vec<snapshot::Snapshot>,
+    /// Host offset of the snapshot table (0 when there are no snapshots).
+    snap_offset: u64,
+    /// Bytes the snapshot table occupies.
+    snap_len: u64,
 }
 
 /// An open qcow2 image.
@@ -179,8 +185,6 @@ pub struct Qcow2Driver {
     inner: Mutex<Inner>,
     hdr: Header,
     backing: Option<BackingSpec>,
-    snapshots: Vec<snapshot::Snapshot>,
-    snapshot_table_len: u64,
     writable: bool,
     dirty_at_open: bool,
 }
@@ -365,6 +369,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         set_dirty: false,
         pending_free: Vec::new(),
         free: Vec::new(),
+        snaps: snapshots,
+        snap_offset: h.snapshots_offset,
+        snap_len: snapshot_table_len,
     };
     let drv = Qcow2Driver {
         st,
@@ -372,8 +379,6 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         inner: Mutex::new(inner),
         hdr: h,
         backing,
-        snapshots,
-        snapshot_table_len,
         writable: ctx.writable,
         dirty_at_open,
     };
@@ -389,7 +394,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         }
         if dirty_at_open {
             // Refcounts may be stale (lazy refcounts, crash): rebuild them before any allocation.
-            check::rebuild_refcounts(&mut i, &drv.snapshots, drv.snapshot_table_len, &drv.hdr)?;
+            let snaps = i.snaps.clone();
+            let snap_len = i.snap_len;
+            check::rebuild_refcounts(&mut i, &snaps, snap_len, &drv.hdr)?;
             i.incompatible &= !header::INCOMPAT_DIRTY;
             i.header_dirty = true;
         }
@@ -543,6 +550,9 @@ pub(crate) fn create(
         set_dirty: false,
         pending_free: Vec::new(),
         free: Vec::new(),
+        snaps: Vec::new(),
+        snap_offset: 0,
+        snap_len: 0,
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -561,8 +571,6 @@ pub(crate) fn create(
         inner: Mutex::new(inner),
         hdr,
         backing,
-        snapshots: Vec::new(),
-        snapshot_table_len: 0,
         writable: true,
         dirty_at_open: false,
     }))
@@ -720,7 +728,7 @@ impl Driver for Qcow2Driver {
             cluster_size: Some(i.g.cs),
             dirty: self.dirty_at_open || i.incompatible & header::INCOMPAT_DIRTY != 0,
             format_specific: serde_json::json!({"type": "qcow2", "data": data}),
-            snapshots: self.snapshots.iter().map(|s| s.info.clone()).collect(),
+            snapshots: i.snaps.iter().map(|s| s.info.clone()).collect(),
         }
     }
 
@@ -770,13 +778,9 @@ impl Driver for Qcow2Driver {
         }
         // The check reads tables from the file: cached changes go there first.
         i.flush()?;
-        check::check(
-            &mut i,
-            &self.snapshots,
-            self.snapshot_table_len,
-            &self.hdr,
-            mode,
-        )
+        let snaps = i.snaps.clone();
+        let snap_len = i.snap_len;
+        check::check(&mut i, &snaps, snap_len, &self.hdr, mode)
     }
 
     fn as_any(&self) -> &dyn Any {

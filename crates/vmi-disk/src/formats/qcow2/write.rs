@@ -409,6 +409,10 @@ impl Inner {
         let rt_clusters = (self.reftable.len() as u64 * 8).div_ceil(self.g.cs) as u32;
         rt[8..].copy_from_slice(&rt_clusters.to_be_bytes());
         w(&rt, header::OFF_REFTABLE)?;
+        let mut sn = [0u8; 12];
+        sn[..4].copy_from_slice(&(self.snaps.len() as u32).to_be_bytes());
+        sn[4..].copy_from_slice(&self.snap_offset.to_be_bytes());
+        w(&sn, header::OFF_SNAPSHOTS)?;
         if self.g.version >= 3 {
             w(&self.incompatible.to_be_bytes(), header::OFF_INCOMPAT)?;
             w(&self.autoclear.to_be_bytes(), header::OFF_AUTOCLEAR)?;
