@@ -141,6 +141,16 @@ pub trait Driver: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Record a different backing file (name and format), or none, in the image's metadata
+    /// without touching guest data (`rebase -u`). Readers that open the image afterwards see the
+    /// new chain. Formats that cannot record one refuse with [`crate::ErrorKind::Unsupported`].
+    fn set_backing(&self, _backing: Option<&BackingSpec>) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "changing the backing file recorded in {} images",
+            self.format()
+        )))
+    }
+
     /// Format facts for `info`.
     fn info(&self) -> FormatInfo {
         FormatInfo::default()

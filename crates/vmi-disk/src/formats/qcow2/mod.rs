@@ -185,6 +185,9 @@ pub struct Qcow2Driver {
     inner: Mutex<Inner>,
     hdr: Header,
     backing: Option<BackingSpec>,
+    /// Whether the image declares a backing file now (changes with [`Driver::set_backing`];
+    /// `backing` keeps what was declared at open).
+    has_backing: std::sync::atomic::AtomicBool,
     writable: bool,
     dirty_at_open: bool,
 }
@@ -378,6 +381,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         data_file,
         inner: Mutex::new(inner),
         hdr: h,
+        has_backing: backing.is_some().into(),
         backing,
         writable: ctx.writable,
         dirty_at_open,
@@ -570,6 +574,7 @@ pub(crate) fn create(
         data_file: None,
         inner: Mutex::new(inner),
         hdr,
+        has_backing: backing.is_some().into(),
         backing,
         writable: true,
         dirty_at_open: false,
@@ -705,6 +710,28 @@ impl Driver for Qcow2Driver {
         self.backing.as_ref()
     }
 
+    fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
+        let mut i = self.lock();
+        i.check_writable()?;
+        if self.data_file.is_some() {
+            return Err(Error::unsupported(
+                "changing the backing file of a qcow2 image with an external data file",
+            ));
+        }
+        i.flush()?;
+        let cs = i.g.cs;
+        let mut head = vec![0u8; cs.min(i.file_len()?) as usize];
+        i.st.read_at(&mut head, 0)
+            .map_err(io_err("reading qcow2 header".into()))?;
+        let new = header::rewrite_backing(&head, backing.map(|b| (b.name.as_str(), b.format)))?;
+        i.st.write_at(&new, 0)
+            .map_err(io_err("writing qcow2 header".into()))?;
+        i.st.sync().map_err(io_err("syncing".into()))?;
+        self.has_backing
+            .store(backing.is_some(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     fn info(&self) -> FormatInfo {
         let i = self.lock();
         let compat = if i.g.version >= 3 { "1.1" } else { "0.10" };
@@ -741,8 +768,8 @@ impl Driver for Qcow2Driver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
-        self.lock()
-            .write_zeroes(offset, len, backing, self.backing.is_some())
+        let declared = self.has_backing.load(std::sync::atomic::Ordering::Relaxed);
+        self.lock().write_zeroes(offset, len, backing, declared)
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
@@ -814,4 +841,21 @@ impl CompressedWrite for Qcow2Driver {
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
         self.lock().write_compressed(offset, compressed)
     }
+}
+
+/// Make a writable qcow2 image empty: every guest cluster becomes unallocated (reads from the
+/// backing file) and the clusters only it referenced are freed — what `commit` does to the
+/// overlay it merged. Refuses images of other formats with `Unsupported`.
+pub fn make_empty(img: &Image) -> Result<()> {
+    let drv = img
+        .driver()
+        .as_any()
+        .downcast_ref::<Qcow2Driver>()
+        .ok_or_else(|| {
+            Error::unsupported(format!(
+                "emptying {} images after commit (only qcow2 can discard its clusters)",
+                img.format()
+            ))
+        })?;
+    drv.lock().make_empty().map_err(|e| e.with_path(img.path()))
 }

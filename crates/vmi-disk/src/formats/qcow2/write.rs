@@ -467,3 +467,32 @@ impl Inner {
         self.st.sync().map_err(io_err("syncing".into()))
     }
 }
+
+impl Inner {
+    /// Drop every cluster the active L1 table reaches, so the whole image reads from its backing
+    /// file (qemu's `make_empty`, used after `commit`). References shared with snapshots lose
+    /// one count; the L1 table itself stays.
+    pub(super) fn make_empty(&mut self) -> Result<()> {
+        self.begin_write()?;
+        self.flush()?;
+        let l1 = std::mem::take(&mut self.l1);
+        let mut cleared = Vec::with_capacity(l1.len());
+        for &l1e in &l1 {
+            let off = l1e & L1E_OFFSET_MASK;
+            if off != 0 {
+                for idx in 0..self.g.l2_entries {
+                    let (e, _) = self.l2_entry(off, idx)?;
+                    self.release(e)?;
+                }
+                self.pending_free.push(off);
+            }
+            cleared.push(0);
+        }
+        self.l1 = cleared;
+        self.l1_dirty = true;
+        self.flush()?;
+        // Freed tables may be reused as data from now on: forget cached copies.
+        self.l2.clear();
+        Ok(())
+    }
+}
