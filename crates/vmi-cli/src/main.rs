@@ -1,2 +1,160 @@
-//! The `vmi` command.
-fn main() {}
+//! The `vmi` command: qemu-img's verbs (create, info, convert, check, compare, map, measure,
+//! resize) with qemu-img's option names, output and exit codes, over the vmi libraries.
+//!
+//! This crate only parses arguments, prints and chooses exit codes; every format decision is made
+//! by `vmi-disk` and every copy by `vmi-convert`. Files named inside images (backing files, data
+//! files) are opened only through the gate, which denies them unless `--allow-backing` /
+//! `--allow-data-file` say otherwise. Exit codes are listed in `docs/cli.md`.
+
+mod cmd;
+mod common;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use common::GateArgs;
+use std::process::ExitCode;
+
+/// Exit code for a failed command (qemu-img's `EXIT_FAILURE`).
+const EXIT_ERROR: u8 = 1;
+/// Exit code `compare` uses for errors, so that 1 keeps meaning "the images differ".
+const EXIT_COMPARE_ERROR: u8 = 2;
+
+/// The exit-code table shown by `vmi --help` (and in docs/cli.md).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   success; compare: identical; check: no problems
+  1   error; compare: the images differ; check: the check could not complete
+  2   compare: error; check: corruptions found
+  3   check: only leaked clusters found
+  63  check: the format does not support checks";
+
+/// Virtual machine disk images: create, inspect, convert, check and compare them.
+///
+/// Options and output follow qemu-img. Images are untrusted: files an image names (backing
+/// files, external data files) are not opened unless allowed with --allow-backing /
+/// --allow-data-file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmi",
+    version,
+    propagate_version = true,
+    max_term_width = 100,
+    after_help = EXIT_CODES_HELP
+)]
+struct Cli {
+    #[command(flatten)]
+    gate: GateArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new image.
+    Create(cmd::create::Args),
+    /// Show facts about an image (size, format, backing file, format-specific data).
+    Info(cmd::info::Args),
+    /// Copy an image into a new one, possibly of another format.
+    Convert(cmd::convert::Args),
+    /// Check an image's metadata for consistency (and repair it with -r).
+    Check(cmd::check::Args),
+    /// Compare the guest contents of two images.
+    Compare(cmd::compare::Args),
+    /// Show how the image's guest ranges are stored.
+    Map(cmd::map::Args),
+    /// Compute the file size an image needs.
+    Measure(cmd::measure::Args),
+    /// Change an image's virtual size.
+    Resize(cmd::resize::Args),
+}
+
+fn main() -> ExitCode {
+    // The global flags take their values with `=`, so the first plain word is the command.
+    let is_compare = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_some_and(|a| a == "compare");
+    let error_code = if is_compare {
+        EXIT_COMPARE_ERROR
+    } else {
+        EXIT_ERROR
+    };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(error_code)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) if common::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmi: {e:#}");
+            ExitCode::from(error_code)
+        }
+    }
+}
+
+/// Run one command; `Ok` carries the exit code of a command that completed (check and compare
+/// report their findings through it).
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    let gate = &cli.gate;
+    match cli.command {
+        Command::Create(a) => cmd::create::run(gate, a),
+        Command::Info(a) => cmd::info::run(gate, a),
+        Command::Convert(a) => cmd::convert::run(gate, a),
+        Command::Check(a) => cmd::check::run(gate, a),
+        Command::Compare(a) => cmd::compare::run(gate, a),
+        Command::Map(a) => cmd::map::run(gate, a),
+        Command::Measure(a) => cmd::measure::run(gate, a),
+        Command::Resize(a) => cmd::resize::run(gate, a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("vmi").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn backing_files_are_denied_without_the_flag() {
+        let cli = parse(&["info", "a.img"]);
+        assert!(!cli.gate.gate(false).backing_allowed());
+        assert!(
+            cli.gate.gate(true).backing_allowed(),
+            "--backing-chain allows"
+        );
+    }
+
+    #[test]
+    fn allow_backing_without_a_folder_confines_to_the_image_folder() {
+        let cli = parse(&["--allow-backing", "info", "a.img"]);
+        let gate = cli.gate.gate(false);
+        assert!(gate.backing_allowed());
+        assert_eq!(gate.root(), None, "rooted at the image when opened");
+    }
+
+    #[test]
+    fn allow_backing_with_a_folder_confines_to_it_after_the_command_too() {
+        let cli = parse(&["info", "--allow-backing=/srv/images", "a.img"]);
+        let gate = cli.gate.gate(false);
+        assert!(gate.backing_allowed());
+        assert_eq!(gate.root(), Some(std::path::Path::new("/srv/images")));
+    }
+
+    #[test]
+    fn resize_accepts_a_negative_size() {
+        assert!(matches!(
+            parse(&["resize", "--shrink", "a.img", "-1G"]).command,
+            Command::Resize(_)
+        ));
+    }
+}

@@ -1,0 +1,205 @@
+//! Pieces every command shares: the gate flags, opening images, output formats, qemu-img's
+//! human-readable sizes, and writing to stdout so that a closed pipe ends the command quietly.
+
+use anyhow::Context as _;
+use clap::ValueEnum;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use vmi_disk::{BackingMode, Format, FormatOptions, Gate, Image, OpenOptions};
+
+/// Flags that decide which files named inside an image may be opened.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GateArgs {
+    /// Follow backing files named inside images, confined to DIR (default: the folder of the
+    /// image given on the command line). Without it backing files are never opened.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        num_args = 0..=1,
+        require_equals = true
+    )]
+    pub allow_backing: Option<Option<PathBuf>>,
+
+    /// Open external data files named inside images (qcow2 data_file), confined like backing files.
+    #[arg(long, global = true)]
+    pub allow_data_file: bool,
+}
+
+impl GateArgs {
+    /// The gate these flags describe. `backing_by_default` allows backing files in the image's
+    /// folder even without `--allow-backing` (for `--backing-chain`, where the user asked for the
+    /// chain).
+    pub fn gate(&self, backing_by_default: bool) -> Gate {
+        let mut gate = Gate::new()
+            .allow_backing(self.allow_backing.is_some() || backing_by_default)
+            .allow_data_file(self.allow_data_file);
+        if let Some(Some(dir)) = &self.allow_backing {
+            gate = gate.confine_to(dir.clone());
+        }
+        gate
+    }
+}
+
+/// `--output` of the commands that have a machine-readable form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people, as qemu-img prints it.
+    #[default]
+    Human,
+    /// JSON with qemu-img's keys.
+    Json,
+}
+
+/// Parse a format name as qemu-img spells it (`raw`, `qcow2`, `vmdk`, `vpc`, `vhdx`, `vdi`, `iso`).
+pub fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse::<Format>().map_err(|e| e.message().to_string())
+}
+
+/// Parse a size with qemu-img's suffixes (`512`, `64k`, `10G`, `1.5T`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    vmi_disk::parse_size(s).map_err(|e| e.message().to_string())
+}
+
+/// Parse every `-o` argument into one set of options.
+pub fn parse_options(args: &[String]) -> anyhow::Result<FormatOptions> {
+    let mut opts = FormatOptions::new();
+    for a in args {
+        opts.parse(a)
+            .with_context(|| format!("invalid -o argument '{a}'"))?;
+    }
+    Ok(opts)
+}
+
+/// Whether `-o help` / `-o ?` was asked for.
+pub fn wants_option_help(args: &[String]) -> bool {
+    args.iter()
+        .flat_map(|a| a.split(','))
+        .any(|o| o == "help" || o == "?")
+}
+
+/// Open an image read-only (or writable) with the given gate and backing policy.
+pub fn open(
+    path: &Path,
+    format: Option<Format>,
+    gate: Gate,
+    backing: BackingMode,
+    writable: bool,
+) -> anyhow::Result<Image> {
+    let opts = OpenOptions::new()
+        .format(format)
+        .gate(gate)
+        .backing(backing)
+        .write(writable);
+    Image::open(path, &opts).map_err(with_gate_hint)
+}
+
+/// Add the flag that widens the gate to a refusal for a file outside the allowed folder (the
+/// gate's own message already names `--allow-backing` / `--allow-data-file` for files that are
+/// not allowed at all).
+fn with_gate_hint(e: vmi_disk::Error) -> anyhow::Error {
+    if e.kind() == vmi_disk::ErrorKind::Refused && e.message().contains("outside the allowed") {
+        anyhow::anyhow!("{e} (--allow-backing=DIR allows files under DIR)")
+    } else {
+        e.into()
+    }
+}
+
+/// Write to stdout, returning the error (a closed pipe included) rather than panicking.
+pub fn out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_fmt(args)?;
+    Ok(())
+}
+
+/// `println!` that returns errors: a closed stdout ends the command (as success, see `main`).
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::common::out(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::common::out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Print a JSON value the way qemu-img does (pretty, four-space indents), with a final newline.
+pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+    v.serialize(&mut ser)?;
+    buf.push(b'\n');
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(&buf)?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// True when the error is stdout having been closed (`vmi map ... | head`).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// qemu's `size_to_str`: three significant digits and a binary unit (`1 GiB`, `196 KiB`,
+/// `1.5 MiB`, `0 B`).
+pub fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // qemu picks the unit from frexp(val / (1000/1024)): the largest unit in which the value is
+    // at least 1000/1024 of one unit.
+    let scaled = val as f64 / (1000.0 / 1024.0);
+    let exp = if scaled == 0.0 {
+        0
+    } else {
+        scaled.log2().floor() as i64 + 1
+    };
+    let i = usize::try_from((exp - 1).max(0) / 10)
+        .unwrap_or(0)
+        .min(SUFFIXES.len() - 1);
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", format_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// C's `%0.3g` for values below 1000: three significant digits, trailing zeros removed.
+fn format_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let mag = v.abs().log10().floor() as i32;
+    let decimals = usize::try_from((2 - mag).max(0)).unwrap_or(0);
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Bytes the file occupies on disk (qemu's `actual-size`: allocated blocks, not length).
+pub fn allocated_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(4096), "4 KiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(200704), "196 KiB");
+        assert_eq!(size_to_str(197120), "192 KiB");
+        assert_eq!(size_to_str(3 << 29), "1.5 GiB");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(1023), "0.999 KiB");
+    }
+
+    #[test]
+    fn option_help_is_recognised_in_any_position() {
+        assert!(wants_option_help(&["cluster_size=64k,help".into()]));
+        assert!(wants_option_help(&["?".into()]));
+        assert!(!wants_option_help(&["compat=1.1".into()]));
+    }
+}
