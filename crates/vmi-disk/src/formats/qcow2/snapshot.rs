@@ -622,9 +622,15 @@ pub fn delete(img: &Image, key: &str) -> Result<SnapshotInfo> {
 /// name) — for `convert -l`. The backing chain opens as `opts` says.
 pub fn open_snapshot(path: &Path, opts: &OpenOptions, key: &str) -> Result<Image> {
     let img = Image::open(path, &opts.clone().write(false))?;
-    driver(&img)?
+    view(&img, key)?;
+    Ok(img)
+}
+
+/// Make a qcow2 image opened read-only show the guest contents (and size) of snapshot `key`
+/// (id or name) from now on. Call it before reading: the image forgets its active state.
+pub fn view(img: &Image, key: &str) -> Result<()> {
+    driver(img)?
         .lock()
         .view_snapshot(key)
-        .map_err(|e| e.with_path(path))?;
-    Ok(img)
+        .map_err(|e| e.with_path(img.path()))
 }
