@@ -118,13 +118,11 @@ pub fn commit(path: &Path, opts: &CommitOptions) -> Result<CommitOutcome> {
     }
     base.close()?;
     let mut emptied = false;
-    if !keep {
-        if top.format() == Format::Qcow2 {
-            vmi_disk::formats::qcow2::make_empty(&top)?;
-            emptied = true;
-        }
-        // Other formats cannot discard allocated blocks: their overlay keeps its (now
-        // redundant) data, which still reads the same.
+    // Formats other than qcow2 cannot discard allocated blocks: their overlay keeps its (now
+    // redundant) data, which still reads the same.
+    if !keep && top.format() == Format::Qcow2 {
+        vmi_disk::formats::qcow2::make_empty(&top)?;
+        emptied = true;
     }
     top.close()?;
     Ok(CommitOutcome {
