@@ -518,3 +518,53 @@ fn hostile_chains_give_clear_errors() {
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
 }
+
+#[test]
+fn formats_without_a_header_rewrite_refuse_rebase_and_keep_their_data_on_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = d.join("p.raw");
+    scattered_raw(&raw, 8 * MIB, 8, 11);
+    let parent = d.join("p.vmdk");
+    qemu_convert(&raw, "raw", &parent, "vmdk", "", &[]);
+    let o = d.join("o.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "p.vmdk",
+        "-F",
+        "vmdk",
+        s(&o),
+    ]);
+    qemu_io(&o, "vmdk", "write -P 0x12 1M 64k");
+    let expect = d.join("expect.raw");
+    qemu_flatten(&o, &expect);
+    let e = rebase(
+        &o,
+        &RebaseOptions {
+            backing: Some("p.vmdk".into()),
+            header_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("vmdk"), "{e}");
+    let out = commit(
+        &o,
+        &CommitOptions {
+            gate: chain_gate(d),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!out.emptied);
+    assert_qemu_check_clean(&parent, "vmdk");
+    assert_qemu_identical(&parent, "vmdk", &expect, "raw");
+    // Writing the parent gave it a new CID (as qemu does), so qemu now refuses the child whose
+    // parentCID is the old one; vmi still reads it, and it reads the same.
+    assert_image_matches_raw(&open_chain(&o), &expect);
+}

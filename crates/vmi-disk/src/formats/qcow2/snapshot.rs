@@ -634,3 +634,57 @@ pub fn view(img: &Image, key: &str) -> Result<()> {
         .view_snapshot(key)
         .map_err(|e| e.with_path(img.path()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn info(id: &str, name: &str) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.into(),
+            name: name.into(),
+            vm_state_size: 0,
+            date_sec: 1_700_000_000,
+            date_nsec: 5,
+            vm_clock_sec: 3,
+            vm_clock_nsec: 7,
+            icount: Some(0),
+        }
+    }
+
+    #[test]
+    fn a_written_entry_reads_back_with_its_disk_size_and_extra_data() {
+        let e = entry_bytes(&info("4", "before upgrade"), 0x30000, 2, 1 << 30);
+        let mut table = e.clone();
+        table.resize(table.len().div_ceil(8) * 8, 0);
+        let second = entry_bytes(&info("5", "x"), 0x40000, 1, 4096);
+        table.extend_from_slice(&second);
+        let st = MemStorage::new();
+        st.set_len(0x10000 + 4096).unwrap();
+        st.write_at(&table, 0x10000).unwrap();
+        let (snaps, len) = read_table(&st, 0x10000, 2, 0x10000, 0x11000).unwrap();
+        assert_eq!(len as usize, table.len().div_ceil(8) * 8);
+        assert_eq!(snaps[0].info, info("4", "before upgrade"));
+        assert_eq!(snaps[0].disk_size, Some(1 << 30));
+        assert_eq!((snaps[0].l1_offset, snaps[0].l1_size), (0x30000, 2));
+        assert_eq!(snaps[0].raw, e);
+        assert_eq!(snaps[1].info.name, "x");
+        assert_eq!(snaps[1].disk_size, Some(4096));
+    }
+
+    #[test]
+    fn lookups_take_the_id_before_the_name() {
+        let mk = |id: &str, name: &str| Snapshot {
+            info: info(id, name),
+            l1_offset: 0,
+            l1_size: 0,
+            disk_size: None,
+            raw: Vec::new(),
+        };
+        let snaps = [mk("1", "2"), mk("2", "a")];
+        assert_eq!(find(&snaps, "2").unwrap(), 1);
+        assert_eq!(find(&snaps, "a").unwrap(), 1);
+        assert!(find(&snaps, "zz").is_err());
+    }
+}
