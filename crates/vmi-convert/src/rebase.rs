@@ -124,7 +124,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions) -> Result<RebaseStats> {
         img.flush()?;
     }
     img.driver()
-        .set_backing(spec.as_ref())
+        .set_backing(spec.as_ref(), new_backing.as_ref())
         .map_err(|e| e.with_path(path))?;
     img.close()?;
     Ok(RebaseStats {

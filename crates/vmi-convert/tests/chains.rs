@@ -520,7 +520,7 @@ fn hostile_chains_give_clear_errors() {
 }
 
 #[test]
-fn formats_without_a_header_rewrite_refuse_rebase_and_keep_their_data_on_commit() {
+fn vmdk_overlays_rebase_and_commit_and_vhd_refuses_a_header_rewrite() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let raw = d.join("p.raw");
@@ -542,17 +542,35 @@ fn formats_without_a_header_rewrite_refuse_rebase_and_keep_their_data_on_commit(
     qemu_io(&o, "vmdk", "write -P 0x12 1M 64k");
     let expect = d.join("expect.raw");
     qemu_flatten(&o, &expect);
-    let e = rebase(
+    // Header-only rebase onto a copy: parentFileNameHint and parentCID rewritten, qemu follows.
+    let copy = d.join("p2.vmdk");
+    std::fs::copy(&parent, &copy).unwrap();
+    rebase(
         &o,
         &RebaseOptions {
-            backing: Some("p.vmdk".into()),
+            backing: Some("p2.vmdk".into()),
             header_only: true,
             ..Default::default()
         },
     )
-    .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
-    assert!(e.to_string().contains("vmdk"), "{e}");
+    .unwrap();
+    let info = qemu_info(&o, "vmdk");
+    assert_eq!(info["backing-filename"], "p2.vmdk");
+    assert_qemu_check_clean(&o, "vmdk");
+    assert_qemu_identical(&o, "vmdk", &expect, "raw");
+    // Safe rebase onto a parent that differs, then commit into it.
+    qemu_io(&parent, "vmdk", "write -P 0x34 5M 64k");
+    rebase(
+        &o,
+        &RebaseOptions {
+            backing: Some("p.vmdk".into()),
+            gate: chain_gate(d),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(qemu_info(&o, "vmdk")["backing-filename"], "p.vmdk");
+    assert_qemu_identical(&o, "vmdk", &expect, "raw");
     let out = commit(
         &o,
         &CommitOptions {
@@ -567,4 +585,30 @@ fn formats_without_a_header_rewrite_refuse_rebase_and_keep_their_data_on_commit(
     // Writing the parent gave it a new CID (as qemu does), so qemu now refuses the child whose
     // parentCID is the old one; vmi still reads it, and it reads the same.
     assert_image_matches_raw(&open_chain(&o), &expect);
+    // VHD differencing disks: no header rewrite yet, a clear refusal.
+    let vparent = d.join("p.vhd");
+    qemu_convert(&raw, "raw", &vparent, "vpc", "", &[]);
+    let size = Image::open(&vparent, &OpenOptions::new())
+        .unwrap()
+        .virtual_size();
+    let vo = d.join("o.vhd");
+    let spec = BackingSpec {
+        name: "p.vhd".into(),
+        format: Some(Format::Vpc),
+    };
+    Image::create(&vo, Format::Vpc, &CreateOptions::new(size).backing(spec))
+        .unwrap()
+        .close()
+        .unwrap();
+    let e = rebase(
+        &vo,
+        &RebaseOptions {
+            backing: Some("p.vhd".into()),
+            header_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("vpc"), "{e}");
 }

@@ -710,7 +710,7 @@ impl Driver for Qcow2Driver {
         self.backing.as_ref()
     }
 
-    fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
+    fn set_backing(&self, backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
         let mut i = self.lock();
         i.check_writable()?;
         if self.data_file.is_some() {
