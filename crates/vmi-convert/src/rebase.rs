@@ -92,6 +92,14 @@ pub fn rebase(path: &Path, opts: &RebaseOptions) -> Result<RebaseStats> {
             .gate(opts.gate.clone())
             .backing(mode),
     )?;
+    if !matches!(img.format(), Format::Qcow2 | Format::Vmdk) {
+        // Refuse before copying anything: only these formats can record a new backing file.
+        return Err(Error::unsupported(format!(
+            "changing the backing file recorded in {} images",
+            img.format()
+        ))
+        .with_path(path));
+    }
     if !opts.header_only && img.driver().backing().is_some() && img.backing_image().is_none() {
         return Err(Error::usage(
             "the overlay's current backing file could not be opened; a safe rebase needs it (use -u to rewrite the header only)",
