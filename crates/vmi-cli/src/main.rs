@@ -66,6 +66,14 @@ enum Command {
     Measure(cmd::measure::Args),
     /// Change an image's virtual size.
     Resize(cmd::resize::Args),
+    /// List, create, apply or delete internal snapshots (qcow2).
+    Snapshot(cmd::snapshot::Args),
+    /// Change the backing file of an overlay (safe, or header only with -u).
+    Rebase(cmd::rebase::Args),
+    /// Merge an overlay into its backing file.
+    Commit(cmd::commit::Args),
+    /// Clone an image: a full copy, or a thin linked overlay.
+    Clone(cmd::clone::Args),
     /// Package, unpack, verify and inspect OVF/OVA appliances.
     Ovf(vmi_ovf::cli::OvfArgs),
     /// Check an image and hardware profile against a target hypervisor or cloud.
@@ -121,6 +129,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Map(a) => cmd::map::run(gate, a),
         Command::Measure(a) => cmd::measure::run(gate, a),
         Command::Resize(a) => cmd::resize::run(gate, a),
+        Command::Snapshot(a) => cmd::snapshot::run(gate, a),
+        Command::Rebase(a) => cmd::rebase::run(gate, a),
+        Command::Commit(a) => cmd::commit::run(gate, a),
+        Command::Clone(a) => cmd::clone::run(gate, a),
         Command::Ovf(a) => exit_code(vmi_ovf::cli::run_ovf(&a, &mut std::io::stdout().lock())?),
         Command::Compat(a) => {
             exit_code(vmi_ovf::cli::run_compat(&a, &mut std::io::stdout().lock())?)

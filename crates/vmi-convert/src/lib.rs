@@ -8,13 +8,23 @@
 //! - [`convert_to_path`]: create the destination under a temporary name, convert, rename.
 //! - [`compare`]: qemu-img compare semantics.
 //! - [`map_entries`]: qemu-img map's merged ranges.
+//! - [`rebase`], [`commit`]: move data between the images of a backing chain.
+//! - [`clone_full`], [`clone_linked`]: copies and thin overlays with a provenance sidecar.
 
+mod clone;
+mod commit;
 mod compare;
 mod convert;
 mod install;
 mod map;
 mod progress;
+mod rebase;
 
+pub use clone::{
+    clone_full, clone_linked, read_provenance, sidecar_path, verify_source, Provenance,
+    IDENTITY_SPAN,
+};
+pub use commit::{commit, CommitOptions, CommitOutcome};
 pub use compare::{
     compare, CompareOptions, CompareOutcome, CONTENT_MISMATCH, SIZE_MISMATCH, STATUS_MISMATCH,
 };
@@ -25,3 +35,4 @@ pub use convert::{
 pub use install::{convert_to_path, Target};
 pub use map::{map_entries, MapEntry};
 pub use progress::{Progress, ProgressFn};
+pub use rebase::{rebase, RebaseOptions, RebaseStats};

@@ -141,6 +141,18 @@ pub trait Driver: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Record a different backing file (name and format), or none, in the image's metadata
+    /// without touching guest data (`rebase -u`). `parent` is the new backing file, opened, when
+    /// the caller could open it (formats that record a parent's identity, like VMDK's
+    /// `parentCID`, need it). Readers that open the image afterwards see the new chain. Formats
+    /// that cannot record one refuse with [`crate::ErrorKind::Unsupported`].
+    fn set_backing(&self, _backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "changing the backing file recorded in {} images",
+            self.format()
+        )))
+    }
+
     /// Format facts for `info`.
     fn info(&self) -> FormatInfo {
         FormatInfo::default()

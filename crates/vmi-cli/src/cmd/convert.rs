@@ -57,6 +57,10 @@ pub struct Args {
     /// Accepted for qemu-img compatibility (vmi takes no image locks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Convert this internal snapshot of SRC (qcow2) instead of its current state:
+    /// `NAME`, `snapshot.name=NAME` or `snapshot.id=ID`.
+    #[arg(short = 'l', long = "source-snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     #[command(flatten)]
     progress: ProgressArgs,
     /// Source image.
@@ -83,6 +87,13 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         drop(top);
         common::open(&a.src, a.format, gate.gate(false), BackingMode::Open, false)?
     };
+    if let Some(l) = &a.snapshot {
+        let key = l
+            .strip_prefix("snapshot.name=")
+            .or_else(|| l.strip_prefix("snapshot.id="))
+            .unwrap_or(l);
+        vmi_disk::formats::qcow2::snapshot::view(&src, key)?;
+    }
     let reporter = Reporter::new(a.progress.mode());
     let mut opts = ConvertOptions {
         workers: a.workers,

@@ -127,6 +127,9 @@ fn info_json(img: &Image) -> Value {
     if !info.snapshots.is_empty() {
         o.insert("snapshots".into(), json!(info.snapshots));
     }
+    if let Ok(Some(p)) = vmi_convert::read_provenance(img.path()) {
+        o.insert("vmi-provenance".into(), json!(p));
+    }
     if let Some(len) = file_length(img.path()) {
         let mut file = Map::new();
         file.insert("filename".into(), json!(filename));
@@ -199,18 +202,16 @@ fn print_human(img: &Image) -> anyhow::Result<()> {
     }
     if !info.snapshots.is_empty() {
         outln!("Snapshot list:")?;
+        print_snapshot_rows(&info.snapshots)?;
+    }
+    if let Ok(Some(p)) = vmi_convert::read_provenance(img.path()) {
         outln!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            "ID",
-            "TAG",
-            "VM_SIZE",
-            "DATE",
-            "VM_CLOCK",
-            "ICOUNT"
+            "clone of: {} ({}, {} clone)",
+            p.source,
+            p.source_format,
+            p.kind
         )?;
-        for s in &info.snapshots {
-            outln!("{}", snapshot_row(s))?;
-        }
+        outln!("clone source digest: {}", p.source_digest)?;
     }
     if let Some(data) = info.format_specific.get("data") {
         if data.as_object().is_some_and(|m| !m.is_empty()) {
@@ -219,6 +220,24 @@ fn print_human(img: &Image) -> anyhow::Result<()> {
             dump_value(&mut text, data, 1);
             common::out(format_args!("{text}"))?;
         }
+    }
+    Ok(())
+}
+
+/// The snapshot table's heading and rows, as `qemu-img info` and `qemu-img snapshot -l` print
+/// them.
+pub(crate) fn print_snapshot_rows(snaps: &[SnapshotInfo]) -> anyhow::Result<()> {
+    outln!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID",
+        "TAG",
+        "VM_SIZE",
+        "DATE",
+        "VM_CLOCK",
+        "ICOUNT"
+    )?;
+    for s in snaps {
+        outln!("{}", snapshot_row(s))?;
     }
     Ok(())
 }

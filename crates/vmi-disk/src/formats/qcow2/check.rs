@@ -264,8 +264,8 @@ fn scan(
         }
         s.inc(cs, off, cs);
     }
-    if hdr.nb_snapshots > 0 {
-        s.inc(cs, hdr.snapshots_offset, snap_len);
+    if !snaps.is_empty() {
+        s.inc(cs, i.snap_offset, snap_len);
     }
     if let Some(ext) = &hdr.bitmaps {
         // qemu ignores the extension (and its clusters) once the autoclear bit is clear.

@@ -131,6 +131,8 @@ pub const OFF_L1: u64 = 36;
 pub const OFF_REFTABLE: u64 = 48;
 /// Byte offset of `incompatible_features` (v3).
 pub const OFF_INCOMPAT: u64 = 72;
+/// Byte offset of `nb_snapshots` (u32) followed by `snapshots_offset` (u64) (spec: bytes 60-71).
+pub const OFF_SNAPSHOTS: u64 = 60;
 /// Byte offset of `autoclear_features` (v3).
 pub const OFF_AUTOCLEAR: u64 = 88;
 
@@ -580,6 +582,81 @@ pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Rewrite the header cluster `buf` (the file's first cluster) to record `backing` (name and
+/// optional format) instead of what it records now, keeping every other extension (spec:
+/// "Header extensions"; the backing name follows the extensions inside the first cluster).
+/// Returns the new header bytes to write at offset 0.
+pub fn rewrite_backing(buf: &[u8], backing: Option<(&str, Option<Format>)>) -> Result<Vec<u8>> {
+    let h = parse_fixed(buf, buf.len() as u64)?;
+    let cs = h.cluster_size() as usize;
+    if let Some((name, _)) = backing {
+        if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+            return Err(Error::usage(format!(
+                "backing file name of {} bytes: must be 1..={MAX_BACKING_NAME}",
+                name.len()
+            )));
+        }
+    }
+    let hlen = h.header_length as usize;
+    let mut out = buf
+        .get(..hlen)
+        .ok_or_else(|| Error::invalid("qcow2 header truncated"))?
+        .to_vec();
+    // Keep every extension but the backing format and the end marker.
+    let limit = buf.len().min(cs);
+    let mut pos = hlen;
+    for _ in 0..MAX_EXTENSIONS {
+        let Some(head) = buf.get(pos..pos + 8).filter(|_| pos + 8 <= limit) else {
+            break;
+        };
+        let kind = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if kind == EXT_END {
+            break;
+        }
+        let data = buf
+            .get(pos + 8..pos + 8 + len)
+            .filter(|_| pos + 8 + len <= limit)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "qcow2 header extension {kind:#010x} at byte {pos} overruns the header cluster"
+                ))
+            })?;
+        if kind != EXT_BACKING_FORMAT {
+            put_ext(&mut out, kind, data);
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+    if let Some((_, Some(fmt))) = backing {
+        put_ext(&mut out, EXT_BACKING_FORMAT, fmt.name().as_bytes());
+    }
+    put_ext(&mut out, EXT_END, &[]);
+    let (off, size) = match backing {
+        Some((name, _)) => {
+            let off = out.len();
+            out.extend_from_slice(name.as_bytes());
+            (off as u64, name.len() as u32)
+        }
+        None => (0, 0),
+    };
+    if out.len() > cs {
+        return Err(Error::limit(format!(
+            "qcow2 header with a {}-byte backing name needs {} bytes, more than the {cs}-byte first cluster",
+            size,
+            out.len()
+        )));
+    }
+    // Fixed fields: backing_file_offset (bytes 8-15) and backing_file_size (16-19).
+    out[8..16].copy_from_slice(&off.to_be_bytes());
+    out[16..20].copy_from_slice(&size.to_be_bytes());
+    // Clear the rest of the old header area so no stale name or extension remains.
+    let old_end = buf.len().min(cs);
+    if out.len() < old_end {
+        out.resize(old_end, 0);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,5 +734,32 @@ mod tests {
         b[at..at + 4].copy_from_slice(&0x1234u32.to_be_bytes());
         b[at + 4..at + 8].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(parse_fixed(&b, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn rewriting_the_backing_keeps_other_extensions_and_refuses_names_past_the_cluster() {
+        let n = NewHeader {
+            version: 3,
+            cluster_bits: 9,
+            size: 1 << 20,
+            refcount_order: 4,
+            compatible: 0,
+            compression: Compression::Zlib,
+            extended_l2: false,
+            refcount_table_offset: 512,
+            refcount_table_clusters: 1,
+            backing: Some(("old.img", Some(Format::Raw))),
+        };
+        let mut buf = serialize(&n).unwrap();
+        buf.resize(512, 0);
+        let new = rewrite_backing(&buf, Some(("new.qcow2", Some(Format::Qcow2)))).unwrap();
+        let h = parse_fixed(&new, 4096).unwrap();
+        assert_eq!(h.backing_name.as_deref(), Some("new.qcow2"));
+        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        let none = rewrite_backing(&new, None).unwrap();
+        let h = parse_fixed(&none, 4096).unwrap();
+        assert_eq!((h.backing_name, h.backing_format), (None, None));
+        let long = "x".repeat(500);
+        assert!(rewrite_backing(&buf, Some((&long, None))).is_err());
     }
 }

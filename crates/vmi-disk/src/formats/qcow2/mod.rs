@@ -16,7 +16,7 @@ mod compress;
 mod header;
 mod l2;
 mod refcount;
-mod snapshot;
+pub mod snapshot;
 mod write;
 
 use crate::check::{CheckMode, CheckReport};
@@ -169,6 +169,12 @@ struct Inner {
     /// Clusters freed (refcount 0, nothing on disk pointing at them) that single-cluster
     /// allocations reuse before growing the file; at most [`MAX_FREE_LIST`].
     free: Vec<u64>,
+    /// Internal snapshots (spec: "Snapshots"), as the table on disk lists them.
+    snaps: Vec<snapshot::Snapshot>,
+    /// Host offset of the snapshot table (0 when there are no snapshots).
+    snap_offset: u64,
+    /// Bytes the snapshot table occupies.
+    snap_len: u64,
 }
 
 /// An open qcow2 image.
@@ -179,8 +185,9 @@ pub struct Qcow2Driver {
     inner: Mutex<Inner>,
     hdr: Header,
     backing: Option<BackingSpec>,
-    snapshots: Vec<snapshot::Snapshot>,
-    snapshot_table_len: u64,
+    /// Whether the image declares a backing file now (changes with [`Driver::set_backing`];
+    /// `backing` keeps what was declared at open).
+    has_backing: std::sync::atomic::AtomicBool,
     writable: bool,
     dirty_at_open: bool,
 }
@@ -365,15 +372,17 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         set_dirty: false,
         pending_free: Vec::new(),
         free: Vec::new(),
+        snaps: snapshots,
+        snap_offset: h.snapshots_offset,
+        snap_len: snapshot_table_len,
     };
     let drv = Qcow2Driver {
         st,
         data_file,
         inner: Mutex::new(inner),
         hdr: h,
+        has_backing: backing.is_some().into(),
         backing,
-        snapshots,
-        snapshot_table_len,
         writable: ctx.writable,
         dirty_at_open,
     };
@@ -389,7 +398,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         }
         if dirty_at_open {
             // Refcounts may be stale (lazy refcounts, crash): rebuild them before any allocation.
-            check::rebuild_refcounts(&mut i, &drv.snapshots, drv.snapshot_table_len, &drv.hdr)?;
+            let snaps = i.snaps.clone();
+            let snap_len = i.snap_len;
+            check::rebuild_refcounts(&mut i, &snaps, snap_len, &drv.hdr)?;
             i.incompatible &= !header::INCOMPAT_DIRTY;
             i.header_dirty = true;
         }
@@ -543,6 +554,9 @@ pub(crate) fn create(
         set_dirty: false,
         pending_free: Vec::new(),
         free: Vec::new(),
+        snaps: Vec::new(),
+        snap_offset: 0,
+        snap_len: 0,
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -560,9 +574,8 @@ pub(crate) fn create(
         data_file: None,
         inner: Mutex::new(inner),
         hdr,
+        has_backing: backing.is_some().into(),
         backing,
-        snapshots: Vec::new(),
-        snapshot_table_len: 0,
         writable: true,
         dirty_at_open: false,
     }))
@@ -697,6 +710,28 @@ impl Driver for Qcow2Driver {
         self.backing.as_ref()
     }
 
+    fn set_backing(&self, backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
+        let mut i = self.lock();
+        i.check_writable()?;
+        if self.data_file.is_some() {
+            return Err(Error::unsupported(
+                "changing the backing file of a qcow2 image with an external data file",
+            ));
+        }
+        i.flush()?;
+        let cs = i.g.cs;
+        let mut head = vec![0u8; cs.min(i.file_len()?) as usize];
+        i.st.read_at(&mut head, 0)
+            .map_err(io_err("reading qcow2 header".into()))?;
+        let new = header::rewrite_backing(&head, backing.map(|b| (b.name.as_str(), b.format)))?;
+        i.st.write_at(&new, 0)
+            .map_err(io_err("writing qcow2 header".into()))?;
+        i.st.sync().map_err(io_err("syncing".into()))?;
+        self.has_backing
+            .store(backing.is_some(), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     fn info(&self) -> FormatInfo {
         let i = self.lock();
         let compat = if i.g.version >= 3 { "1.1" } else { "0.10" };
@@ -720,7 +755,7 @@ impl Driver for Qcow2Driver {
             cluster_size: Some(i.g.cs),
             dirty: self.dirty_at_open || i.incompatible & header::INCOMPAT_DIRTY != 0,
             format_specific: serde_json::json!({"type": "qcow2", "data": data}),
-            snapshots: self.snapshots.iter().map(|s| s.info.clone()).collect(),
+            snapshots: i.snaps.iter().map(|s| s.info.clone()).collect(),
         }
     }
 
@@ -733,8 +768,8 @@ impl Driver for Qcow2Driver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
-        self.lock()
-            .write_zeroes(offset, len, backing, self.backing.is_some())
+        let declared = self.has_backing.load(std::sync::atomic::Ordering::Relaxed);
+        self.lock().write_zeroes(offset, len, backing, declared)
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
@@ -770,13 +805,9 @@ impl Driver for Qcow2Driver {
         }
         // The check reads tables from the file: cached changes go there first.
         i.flush()?;
-        check::check(
-            &mut i,
-            &self.snapshots,
-            self.snapshot_table_len,
-            &self.hdr,
-            mode,
-        )
+        let snaps = i.snaps.clone();
+        let snap_len = i.snap_len;
+        check::check(&mut i, &snaps, snap_len, &self.hdr, mode)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -810,4 +841,21 @@ impl CompressedWrite for Qcow2Driver {
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
         self.lock().write_compressed(offset, compressed)
     }
+}
+
+/// Make a writable qcow2 image empty: every guest cluster becomes unallocated (reads from the
+/// backing file) and the clusters only it referenced are freed — what `commit` does to the
+/// overlay it merged. Refuses images of other formats with `Unsupported`.
+pub fn make_empty(img: &Image) -> Result<()> {
+    let drv = img
+        .driver()
+        .as_any()
+        .downcast_ref::<Qcow2Driver>()
+        .ok_or_else(|| {
+            Error::unsupported(format!(
+                "emptying {} images after commit (only qcow2 can discard its clusters)",
+                img.format()
+            ))
+        })?;
+    drv.lock().make_empty().map_err(|e| e.with_path(img.path()))
 }

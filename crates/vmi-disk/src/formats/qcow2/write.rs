@@ -409,6 +409,10 @@ impl Inner {
         let rt_clusters = (self.reftable.len() as u64 * 8).div_ceil(self.g.cs) as u32;
         rt[8..].copy_from_slice(&rt_clusters.to_be_bytes());
         w(&rt, header::OFF_REFTABLE)?;
+        let mut sn = [0u8; 12];
+        sn[..4].copy_from_slice(&(self.snaps.len() as u32).to_be_bytes());
+        sn[4..].copy_from_slice(&self.snap_offset.to_be_bytes());
+        w(&sn, header::OFF_SNAPSHOTS)?;
         if self.g.version >= 3 {
             w(&self.incompatible.to_be_bytes(), header::OFF_INCOMPAT)?;
             w(&self.autoclear.to_be_bytes(), header::OFF_AUTOCLEAR)?;
@@ -461,5 +465,34 @@ impl Inner {
                 .map_err(io_err("padding file".into()))?;
         }
         self.st.sync().map_err(io_err("syncing".into()))
+    }
+}
+
+impl Inner {
+    /// Drop every cluster the active L1 table reaches, so the whole image reads from its backing
+    /// file (qemu's `make_empty`, used after `commit`). References shared with snapshots lose
+    /// one count; the L1 table itself stays.
+    pub(super) fn make_empty(&mut self) -> Result<()> {
+        self.begin_write()?;
+        self.flush()?;
+        let l1 = std::mem::take(&mut self.l1);
+        let mut cleared = Vec::with_capacity(l1.len());
+        for &l1e in &l1 {
+            let off = l1e & L1E_OFFSET_MASK;
+            if off != 0 {
+                for idx in 0..self.g.l2_entries {
+                    let (e, _) = self.l2_entry(off, idx)?;
+                    self.release(e)?;
+                }
+                self.pending_free.push(off);
+            }
+            cleared.push(0);
+        }
+        self.l1 = cleared;
+        self.l1_dirty = true;
+        self.flush()?;
+        // Freed tables may be reused as data from now on: forget cached copies.
+        self.l2.clear();
+        Ok(())
     }
 }

@@ -144,6 +144,35 @@ fn replace_cid(text: &[u8], cid: u32) -> Vec<u8> {
     out
 }
 
+/// `text` with its `parentCID=` line set to `parent_cid` and its `parentFileNameHint=` line set
+/// to `hint` (inserted after `parentCID` when missing, removed when `hint` is `None`).
+fn replace_parent(text: &[u8], hint: Option<&str>, parent_cid: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + hint.map_or(0, str::len) + 32);
+    let hint_line = hint.map(|h| format!("parentFileNameHint=\"{h}\"\n"));
+    let mut hint_done = false;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let key = line
+            .split(|&b| b == b'=')
+            .next()
+            .unwrap_or(b"")
+            .trim_ascii();
+        if !line.contains(&b'=') {
+            out.extend_from_slice(line);
+        } else if key == b"parentCID" {
+            out.extend_from_slice(format!("parentCID={parent_cid:08x}\n").as_bytes());
+            if let (Some(h), false) = (&hint_line, hint_done) {
+                out.extend_from_slice(h.as_bytes());
+                hint_done = true;
+            }
+        } else if key == b"parentFileNameHint" {
+            // Written next to parentCID (or dropped).
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
 fn random_cid() -> u32 {
     let b = uuid::Uuid::new_v4();
     let b = b.as_bytes();
@@ -736,6 +765,61 @@ impl VmdkDriver {
         Ok(())
     }
 
+    /// Rewrite the descriptor's parent lines (`rebase -u`); see [`Driver::set_backing`].
+    fn rewrite_parent(&self, backing: Option<&BackingSpec>, parent: Option<&Image>) -> Result<()> {
+        if !self.writable {
+            return Err(Error::usage("vmdk image is not open for writing"));
+        }
+        let Some(t) = &self.text else {
+            return Err(Error::unsupported(
+                "changing the backing file of a vmdk image without a descriptor",
+            ));
+        };
+        let (hint, parent_cid) = match backing {
+            None => (None, CID_NO_PARENT),
+            Some(b) => {
+                descriptor_safe("backing file name", &b.name)?;
+                if b.format.is_some_and(|f| f != Format::Vmdk) {
+                    return Err(Error::usage("a vmdk image's parent must be a vmdk image"));
+                }
+                let cid = parent
+                    .and_then(|p| p.driver().as_any().downcast_ref::<VmdkDriver>())
+                    .map(|d| d.cid.load(Ordering::Relaxed))
+                    .ok_or_else(|| {
+                        Error::unsupported(
+                            "recording a vmdk parent needs the parent opened (its CID goes into parentCID)",
+                        )
+                    })?;
+                (Some(b.name.as_str()), cid)
+            }
+        };
+        // The chain changed: a new CID too, and no later CID bump from the stale text.
+        self.cid_updated.store(true, Ordering::Relaxed);
+        let cid = random_cid();
+        let mut new = replace_cid(&replace_parent(&t.text, hint, parent_cid), cid);
+        let s = self.storage(0)?;
+        let io = |e| Error::io("rewriting the descriptor", e);
+        match t.area {
+            Some(area) => {
+                if new.len() as u64 > area {
+                    return Err(Error::limit(format!(
+                        "the vmdk descriptor would need {} bytes, more than its {area}-byte area",
+                        new.len()
+                    )));
+                }
+                new.resize(area as usize, 0);
+                s.write_at(&new, t.offset).map_err(io)?;
+            }
+            None => {
+                s.write_at(&new, t.offset).map_err(io)?;
+                s.set_len(t.offset + new.len() as u64).map_err(io)?;
+            }
+        }
+        s.sync().map_err(|e| Error::io("syncing", e))?;
+        self.cid.store(cid, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn extent_at(&self, offset: u64) -> Result<&Extent> {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset);
         self.extents
@@ -844,6 +928,10 @@ impl Driver for VmdkDriver {
         let local = unit - e.start;
         let guest_len = x.header.grain_bytes().min(e.len - local);
         x.read_compressed(self.storage(x.file)?, local, guest_len, out)
+    }
+
+    fn set_backing(&self, backing: Option<&BackingSpec>, parent: Option<&Image>) -> Result<()> {
+        self.rewrite_parent(backing, parent)
     }
 
     fn backing(&self) -> Option<&BackingSpec> {
@@ -1074,6 +1162,21 @@ mod tests {
             tail: &[],
             len: head.len() as u64,
         })
+    }
+
+    #[test]
+    fn replace_parent_sets_removes_and_inserts_the_parent_lines() {
+        let t = b"version=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n";
+        let with = replace_parent(t, Some("base.vmdk"), 0xabcd);
+        assert_eq!(
+            String::from_utf8(with.clone()).unwrap(),
+            "version=1\nCID=12345678\nparentCID=0000abcd\nparentFileNameHint=\"base.vmdk\"\ncreateType=\"monolithicSparse\"\n"
+        );
+        let moved = replace_parent(&with, Some("other.vmdk"), 7);
+        assert!(String::from_utf8(moved)
+            .unwrap()
+            .contains("parentCID=00000007\nparentFileNameHint=\"other.vmdk\"\ncreateType"));
+        assert_eq!(replace_parent(&with, None, CID_NO_PARENT), t.to_vec());
     }
 
     #[test]
