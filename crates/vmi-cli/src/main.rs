@@ -137,8 +137,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Compat(a) => {
             exit_code(vmi_ovf::cli::run_compat(&a, &mut std::io::stdout().lock())?)
         }
-        Command::Serve(a) => vmi_registry::cli::run_serve(a).map(|()| 0).map_err(Into::into),
-        Command::Image(a) => vmi_registry::cli::run_image(a).map(|()| 0).map_err(Into::into),
+        Command::Serve(a) => vmi_registry::cli::run_serve(a)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Image(a) => vmi_registry::cli::run_image(a)
+            .map(|()| 0)
+            .map_err(Into::into),
     }
 }
 
