@@ -528,28 +528,6 @@ fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
     assert_qemu_check_clean(&q, "qcow2");
 }
 
-/// A storage the test keeps a handle on, to inject faults and take the bytes afterwards.
-#[derive(Debug, Clone)]
-struct Shared(std::sync::Arc<vmi_disk::storage::MemStorage>);
-
-impl vmi_disk::storage::Storage for Shared {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.0.sync()
-    }
-}
-
 #[test]
 fn a_crash_at_any_write_leaves_no_corruption() {
     use vmi_disk::storage::{FailPoint, MemStorage};
@@ -564,8 +542,8 @@ fn a_crash_at_any_write_leaves_no_corruption() {
     let base = read_file(&q);
     let crashed = dir.path().join("crashed.qcow2");
     for n in 0.. {
-        let mem = Shared(std::sync::Arc::new(MemStorage::from_bytes(base.clone())));
-        mem.0.fail(FailPoint::WritesAfter(n));
+        let mem = std::sync::Arc::new(MemStorage::from_bytes(base.clone()));
+        mem.fail(FailPoint::WritesAfter(n));
         let done = (|| -> vmi_disk::Result<()> {
             let img = Image::from_storage(
                 Box::new(mem.clone()),
@@ -587,7 +565,7 @@ fn a_crash_at_any_write_leaves_no_corruption() {
             img.write_at(&[4; 4096], 60 * MIB)?;
             img.close()
         })();
-        std::fs::write(&crashed, mem.0.to_vec()).unwrap();
+        std::fs::write(&crashed, mem.to_vec()).unwrap();
         let (code, j) = qemu_check(&crashed, "qcow2");
         assert_eq!(
             j["corruptions"].as_u64().unwrap_or(0),

@@ -70,6 +70,41 @@ pub trait Storage: Send + Sync + Debug {
     }
 }
 
+/// A shared storage is a storage: lets tests keep a handle on a [`MemStorage`] (to inject faults or
+/// look at the bytes) while a driver owns a `Box` of the same storage.
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        (**self).next_data(offset)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<u64> {
+        (**self).allocated_size()
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+}
+
 /// Write literal zero bytes over a range, in bounded chunks.
 pub fn write_zero_bytes<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
     let zeroes = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];

@@ -1293,28 +1293,6 @@ mod tests {
         assert!(create(Box::new(MemStorage::new()), &ctx, &opts).is_err());
     }
 
-    /// A storage shared with the test, so faults can be armed and the bytes taken after a crash.
-    #[derive(Debug)]
-    struct Shared(std::sync::Arc<MemStorage>);
-
-    impl Storage for Shared {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-            self.0.read_at(buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.0.write_at(buf, offset)
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.0.len()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.0.set_len(len)
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            self.0.sync()
-        }
-    }
-
     #[test]
     fn crash_before_the_data_is_synced_leaves_the_old_bat() {
         let mem = std::sync::Arc::new(MemStorage::new());
@@ -1324,7 +1302,7 @@ mod tests {
             path: PathBuf::from("t.vhdx"),
         };
         let d = create(
-            Box::new(Shared(mem.clone())),
+            Box::new(mem.clone()),
             &ctx,
             &CreateOptions::new(16 << 20).options(fo),
         )
