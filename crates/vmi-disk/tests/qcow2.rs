@@ -508,9 +508,19 @@ fn persistent_bitmaps_are_counted_and_invalidated_by_writes() {
     // Read-only: the bitmap clusters are referenced, nothing leaks.
     let r = vmi_check(&q, CheckMode::ReadOnly);
     assert_eq!((r.leaks, r.corruptions), (0, 0), "{:?}", r.messages);
-    // Writing clears the bitmaps autoclear bit, as the spec asks of programs that do not
-    // maintain bitmaps; qemu then counts their clusters as leaks, and so does vmi.
+    // A writable open clears the bitmaps autoclear bit, as the spec asks of programs that do
+    // not maintain bitmaps; qemu then counts their clusters as leaks, and so does vmi.
+    assert_eq!(
+        be64(&read_file(&q), 88),
+        1,
+        "bitmaps autoclear bit set by qemu"
+    );
     let img = open_rw(&q);
+    assert_eq!(
+        be64(&read_file(&q), 88),
+        0,
+        "autoclear bits cleared on writable open"
+    );
     img.write_at(&[1; 512], 0).unwrap();
     img.close().unwrap();
     assert_same_as_qemu(&q);
@@ -712,6 +722,69 @@ fn check_reports_an_l2_entry_past_the_end_of_the_file() {
     let r = vmi_check(&q, CheckMode::RepairAll);
     assert_eq!(r.corruptions, 0, "{:?}", r.messages);
     assert_qemu_check_clean(&q, "qcow2");
+}
+
+/// Offsets of a small image's structures: (L1 table, first L2 table, refcount table).
+fn structures(b: &[u8]) -> (u64, u64, u64) {
+    let l1 = be64(b, 40);
+    let l2 = be64(b, l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    (l1, l2, be64(b, 48))
+}
+
+#[test]
+fn check_matches_qemu_on_assorted_corruptions_and_repair_cleans_them() {
+    let dir = tempfile::tempdir().unwrap();
+    type Poke = fn(&[u8]) -> (u64, u64);
+    let cases: &[(&str, Poke)] = &[
+        ("refcount block past the end", |b| {
+            let (_, _, rt) = structures(b);
+            (rt, 100 << 20)
+        }),
+        ("refcount block unaligned", |b| {
+            let (_, _, rt) = structures(b);
+            (rt, be64(b, rt as usize) + 512)
+        }),
+        ("L2 table past the end", |b| {
+            let (l1, _, _) = structures(b);
+            (l1, (1 << 63) | (100 << 20))
+        }),
+        ("data cluster unaligned", |b| {
+            let (_, l2, _) = structures(b);
+            (l2, be64(b, l2 as usize) + 512)
+        }),
+        ("data cluster is the L1 table", |b| {
+            let (l1, l2, _) = structures(b);
+            (l2 + 8, l1 | (1 << 63))
+        }),
+        ("copied flag cleared", |b| {
+            let (_, l2, _) = structures(b);
+            (l2, be64(b, l2 as usize) & !(1 << 63))
+        }),
+        ("compressed cluster past the end", |b| {
+            let (_, l2, _) = structures(b);
+            (l2 + 16, (1 << 62) | (100 << 20))
+        }),
+    ];
+    for (name, poke) in cases {
+        let q = dir.path().join("c.qcow2");
+        let _ = std::fs::remove_file(&q);
+        qemu_create(&q, "qcow2", "", 4 * MIB);
+        qemu_io(&q, "qcow2", "write -P 0x5a 0 192k");
+        let (at, v) = poke(&read_file(&q));
+        patch(&q, at, &v.to_be_bytes());
+        let (_, j) = qemu_check(&q, "qcow2");
+        let r = vmi_check(&q, CheckMode::ReadOnly);
+        let count = |k: &str| j[k].as_u64().unwrap_or(0);
+        assert_eq!(
+            (r.corruptions, r.leaks, r.check_errors),
+            (count("corruptions"), count("leaks"), count("check-errors")),
+            "{name}: vmi {:?} vs qemu {j}",
+            r.messages
+        );
+        let r = vmi_check(&q, CheckMode::RepairAll);
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{name}: {:?}", r.messages);
+        assert_qemu_check_clean(&q, "qcow2");
+    }
 }
 
 #[test]
