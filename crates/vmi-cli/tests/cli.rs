@@ -339,14 +339,7 @@ vmitest!(map_json_matches_qemu_img_on_sparse_raw, |d| {
     );
     assert_eq!(ours.len(), qemu.len(), "{ours:#?}\n{qemu:#?}");
     for (o, q) in ours.iter().zip(qemu) {
-        for key in [
-            "start",
-            "length",
-            "depth",
-            "present",
-            "zero",
-            "data",
-        ] {
+        for key in ["start", "length", "depth", "present", "zero", "data"] {
             assert_eq!(o[key], q[key], "{key}: {o} vs {q}");
         }
         // qemu-img prints `compressed` since 8.0; vmi always does.

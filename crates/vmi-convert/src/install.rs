@@ -89,9 +89,8 @@ fn rename(from: &Path, to: &Path) -> Result<()> {
 /// Open the backing file a new target records, so partial allocation units are completed from it.
 /// The user named this file, so it may live anywhere; its own chain stays confined to its folder.
 fn open_target_backing(target: &Path, name: &str, format: Option<Format>) -> Result<Image> {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    let guess = dir.join(name);
-    let root = guess.parent().unwrap_or(dir).to_path_buf();
+    let dir = vmi_disk::gate::parent_dir(target);
+    let root = vmi_disk::gate::parent_dir(&dir.join(name));
     let gate = Gate::new().allow_backing(true).confine_to(root);
     let path = gate.resolve(vmi_disk::Referral::Backing, target, name)?;
     Image::open(&path, &OpenOptions::new().format(format).gate(gate))

@@ -234,7 +234,8 @@ pub fn protocol_prefix(name: &str) -> Option<&str> {
     Some(proto)
 }
 
-fn parent_dir(p: &Path) -> PathBuf {
+/// The folder holding `p` (`.` for a bare file name, where `Path::parent` gives an empty path).
+pub fn parent_dir(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -297,6 +298,19 @@ mod tests {
         let g = Gate::new().allow_backing(true).confine_to(dir.path());
         let p = g.resolve(Referral::Backing, &img, "../base.raw").unwrap();
         assert_eq!(p, dir.path().join("base.raw").canonicalize().unwrap());
+    }
+
+    #[test]
+    fn an_empty_confinement_directory_means_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.raw"), b"x").unwrap();
+        let img = dir.path().join("top.qcow2");
+        let g = Gate::new().allow_backing(true).confine_to("");
+        // The current directory (the crate's folder under the test runner) is not the image's
+        // temporary folder, so the backing file is outside it: refused, not an I/O error.
+        let e = g.resolve(Referral::Backing, &img, "base.raw").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+        assert_eq!(parent_dir(Path::new("new.qcow2")), PathBuf::from("."));
     }
 
     #[test]
