@@ -162,6 +162,11 @@ impl Gate {
             Referral::Extent => base.clone(),
             _ => self.root.clone().unwrap_or_else(|| base.clone()),
         };
+        let root = if root.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            root
+        };
         let canon_root = root
             .canonicalize()
             .map_err(|e| Error::io(format!("resolving allowed directory {}", root.display()), e))?;
