@@ -222,6 +222,13 @@ impl Inner {
     }
 
     pub(super) fn read_compressed_unit(&mut self, unit: u64, out: &mut Vec<u8>) -> Result<()> {
+        let loc = self.compressed_location(unit)?;
+        loc.read(self.st.as_ref(), out)
+    }
+
+    /// Where the compressed cluster holding guest offset `unit` is stored, checked against the
+    /// file. Reading and inflating it needs no metadata, so callers may do that without the lock.
+    pub(super) fn compressed_location(&mut self, unit: u64) -> Result<CompressedLocation> {
         let cs = self.g.cs;
         let gc = unit / cs;
         let e = match self.lookup(gc)? {
@@ -239,12 +246,34 @@ impl Inner {
                 "qcow2 compressed cluster for guest offset {unit} starts at {host:#x}, past the end of the file ({file_len} bytes)"
             )));
         }
-        let clen = clen.min(file_len - host);
-        let mut buf = vec![0u8; clen as usize];
-        self.st
-            .read_at(&mut buf, host)
+        Ok(CompressedLocation {
+            unit,
+            host,
+            len: clen.min(file_len - host),
+            cluster_size: cs,
+            compression: self.g.compression,
+        })
+    }
+}
+
+/// A compressed cluster's place in the file (Spec: "Compressed Clusters Descriptor").
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CompressedLocation {
+    unit: u64,
+    host: u64,
+    len: u64,
+    cluster_size: u64,
+    compression: Compression,
+}
+
+impl CompressedLocation {
+    /// Read the compressed bytes and inflate exactly one cluster into `out`.
+    pub(super) fn read(&self, st: &dyn Storage, out: &mut Vec<u8>) -> Result<()> {
+        let (unit, host) = (self.unit, self.host);
+        let mut buf = vec![0u8; self.len as usize];
+        st.read_at(&mut buf, host)
             .map_err(io_err(format!("reading compressed cluster at {host:#x}")))?;
-        compress::inflate(self.g.compression, &buf, cs as usize, out)
+        compress::inflate(self.compression, &buf, self.cluster_size as usize, out)
             .map_err(|e| e.context(format!("guest offset {unit}, host offset {host:#x}")))
     }
 }

@@ -703,7 +703,14 @@ impl Driver for Qcow2Driver {
     }
 
     fn read_compressed(&self, unit: u64, out: &mut Vec<u8>) -> Result<()> {
-        self.lock().read_compressed_unit(unit, out)
+        if self.writable {
+            // A concurrent write may free and reuse the cluster: stay under the lock.
+            return self.lock().read_compressed_unit(unit, out);
+        }
+        // Read-only: the location cannot change, so the read and the inflate (the expensive part)
+        // run outside the lock and several threads decompress at once.
+        let loc = self.lock().compressed_location(unit)?;
+        loc.read(self.st.as_ref(), out)
     }
 
     fn backing(&self) -> Option<&BackingSpec> {
