@@ -74,10 +74,9 @@ pub struct Probe {
     pub matches: Vec<(Format, Confidence)>,
 }
 
-/// Probe a storage's format. A file that more than one non-raw format claims is refused as
-/// ambiguous (a polyglot), except the benign case of an ISO that is also a valid MBR/GPT disk,
-/// which is not a format here.
-pub fn probe(storage: &dyn Storage) -> Result<Probe> {
+/// Every non-raw format whose probe claims the storage (reads the first [`PROBE_HEAD`] and last
+/// [`PROBE_TAIL`] bytes once). [`probe`] decides from these; inspection reports them all.
+pub fn probe_matches(storage: &dyn Storage) -> Result<Vec<(Format, Confidence)>> {
     let len = storage
         .len()
         .map_err(|e| Error::io("reading file size", e))?;
@@ -96,10 +95,17 @@ pub fn probe(storage: &dyn Storage) -> Result<Probe> {
         tail: &tail,
         len,
     };
-    let matches: Vec<(Format, Confidence)> = formats::probe_all(&input)
+    Ok(formats::probe_all(&input)
         .into_iter()
         .filter(|(f, _)| *f != Format::Raw)
-        .collect();
+        .collect())
+}
+
+/// Probe a storage's format. A file that more than one non-raw format claims is refused as
+/// ambiguous (a polyglot), except the benign case of an ISO that is also a valid MBR/GPT disk,
+/// which is not a format here.
+pub fn probe(storage: &dyn Storage) -> Result<Probe> {
+    let matches = probe_matches(storage)?;
     match matches.as_slice() {
         [] => Ok(Probe {
             format: Format::Raw,

@@ -8,9 +8,9 @@
 //! (a polyglot). It never opens any file but the one inspected.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::formats::{self, Confidence, Format, ProbeInput, PROBE_HEAD, PROBE_TAIL};
+use crate::formats::{Confidence, Format};
 use crate::gate::Gate;
-use crate::image::Image;
+use crate::image::{probe_matches, Image};
 use crate::storage::{FileStorage, Storage};
 use serde::Serialize;
 use std::path::Path;
@@ -94,24 +94,7 @@ pub fn inspect(
     name: &Path,
     opts: &InspectOptions,
 ) -> Result<Inspection> {
-    let len = storage.len().map_err(|e| Error::io("reading size", e))?;
-    let mut head = vec![0u8; len.min(PROBE_HEAD as u64) as usize];
-    storage
-        .read_at(&mut head, 0)
-        .map_err(|e| Error::io("reading header", e))?;
-    let tail_len = len.min(PROBE_TAIL as u64);
-    let mut tail = vec![0u8; tail_len as usize];
-    storage
-        .read_at(&mut tail, len - tail_len)
-        .map_err(|e| Error::io("reading footer", e))?;
-    let probes: Vec<(Format, Confidence)> = formats::probe_all(&ProbeInput {
-        head: &head,
-        tail: &tail,
-        len,
-    })
-    .into_iter()
-    .filter(|(f, _)| *f != Format::Raw)
-    .collect();
+    let probes = probe_matches(storage.as_ref())?;
     let mut violations = Vec::new();
     let (format, confidence) = match probes.as_slice() {
         [] => (Format::Raw, Confidence::Fallback),

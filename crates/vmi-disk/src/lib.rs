@@ -27,5 +27,7 @@ pub use driver::{
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{Confidence, Format, Measurement};
 pub use gate::{Gate, Referral};
-pub use image::{probe, BackingMode, BlockKind, BlockStatus, Image, OpenOptions, Probe};
+pub use image::{
+    probe, probe_matches, BackingMode, BlockKind, BlockStatus, Image, OpenOptions, Probe,
+};
 pub use options::{parse_size, CreateOptions, FormatOptions};
