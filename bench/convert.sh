@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Conversion benchmarks: vmi against qemu-img (and `cp --sparse=always` as the floor) on the same
-# inputs. Measured, not asserted: prints a table of median wall times over RUNS runs, the ratio
-# vmi/qemu-img, output sizes (allocated bytes) and peak RSS. vmi's output is checked against the
+# inputs. Measured, not asserted: prints a table of median wall and CPU (user + system) times over
+# RUNS interleaved runs, the ratios vmi/qemu-img, output sizes (allocated bytes) and peak RSS. On a
+# loaded machine the CPU times are the steadier measure; the wall times include waiting for a CPU. vmi's output is checked against the
 # source with `qemu-img compare` (a wrong result reads MISMATCH instead of a time).
 #
 # Usage: bench/convert.sh                      # every case on every input
@@ -11,11 +12,17 @@
 #   BENCH_SIZE_MIB   size of the synthetic inputs (default 1024)
 #   BENCH_CASES      comma-separated case names (default: all; see CASES below)
 #   BENCH_INPUTS     comma-separated inputs: zero, random, half, debian (default: all available)
-#   BENCH_RUNS       runs per measurement (default 3; the median is reported)
+#   BENCH_RUNS       runs per measurement (default 5; the median is reported). The runs of a case are
+#                    interleaved (vmi, qemu-img, vmi, qemu-img, ...) so a load change on a shared
+#                    machine hits both tools alike
 #   BENCH_FLAGS      flags given to both tools (default "-m 16 -W")
-#   BENCH_QEMU_FSYNC also time qemu-img followed by an fsync of its output (default 1): vmi makes
-#                    its output durable before renaming it into place, qemu-img leaves it in the
-#                    page cache, so this column is the like-for-like comparison
+#   BENCH_VMI_FLAGS  flags given to vmi instead of BENCH_FLAGS (default: BENCH_FLAGS). vmi's -m
+#                    starts that many threads where qemu-img's -m sets requests in flight on one
+#                    thread, so on a small machine vmi's best flags are "-W" (one worker per CPU)
+#   BENCH_QEMU_FSYNC also time the durable variants (default 1): vmi with its default `-t writeback`
+#                    (fsync before the rename) against qemu-img followed by `sync FILE`. The main
+#                    columns run vmi with `-t unsafe`, which like qemu-img's default leaves the
+#                    output in the page cache
 #   VMI              the vmi binary (default: target/release/vmi, built here with cargo --release)
 #
 # Inputs are cached under bench/cache/ (delete it to regenerate). The Debian 12 image (a ~2 GiB ext4
@@ -29,8 +36,9 @@ root=$(cd "$here/.." && pwd)
 cache="$here/cache"
 out="$cache/out"
 size_mib=${BENCH_SIZE_MIB:-1024}
-runs=${BENCH_RUNS:-3}
+runs=${BENCH_RUNS:-5}
 flags=${BENCH_FLAGS:-"-m 16 -W"}
+vflags=${BENCH_VMI_FLAGS:-$flags}
 mkdir -p "$cache" "$out"
 
 log() { printf '%s\n' "$*" >&2; }
@@ -138,23 +146,41 @@ CASES=(
 )
 wanted=${BENCH_CASES:-}
 
-# time_it LABEL OUTFILE cmd... -> prints "median_seconds peak_rss_kib", or "failed"
-time_it() {
+# run_once DST cmd... -> prints "wall_seconds cpu_seconds peak_rss_kib", or "failed". DST (and
+# leftover temporary files) are removed first.
+run_once() {
     local dst=$1
     shift
-    local i times=() rss=0 t m
-    for ((i = 0; i < runs; i++)); do
-        rm -rf "$dst" "$out"/.??* 2>/dev/null
-        if ! /usr/bin/time -f '%e %M' -o "$out/time" "$@" >/dev/null 2>"$out/err"; then
-            log "  failed: $* ($(tail -n 1 "$out/err"))"
-            echo failed
-            return
-        fi
-        read -r t m <"$out/time"
-        times+=("$t")
-        [ "$m" -gt "$rss" ] && rss=$m
-    done
-    printf '%s %s\n' "$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(((runs + 1) / 2))p")" "$rss"
+    rm -rf "$dst" "$out"/.??* 2>/dev/null
+    if ! /usr/bin/time -f '%e %U %S %M' -o "$out/time" "$@" >/dev/null 2>"$out/err"; then
+        log "  failed: $* ($(tail -n 1 "$out/err"))"
+        echo failed
+        return
+    fi
+    awk '{ printf "%s %.2f %s\n", $1, $2 + $3, $4 }' "$out/time"
+}
+
+median() { # numbers on stdin -> their median (or "failed" when any run failed)
+    sort -n | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "failed"; exit }
+        for (i = 1; i <= NR; i++) if (v[i] == "failed") { print "failed"; exit }
+        print v[int((NR + 1) / 2)] }'
+}
+
+# Results of one tool over the runs of a case: files $out/res.<tag> with one "wall cpu rss" line
+# per run. summary TAG -> "median_wall median_cpu max_rss"
+summary() {
+    local f="$out/res.$1"
+    if grep -q failed "$f"; then
+        echo "failed failed 0"
+        return
+    fi
+    printf '%s %s %s\n' "$(cut -d' ' -f1 "$f" | median)" "$(cut -d' ' -f2 "$f" | median)" \
+        "$(cut -d' ' -f3 "$f" | sort -n | tail -n 1)"
+}
+
+ratio() { # a b -> a/b with two decimals, or "-"
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 == a && b + 0 == b && b > 0) printf "%.2f", a / b; else print "-" }'
 }
 
 alloc() { # allocated bytes of a file (0 when missing)
@@ -163,18 +189,28 @@ alloc() { # allocated bytes of a file (0 when missing)
 
 human() { awk -v b="$1" 'BEGIN { printf "%.1fM", b / 1048576 }'; }
 
-printf '# %s, %s, qemu-img %s, %s MiB synthetic inputs, %s runs (median), flags "%s"\n' \
-    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc) CPUs" \
-    "$(qemu-img --version | head -n 1 | awk '{print $3}')" "$size_mib" "$runs" "$flags"
+printf '# %s, %s, load %s, qemu-img %s, %s MiB synthetic inputs, %s runs interleaved (median), flags "%s", vmi flags "%s"\n' \
+    "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc) CPUs" "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    "$(qemu-img --version | head -n 1 | awk '{print $3}')" "$size_mib" "$runs" "$flags" "$vflags"
+printf '# vmi runs with -t unsafe (no fsync, as qemu-img convert by default); "sync" columns: vmi with\n'
+printf '# its default -t writeback (fsync before the rename) against qemu-img (or cp) followed by sync FILE\n'
 qemu_fsync=${BENCH_QEMU_FSYNC:-1}
-row() { printf '%-16s %-8s %11s %9s %6s %10s %10s %9s %9s %9s\n' "$@"; }
-row case input "$vmi_label" qemu-img ratio qemu+fsync vmi-out qemu-out vmi-rss qemu-rss
+row() { printf '%-16s %-7s %7s %7s %6s %7s %7s %6s %8s %8s %6s %8s %8s %8s %8s\n' "$@"; }
+row case input vmi qemu ratio vmi-cpu q-cpu c-rat vmi-sync q+sync s-rat vmi-out qemu-out vmi-rss qemu-rss
 for entry in "${have_inputs[@]}"; do
     input=${entry%%=*}
     raw=${entry#*=}
-    # The floor: a sparse-aware copy of the raw input.
-    r=$(time_it "$out/cp.raw" cp --sparse=always "$raw" "$out/cp.raw")
-    row "cp --sparse" "$input" "${r%% *}" - - - "$(human "$(alloc "$out/cp.raw")")" - "${r##* }K" -
+    # The floor: a sparse-aware copy of the raw input (and the same followed by sync).
+    rm -f "$out"/res.*
+    for ((i = 0; i < runs; i++)); do
+        run_once "$out/cp.raw" cp --sparse=always "$raw" "$out/cp.raw" >>"$out/res.cp"
+        run_once "$out/cp.raw" bash -c 'cp --sparse=always "$1" "$2" && sync "$2"' _ "$raw" \
+            "$out/cp.raw" >>"$out/res.cps"
+    done
+    read -r ct cc cr <<<"$(summary cp)"
+    read -r cst _ _ <<<"$(summary cps)"
+    row "cp --sparse" "$input" "$ct" - - "$cc" - - "$cst" - - "$(human "$(alloc "$out/cp.raw")")" - \
+        "${cr}K" -
     for c in "${CASES[@]}"; do
         IFS='|' read -r name sfmt sderive dfmt dopts <<<"$c"
         if [ -n "$wanted" ] && [[ ",$wanted," != *",$name,"* ]]; then continue; fi
@@ -188,38 +224,45 @@ for entry in "${have_inputs[@]}"; do
         fi
         ext=$dfmt
         [ "$dfmt" = vpc ] && ext=vhd
-        # shellcheck disable=SC2086
-        v=$(time_it "$out/vmi.$ext" "${vmi_cmd[@]}" -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/vmi.$ext")
-        vsize=$(alloc "$out/vmi.$ext")
-        # A fast wrong answer is no answer: check vmi's output against the source with qemu-img.
-        if [ "${v%% *}" != failed ] && ! qemu-img compare -q -f "$sfmt" -F "$dfmt" "$src" "$out/vmi.$ext"; then
-            log "  MISMATCH: vmi's $name output differs from the source"
-            v="MISMATCH ${v##* }"
-        fi
-        # shellcheck disable=SC2086
-        q=$(time_it "$out/qemu.$ext" qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/qemu.$ext")
-        qsize=$(alloc "$out/qemu.$ext")
-        qs=-
-        if [ "$qemu_fsync" = 1 ]; then
+        vdst="$out/vmi.$ext"
+        qdst="$out/qemu.$ext"
+        rm -f "$out"/res.*
+        # Interleaved: every run times each command once, so load changes hit all of them.
+        for ((i = 0; i < runs; i++)); do
             # shellcheck disable=SC2086
-            qs=$(time_it "$out/qemu.$ext" bash -c '"$@" && sync "${@: -1}"' _ \
-                qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$out/qemu.$ext")
-            qs=${qs%% *}
+            run_once "$vdst" "${vmi_cmd[@]}" -f "$sfmt" -O "$dfmt" $vflags $dopts -t unsafe "$src" \
+                "$vdst" >>"$out/res.vmi"
+            # shellcheck disable=SC2086
+            run_once "$qdst" qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$qdst" \
+                >>"$out/res.qemu"
+            if [ "$qemu_fsync" = 1 ]; then
+                # shellcheck disable=SC2086
+                run_once "$vdst" "${vmi_cmd[@]}" -f "$sfmt" -O "$dfmt" $vflags $dopts "$src" "$vdst" \
+                    >>"$out/res.vmis"
+                # shellcheck disable=SC2086
+                run_once "$qdst" bash -c '"$@" && sync "${@: -1}"' _ \
+                    qemu-img convert -f "$sfmt" -O "$dfmt" $flags $dopts "$src" "$qdst" \
+                    >>"$out/res.qemus"
+            fi
+        done
+        read -r vt vc vr <<<"$(summary vmi)"
+        read -r qt qc qr <<<"$(summary qemu)"
+        vst=- qst=-
+        if [ "$qemu_fsync" = 1 ]; then
+            read -r vst _ _ <<<"$(summary vmis)"
+            read -r qst _ _ <<<"$(summary qemus)"
         fi
-        vt=${v%% *}
-        qt=${q%% *}
-        ratio=-
-        if [ "$vt" != failed ] && [ "$vt" != MISMATCH ] && [ "$qt" != failed ]; then
-            ratio=$(awk -v a="$vt" -v b="$qt" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+        vsize=$(alloc "$vdst")
+        qsize=$(alloc "$qdst")
+        # A fast wrong answer is no answer: check vmi's output against the source with qemu-img.
+        if [ "$vt" != failed ] && ! qemu-img compare -q -f "$sfmt" -F "$dfmt" "$src" "$vdst"; then
+            log "  MISMATCH: vmi's $name output differs from the source"
+            vt=MISMATCH
         fi
-        vrss=-
-        qrss=-
-        [ "$vt" != failed ] && vrss="${v##* }K"
-        [ "$qt" != failed ] && qrss="${q##* }K"
         [ "$vt" = failed ] && vsize=0
-        [ "$vt" = MISMATCH ] && ratio=-
-        row "$name" "$input" "$vt" "$qt" "$ratio" "$qs" "$(human "$vsize")" "$(human "$qsize")" \
-            "$vrss" "$qrss"
+        row "$name" "$input" "$vt" "$qt" "$(ratio "$vt" "$qt")" "$vc" "$qc" "$(ratio "$vc" "$qc")" \
+            "$vst" "$qst" "$(ratio "$vst" "$qst")" "$(human "$vsize")" "$(human "$qsize")" \
+            "${vr}K" "${qr}K"
         rm -f "$out"/vmi.* "$out"/qemu.*
     done
     rm -f "$out/cp.raw"

@@ -180,6 +180,49 @@ pub fn allocated_bytes(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }
 
+/// The flag [`cancel_on_signal`] sets.
+static CANCEL: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe. The flag is set before the handler is installed.
+    if let Some(flag) = CANCEL.get() {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Whether [`cancel_on_signal`]'s flag was set: the command stopped because it was asked to.
+pub fn cancelled() -> bool {
+    CANCEL
+        .get()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// A flag that the first SIGINT or SIGTERM sets, for long operations that clean up after
+/// themselves when asked to stop (a conversion removes its temporary output). The handler is
+/// installed once with `SA_RESETHAND`, so a second signal terminates the process as usual.
+pub fn cancel_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let mut installed = false;
+    let flag = CANCEL.get_or_init(|| {
+        installed = true;
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+    });
+    if installed {
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: `sa` is fully initialised (zeroed, then the handler, flags and an empty
+            // mask); `on_signal` only performs an atomic store, which is async-signal-safe.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                sa.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    }
+    flag.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

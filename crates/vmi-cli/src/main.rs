@@ -18,6 +18,8 @@ use std::process::ExitCode;
 const EXIT_ERROR: u8 = 1;
 /// Exit code `compare` uses for errors, so that 1 keeps meaning "the images differ".
 const EXIT_COMPARE_ERROR: u8 = 2;
+/// Exit code of a conversion stopped by SIGINT/SIGTERM (128 + SIGINT, as a shell reports it).
+const EXIT_INTERRUPTED: u8 = 130;
 
 /// The exit-code table shown by `vmi --help` (and in docs/cli.md).
 const EXIT_CODES_HELP: &str = "\
@@ -26,7 +28,8 @@ Exit codes:
   1   error; compare: the images differ; check: the check could not complete
   2   compare: error; check: corruptions found
   3   check: only leaked clusters found
-  63  check: the format does not support checks";
+  63  check: the format does not support checks
+  130 convert: interrupted (SIGINT/SIGTERM); the temporary output was removed";
 
 /// Virtual machine disk images: create, inspect, convert, check and compare them.
 ///
@@ -109,6 +112,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) if common::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if common::cancelled() => {
+            // Interrupted by SIGINT/SIGTERM after cleaning up: the shell's 128 + SIGINT.
+            eprintln!("vmi: {e:#}");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("vmi: {e:#}");
             ExitCode::from(error_code)

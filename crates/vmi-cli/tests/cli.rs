@@ -382,6 +382,36 @@ vmitest!(convert_raw_to_raw_is_identical_for_qemu_img, |d| {
     assert!(qemu_compare(&src, "raw", &d.path("dst.img"), "raw"));
 });
 
+vmitest!(convert_takes_qemu_cache_modes, |d| {
+    let src = d.sparse_raw("src.img", 4 << 20);
+    for (i, mode) in ["unsafe", "writeback", "none", "writethrough", "directsync"]
+        .iter()
+        .enumerate()
+    {
+        let dst = format!("dst{i}.qcow2");
+        d.vmi(&["convert", "-t", mode, "-O", "qcow2", "src.img", &dst])
+            .ok();
+        assert!(qemu_compare(&src, "raw", &d.path(&dst), "qcow2"), "{mode}");
+    }
+    // -n into an existing image with -t unsafe.
+    let n = [
+        "convert",
+        "-n",
+        "-t",
+        "unsafe",
+        "-O",
+        "qcow2",
+        "src.img",
+        "dst0.qcow2",
+    ];
+    d.vmi(&n).ok();
+    assert!(qemu_compare(&src, "raw", &d.path("dst0.qcow2"), "qcow2"));
+    let r = d.vmi(&["convert", "-t", "fast", "src.img", "x.img"]);
+    assert_ne!(r.code, 0, "{r:#?}");
+    assert!(r.stderr.contains("unsafe"), "{r:#?}");
+    assert!(!d.path("x.img").exists());
+});
+
 vmitest!(convert_n_refuses_to_write_into_its_source, |d| {
     d.sparse_raw("src.img", 1 << 20);
     let before = std::fs::read(d.path("src.img")).expect("read");
@@ -409,6 +439,65 @@ vmitest!(convert_progress_json_lines_parse, |d| {
         last = v["percent"].as_f64();
     }
     assert_eq!(last, Some(100.0), "{r:#?}");
+});
+
+vmitest!(convert_interrupted_by_sigint_leaves_no_file, |d| {
+    use std::io::{BufRead, BufReader, Write};
+    // 128 MiB of incompressible data compressed on one worker: seconds of work, interrupted
+    // as soon as the first progress line shows it is under way.
+    let src = d.path("big.raw");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&src).expect("create"));
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..128 {
+            for b in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&block).expect("write");
+        }
+    }
+    let mut child = d
+        .command(&[
+            "convert",
+            "--progress=json",
+            "-c",
+            "-m",
+            "1",
+            "-O",
+            "qcow2",
+            "big.raw",
+            "out.qcow2",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn vmi");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut first = String::new();
+    err.read_line(&mut first).expect("progress line");
+    assert!(first.contains("\"done\""), "no progress: {first}");
+    // SAFETY: kill(2) on the child's pid, which has not been reaped yet.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).expect("stderr");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{first}{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert!(
+        rest.contains("out.qcow2"),
+        "the error names the destination: {rest}"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.path("."))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "big.raw")
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
 });
 
 vmitest!(compare_of_different_sizes_warns_like_qemu_img, |d| {

@@ -1,7 +1,7 @@
 //! A minimal `convert` front end over the engine, with qemu-img's option names, so the engine can
 //! be benchmarked (bench/convert.sh) before or without the full `vmi` command line:
 //!
-//! `convert -f FMT -O FMT [-c] [-o OPTS] [-m N] [-W] [-S SIZE] SRC DST`
+//! `convert -f FMT -O FMT [-c] [-o OPTS] [-m N] [-W] [-S SIZE] [-t CACHE] SRC DST`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +30,7 @@ fn run() -> vmi_disk::Result<()> {
             "-o" => fopts.parse(&value()?)?,
             "-m" => opts.workers = value()?.parse().map_err(|_| usage("-m needs a number"))?,
             "-S" => opts.min_sparse = parse_size(&value()?)?,
+            "-t" => opts.cache = value()?.parse()?,
             "-c" => opts.compress = true,
             "-W" => opts.out_of_order = true,
             "-p" | "-q" => {}

@@ -8,7 +8,82 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use vmi_disk::gate::Gate;
+use vmi_disk::storage::{FileStorage, Storage};
 use vmi_disk::{CreateOptions, Error, Format, Image, OpenOptions, Result};
+
+/// How a conversion's output is made durable: qemu-img's `-t CACHE`.
+///
+/// vmi always writes through the page cache (no `O_DIRECT`, no `O_DSYNC`); what the mode decides
+/// is whether the new image is fsynced before it is renamed into place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// The default. Every file of the new image is fsynced before its rename and the folder after
+    /// it, so after a host crash the destination name holds either what it held before or the
+    /// complete new image. `none`, `writethrough` and `directsync` are accepted for qemu-img
+    /// compatibility and mean this too: they give this guarantee, not their cache bypass.
+    #[default]
+    Writeback,
+    /// Nothing is fsynced (qemu-img convert's default). The image is still renamed into place
+    /// only after the conversion succeeded, so a failed or killed conversion leaves nothing
+    /// behind; but after a host crash (power loss, kernel panic) shortly after the conversion the
+    /// destination may be empty or hold partly written data. The data reaches the disk when the
+    /// kernel writes back its page cache (or at `sync`).
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Every name `-t` accepts.
+    pub const NAMES: &'static [&'static str] =
+        &["writeback", "unsafe", "none", "writethrough", "directsync"];
+
+    /// Make `img` follow this mode from now on: with [`CacheMode::Unsafe`] every host file of the
+    /// image stops syncing (also for a target that existed before, `convert -n`).
+    pub fn apply(self, img: &Image) {
+        if self != CacheMode::Unsafe {
+            return;
+        }
+        // File 0 is the image file; formats with extents or data files number the others.
+        for i in 0..MAX_FILES {
+            match img.driver().file(i) {
+                Ok(f) => {
+                    f.ignore_sync();
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn durable(self) -> bool {
+        self == CacheMode::Writeback
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "writeback" | "none" | "writethrough" | "directsync" => Ok(CacheMode::Writeback),
+            "unsafe" => Ok(CacheMode::Unsafe),
+            _ => Err(Error::usage(format!(
+                "unknown cache mode '{s}' (expected one of: {})",
+                CacheMode::NAMES.join(", ")
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::Unsafe => "unsafe",
+        })
+    }
+}
+
+/// Most host files [`CacheMode::apply`] looks at (VMDK descriptors name at most a few thousand
+/// extents; the loop stops at the first index the driver does not know anyway).
+const MAX_FILES: usize = 1 << 16;
 
 /// An internal invariant broke.
 fn internal(what: &str) -> Error {
@@ -137,22 +212,40 @@ pub fn convert_to_path(
         t
     };
 
-    let mut dst = Image::create(&tmp_main, target.format, &create)?;
+    // Errors name the destination the user asked for, not the temporary file.
+    let named = |e: Error| e.renaming_path(&tmp_main, path);
+    let mut dst = if opts.cache.durable() {
+        Image::create(&tmp_main, target.format, &create).map_err(named)?
+    } else {
+        // Sync-free from its first byte: the driver's own syncs while creating are skipped too.
+        let st = FileStorage::create(&tmp_main)
+            .map_err(|e| named(Error::io("creating", e).with_path(&tmp_main)))?;
+        st.ignore_sync();
+        Image::create_on(Box::new(st), &tmp_main, target.format, &create).map_err(named)?
+    };
+    opts.cache.apply(&dst);
     if let Some(spec) = &create.backing {
         let b = open_target_backing(path, &spec.name, spec.format)?;
         dst.set_backing(Some(b));
     }
-    let stats = convert(src, &dst, opts)?;
-    dst.close()?;
+    let stats = convert(src, &dst, opts).map_err(named)?;
+    dst.close().map_err(named)?;
 
-    install(&mut guard, &tmp_main, path, &dir)?;
+    install(&mut guard, &tmp_main, path, &dir, opts.cache.durable())?;
     Ok(stats)
 }
 
 /// Move a finished image from its temporary place to `path`: companions (every other file in the
 /// temporary folder, i.e. the extents `formats::companion_files` would list) first, the main file
-/// last, each fsynced before its rename, then the folder fsynced.
-fn install(guard: &mut TempGuard, tmp_main: &Path, path: &Path, dir: &Path) -> Result<()> {
+/// last, each fsynced before its rename, then the folder fsynced (no fsync unless `durable`).
+fn install(
+    guard: &mut TempGuard,
+    tmp_main: &Path,
+    path: &Path,
+    dir: &Path,
+    durable: bool,
+) -> Result<()> {
+    let sync = |p: &Path| if durable { fsync_path(p) } else { Ok(()) };
     if let Some(tmp_dir) = guard.dir.clone() {
         let main_name = tmp_main
             .file_name()
@@ -172,7 +265,7 @@ fn install(guard: &mut TempGuard, tmp_main: &Path, path: &Path, dir: &Path) -> R
             .iter()
             .chain(std::iter::once(&tmp_main.to_path_buf()))
         {
-            fsync_path(c)?;
+            sync(c)?;
         }
         for c in &companions {
             let fname = c.file_name().ok_or_else(|| internal("companion name"))?;
@@ -183,14 +276,14 @@ fn install(guard: &mut TempGuard, tmp_main: &Path, path: &Path, dir: &Path) -> R
         }
         rename(tmp_main, path)?;
     } else {
-        fsync_path(tmp_main)?;
+        sync(tmp_main)?;
         rename(tmp_main, path)?;
     }
     guard.done = true;
     if let Some(d) = &guard.dir {
         let _ = std::fs::remove_dir(d);
     }
-    fsync_path(dir)
+    sync(dir)
 }
 
 #[cfg(test)]
@@ -217,7 +310,7 @@ mod tests {
             done: false,
         };
         let dest = dir.path().join("img.vmdk");
-        install(&mut guard, &tmp.join("img.vmdk"), &dest, dir.path()).unwrap();
+        install(&mut guard, &tmp.join("img.vmdk"), &dest, dir.path(), true).unwrap();
         drop(guard);
         assert!(!tmp.exists());
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "descriptor");
@@ -245,7 +338,7 @@ mod tests {
         let dest = dir.path().join("x.vmdk");
         std::fs::create_dir(&dest).unwrap();
         std::fs::write(dest.join("keep"), "").unwrap();
-        assert!(install(&mut guard, &tmp.join("x.vmdk"), &dest, dir.path()).is_err());
+        assert!(install(&mut guard, &tmp.join("x.vmdk"), &dest, dir.path(), true).is_err());
         drop(guard);
         assert!(!dir.path().join("x-s001.vmdk").exists());
         assert!(!tmp.exists());

@@ -32,7 +32,7 @@ pub use convert::{
     convert, in_flight_limit, write_mode, ConvertOptions, ConvertStats, WriteMode, CHUNK,
     MAX_WORKERS,
 };
-pub use install::{convert_to_path, Target};
+pub use install::{convert_to_path, CacheMode, Target};
 pub use map::{map_entries, MapEntry};
 pub use progress::{Progress, ProgressFn};
 pub use rebase::{rebase, RebaseOptions, RebaseStats};

@@ -270,6 +270,45 @@ fn an_interrupted_conversion_leaves_nothing_at_the_destination() {
 }
 
 #[test]
+fn a_cancelled_conversion_stops_and_leaves_nothing_at_the_destination() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.raw");
+    scattered_raw(&src_path, 64 * MIB, 64, 3);
+    let src = Image::open(&src_path, &OpenOptions::new()).unwrap();
+    let out = dir.path().join("out.qcow2");
+    for workers in [1, 4] {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = cancel.clone();
+        let seen = Arc::new(std::sync::Mutex::new(0u64));
+        let seen2 = seen.clone();
+        let o = ConvertOptions {
+            workers,
+            cancel: Some(cancel),
+            // Cancel as soon as the first window is done, as a signal handler would.
+            progress: Some(Arc::new(move |p: vmi_convert::Progress| {
+                *seen2.lock().unwrap() = p.done;
+                flag.store(true, Ordering::SeqCst);
+            })),
+            ..Default::default()
+        };
+        let target = Target {
+            path: out.clone(),
+            format: Format::Qcow2,
+            create: CreateOptions::new(0),
+        };
+        let e = convert_to_path(&src, &target, &o).unwrap_err();
+        assert!(e.to_string().contains("interrupted"), "{e}");
+        assert!(
+            *seen.lock().unwrap() < 64 * MIB,
+            "the conversion ran to the end"
+        );
+        assert_eq!(dir_entries(dir.path()), vec![src_path.clone()]);
+    }
+}
+
+#[test]
 fn a_failed_conversion_keeps_an_existing_destination() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.raw");
@@ -409,4 +448,109 @@ fn converting_into_an_existing_image_overwrites_its_old_data_with_zeroes_where_n
     dst.close().unwrap();
     assert!(read_file(&dst_path) == read_file(&src_path));
     assert!(qemu_compare(&src_path, "raw", &dst_path, "raw"));
+}
+
+#[test]
+fn cache_modes_parse_like_qemu_img_and_unknown_names_are_usage_errors() {
+    use vmi_convert::CacheMode;
+    assert_eq!(CacheMode::default(), CacheMode::Writeback);
+    assert_eq!("unsafe".parse::<CacheMode>().unwrap(), CacheMode::Unsafe);
+    for name in ["writeback", "none", "writethrough", "directsync"] {
+        assert_eq!(
+            name.parse::<CacheMode>().unwrap(),
+            CacheMode::Writeback,
+            "{name}"
+        );
+    }
+    for name in CacheMode::NAMES {
+        assert!(name.parse::<CacheMode>().is_ok(), "{name}");
+    }
+    let e = "fast".parse::<CacheMode>().unwrap_err();
+    assert_eq!(e.kind(), vmi_disk::ErrorKind::Usage, "{e}");
+    assert!(e.to_string().contains("unsafe"), "{e}");
+}
+
+#[test]
+fn unsafe_cache_mode_gives_the_same_images_and_leaves_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.raw");
+    scattered_raw(&src_path, 8 * MIB + 4096, 12, 5);
+    let src = open_raw(&src_path);
+    for (format, opts_str, qemu_name) in [
+        (Format::Raw, "", "raw"),
+        (Format::Qcow2, "", "qcow2"),
+        (Format::Vmdk, "subformat=twoGbMaxExtentSparse", "vmdk"),
+        (Format::Vmdk, "subformat=streamOptimized", "vmdk"),
+        (Format::Vhdx, "", "vhdx"),
+    ] {
+        let out = dir
+            .path()
+            .join(format!("out-{qemu_name}-{}.img", opts_str.len()));
+        let mut fo = vmi_disk::FormatOptions::new();
+        fo.parse(opts_str).unwrap();
+        let target = Target {
+            path: out.clone(),
+            format,
+            create: CreateOptions {
+                size: 0,
+                backing: None,
+                options: fo,
+            },
+        };
+        for workers in [1, 4] {
+            let o = ConvertOptions {
+                cache: vmi_convert::CacheMode::Unsafe,
+                ..opts(workers, false, 4096)
+            };
+            convert_to_path(&src, &target, &o).unwrap();
+            if format != Format::Raw {
+                vmi_testkit::qemu::assert_qemu_check_clean(&out, qemu_name);
+            }
+            vmi_testkit::qemu::assert_qemu_identical(&out, qemu_name, &src_path, "raw");
+        }
+        let tmp: Vec<PathBuf> = dir_entries(dir.path())
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".vmi-tmp-"))
+            .collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+    }
+}
+
+#[test]
+fn unsafe_cache_mode_still_leaves_nothing_when_the_conversion_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.raw");
+    let src = failing_source(16 * MIB, 9 * MIB);
+    let o = ConvertOptions {
+        cache: vmi_convert::CacheMode::Unsafe,
+        ..opts(4, false, 4096)
+    };
+    assert!(convert_to_path(&src, &raw_target(&out), &o).is_err());
+    assert!(
+        dir_entries(dir.path()).is_empty(),
+        "{:?}",
+        dir_entries(dir.path())
+    );
+}
+
+#[test]
+fn qemu_compressed_qcow2_and_stream_vmdk_convert_to_the_same_bytes_on_every_worker_count() {
+    // The inflate path (libdeflate, zlib-rs when it refuses) on what qemu-img writes, with
+    // several threads decompressing at once.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw, 12 * MIB + 512, 40, 9);
+    let expect = read_file(&raw);
+    let qc = dir.path().join("q.qcow2");
+    vmi_testkit::qemu::qemu_convert(&raw, "raw", &qc, "qcow2", "", &["-c"]);
+    let qs = dir.path().join("q.vmdk");
+    vmi_testkit::qemu::qemu_convert(&raw, "raw", &qs, "vmdk", "subformat=streamOptimized", &[]);
+    for (src_path, fmt) in [(&qc, Format::Qcow2), (&qs, Format::Vmdk)] {
+        let src = Image::open(src_path, &OpenOptions::new().format(Some(fmt))).unwrap();
+        for workers in [1, 2, 8] {
+            let out = dir.path().join(format!("out-{fmt}-{workers}.raw"));
+            convert_to_path(&src, &raw_target(&out), &opts(workers, workers > 1, 4096)).unwrap();
+            assert!(read_file(&out) == expect, "{fmt} with {workers} workers");
+        }
+    }
 }

@@ -141,6 +141,14 @@ pub trait Driver: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Check that `backing`, opened from [`Driver::backing`]'s name, is the parent this image was
+    /// made from, for formats that record the parent's identity (VHD's "Parent Unique ID"). A
+    /// mismatch means the name now points at another image and reading through it would return
+    /// another disk's data. The default accepts any parent.
+    fn verify_backing(&self, _backing: &Image) -> Result<()> {
+        Ok(())
+    }
+
     /// Record a different backing file (name and format), or none, in the image's metadata
     /// without touching guest data (`rebase -u`). `parent` is the new backing file, opened, when
     /// the caller could open it (formats that record a parent's identity, like VMDK's
@@ -187,6 +195,13 @@ pub trait Driver: Send + Sync + fmt::Debug {
 
     /// True when writes must arrive in increasing guest order (streamOptimized VMDK).
     fn sequential_only(&self) -> bool {
+        false
+    }
+
+    /// True when the format stores every unit compressed, whether or not the caller asked for
+    /// compression (streamOptimized VMDK): a copy engine then compresses units on its own
+    /// threads through [`Driver::compressed_writer`] instead of leaving it to `write_at`.
+    fn compresses_everything(&self) -> bool {
         false
     }
 

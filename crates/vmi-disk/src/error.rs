@@ -113,6 +113,17 @@ impl Error {
         self
     }
 
+    /// Name `to` instead of `from` when the error concerns `from` (a file written under a
+    /// temporary name: the user knows it by its final name); the temporary name stays in the
+    /// message.
+    pub fn renaming_path(mut self, from: &Path, to: &Path) -> Self {
+        if self.path.as_deref() == Some(from) {
+            self.message = format!("{} (writing {})", self.message, from.display());
+            self.path = Some(to.to_path_buf());
+        }
+        self
+    }
+
     /// Prefix the message with more context ("opening backing file: ...").
     pub fn context(mut self, what: impl fmt::Display) -> Self {
         self.message = format!("{what}: {}", self.message);
@@ -198,5 +209,24 @@ mod tests {
             .with_path(Path::new("inner"))
             .with_path(Path::new("outer"));
         assert_eq!(e.path(), Some(Path::new("inner")));
+    }
+
+    #[test]
+    fn renaming_path_names_the_final_file_and_keeps_the_temporary_one_in_the_message() {
+        let tmp = Path::new("/d/.out.qcow2.vmi-tmp-1-0");
+        let e = Error::invalid("disk full")
+            .with_path(tmp)
+            .renaming_path(tmp, Path::new("/d/out.qcow2"));
+        assert_eq!(e.path(), Some(Path::new("/d/out.qcow2")));
+        assert!(
+            e.to_string()
+                .contains("(writing /d/.out.qcow2.vmi-tmp-1-0)"),
+            "{e}"
+        );
+        // Errors about other files keep their path.
+        let e = Error::invalid("bad")
+            .with_path(Path::new("/d/src.raw"))
+            .renaming_path(tmp, Path::new("/d/out.qcow2"));
+        assert_eq!(e.path(), Some(Path::new("/d/src.raw")));
     }
 }

@@ -187,6 +187,9 @@ impl Image {
                 .map_err(|e| e.with_path(path))?;
             let b = Self::open_at(&bpath, spec.format, false, gate, mode, depth + 1, seen)
                 .map_err(|e| e.context(format!("backing file of {}", path.display())))?;
+            img.driver
+                .verify_backing(&b)
+                .map_err(|e| e.with_path(path))?;
             img.backing = Some(Box::new(b));
         } else if img.driver.backing().is_some() {
             img.backing_skipped = true;

@@ -16,6 +16,7 @@ pub mod formats;
 pub mod fuzzing;
 pub mod gate;
 pub mod image;
+mod inflate;
 pub mod inspect;
 pub mod options;
 pub mod storage;

@@ -5,7 +5,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use vmi_disk::{
-    BackingSpec, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image, OpenOptions,
+    BackingMode, BackingSpec, CreateOptions, ErrorKind, Format, FormatOptions, Gate, Image,
+    OpenOptions,
 };
 use vmi_testkit::conformance::{run, Caps};
 use vmi_testkit::fixtures::{
@@ -310,6 +311,32 @@ fn differencing_child_needs_the_gate_to_allow_its_parent() {
     let (child, _) = differencing_fixture(dir.path());
     let e = Image::open(&child, &OpenOptions::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+}
+
+#[test]
+fn differencing_child_refuses_a_parent_with_another_unique_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _) = differencing_fixture(dir.path());
+    // Another disk put at the parent's name: same size, different Unique Id.
+    let parent = dir.path().join("parent.vhd");
+    std::fs::remove_file(&parent).unwrap();
+    Image::create(&parent, Format::Vpc, &opts("force_size=on", 16 * MIB))
+        .unwrap()
+        .close()
+        .unwrap();
+    let e = Image::open(
+        &child,
+        &OpenOptions::new().gate(Gate::new().allow_backing(true)),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("child.vhd") && msg.contains("Parent Unique ID"),
+        "{msg}"
+    );
+    // Without the chain the child still opens on its own.
+    Image::open(&child, &OpenOptions::new().backing(BackingMode::Skip)).unwrap();
 }
 
 #[test]

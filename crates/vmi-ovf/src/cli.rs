@@ -55,11 +55,13 @@ pub enum ConfigKind {
     Vmx,
     /// libvirt domain XML (KVM).
     Libvirt,
-    /// VirtualBox `VBoxManage` commands.
+    /// VirtualBox `.vbox` machine settings.
     Vbox,
+    /// VirtualBox `VBoxManage` commands.
+    VboxScript,
 }
 
-/// `vmi ovf config SOURCE --to vmx|libvirt|vbox`
+/// `vmi ovf config SOURCE --to vmx|libvirt|vbox|vbox-script`
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// Profile (TOML/JSON), `.ovf` or `.ova`.
@@ -113,9 +115,12 @@ pub struct ExportArgs {
 pub struct ImportArgs {
     /// The package.
     pub package: PathBuf,
-    /// Output disk format.
-    #[arg(short = 'O', long = "format", default_value = "qcow2")]
-    pub format: String,
+    /// Output disk format (qcow2; vdi with --vbox).
+    #[arg(short = 'O', long = "format")]
+    pub format: Option<String>,
+    /// Also write a VirtualBox `.vbox` settings file next to the disks.
+    #[arg(long)]
+    pub vbox: bool,
     /// Output directory (disks and profile.toml).
     pub dir: PathBuf,
 }
@@ -200,6 +205,7 @@ pub fn run_ovf(args: &OvfArgs, out: &mut dyn Write) -> Result<i32> {
                 ConfigKind::Vmx => crate::native::vmx::generate(&p)?,
                 ConfigKind::Libvirt => crate::native::libvirt::generate(&p)?,
                 ConfigKind::Vbox => crate::native::vbox::generate(&p)?,
+                ConfigKind::VboxScript => crate::native::vbox::script(&p)?,
             };
             w(out, format_args!("{text}"))?;
             Ok(0)
@@ -229,6 +235,7 @@ pub fn load_profile(p: &Path) -> Result<HardwareProfile> {
         "ovf" | "ova" => Ok(Package::open(p)?.descriptor.profile),
         "vmx" => crate::native::vmx::parse(&crate::profile::read_text(p, MAX_CONFIG_BYTES)?),
         "xml" => crate::native::libvirt::parse(&crate::profile::read_text(p, MAX_CONFIG_BYTES)?),
+        "vbox" => crate::native::vbox::parse(&crate::profile::read_text(p, MAX_CONFIG_BYTES)?),
         _ => HardwareProfile::load(p),
     }
 }
@@ -310,12 +317,31 @@ fn export(a: &ExportArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<i32> {
+    let default = if a.vbox { "vdi" } else { "qcow2" };
     let format: Format = a
         .format
+        .as_deref()
+        .unwrap_or(default)
         .parse()
         .map_err(|e: vmi_disk::Error| OvfError::Usage(e.to_string()))?;
     let pkg = Package::open(&a.package)?;
+    if a.vbox {
+        // Refuse what VirtualBox cannot run before converting anything.
+        let mut p = pkg.descriptor.profile.clone();
+        for d in &mut p.disks {
+            d.format = Some(format.name().to_string());
+        }
+        crate::native::vbox::generate(&p)?;
+    }
+    // The importer reads sloppy descriptors; what `vmi ovf verify` would refuse is a warning.
+    for problem in crate::strict::problems(&pkg.descriptor_text)? {
+        eprintln!("warning: descriptor: {problem}");
+    }
     let p = package::import(&pkg, &a.dir, format)?;
+    if a.vbox {
+        let path = write_vbox(&p, &a.dir)?;
+        w(out, format_args!("{}\n", path.display()))?;
+    }
     for d in &p.disks {
         w(
             out,
@@ -330,6 +356,39 @@ fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<i32> {
         format_args!("{}\n", a.dir.join("profile.toml").display()),
     )?;
     Ok(0)
+}
+
+/// Write `DIR/<name>.vbox` for a profile whose disk files are in `dir`, with each disk's UUID
+/// read from the file so the media registry matches it.
+pub fn write_vbox(p: &HardwareProfile, dir: &Path) -> Result<PathBuf> {
+    let mut o = crate::native::vbox::VboxOptions::default();
+    for d in &p.disks {
+        o.disk_uuids.push(match &d.file {
+            Some(f) => crate::native::vbox::medium_uuid(&dir.join(f))?,
+            None => None,
+        });
+    }
+    let text = crate::native::vbox::generate_with(p, &o)?;
+    let stem: String = p
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path = dir.join(format!(
+        "{}.vbox",
+        if stem.is_empty() { "vm" } else { &stem }
+    ));
+    if path.exists() {
+        return Err(OvfError::Usage(format!("{} exists", path.display())));
+    }
+    std::fs::write(&path, text).map_err(|e| OvfError::io("write", &path, e))?;
+    Ok(path)
 }
 
 /// Validate descriptor text with `xmllint --schema`.
@@ -361,6 +420,11 @@ pub fn schema_check(text: &str, schema: &Path) -> Result<Vec<String>> {
 fn verify(a: &VerifyArgs, out: &mut dyn Write) -> Result<i32> {
     let pkg = Package::open(&a.package)?;
     let mut r = pkg.verify()?;
+    r.problems.extend(
+        crate::strict::problems(&pkg.descriptor_text)?
+            .into_iter()
+            .map(|p| format!("descriptor: {p}")),
+    );
     if let Some(s) = &a.schema {
         r.problems.extend(schema_check(&pkg.descriptor_text, s)?);
     }

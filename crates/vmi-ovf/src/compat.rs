@@ -379,7 +379,7 @@ fn nic_ok(t: &Target, m: &NicModel) -> Option<(bool, &'static str)> {
             matches!(m, E1000 | E1000e | Vmxnet3 | Pcnet32),
             SRC_VMWARE_DEV,
         ),
-        Target::Virtualbox => (matches!(m, E1000 | E1000e | Pcnet32 | VirtioNet), SRC_VBOX),
+        Target::Virtualbox => (matches!(m, E1000 | Pcnet32 | VirtioNet), SRC_VBOX),
         Target::Kvm | Target::Openstack => (
             matches!(m, E1000 | E1000e | Vmxnet3 | VirtioNet | Rtl8139 | Pcnet32),
             SRC_QEMU,
@@ -665,6 +665,11 @@ mod tests {
             ),
             ("vmware-workstation", prof(Nvme, E1000e, Bios), vec![]),
             ("virtualbox", prof(Sata, E1000, Bios), vec![]),
+            (
+                "virtualbox",
+                prof(VirtioScsi, E1000e, Bios),
+                vec!["nic-model"],
+            ),
             (
                 "virtualbox",
                 prof(Pvscsi, Vmxnet3, Bios),

@@ -142,7 +142,7 @@ pub struct Descriptor {
     pub virtual_systems: usize,
 }
 
-fn ovf_attr<'a>(e: &'a Element, local: &str) -> Option<&'a str> {
+pub(crate) fn ovf_attr<'a>(e: &'a Element, local: &str) -> Option<&'a str> {
     e.attr_any(&[NS_OVF1, NS_OVF2, NS_OVF09, ""], local)
 }
 
@@ -154,7 +154,7 @@ fn parse_u64(what: &str, s: &str) -> Result<u64> {
 
 /// The section kind of an element: its local name, or for OVF 0.9 `Section`/`Content` elements
 /// the `xsi:type` without prefix and `_Type` suffix.
-fn section_kind(e: &Element) -> String {
+pub(crate) fn section_kind(e: &Element) -> String {
     if e.name.local == "Section" || e.name.local == "Content" {
         if let Some(t) = e.get_attr(NS_XSI, "type") {
             let t = t.rsplit(':').next().unwrap_or(t);
@@ -168,6 +168,17 @@ fn section_kind(e: &Element) -> String {
 pub fn parse(text: &str) -> Result<Descriptor> {
     let root = xml::parse(text)?;
     from_element(&root)
+}
+
+/// Parse descriptor text and apply the strict checks of [`crate::strict`] (what `vmi ovf verify`
+/// enforces): any problem is an error listing all of them.
+pub fn parse_strict(text: &str) -> Result<Descriptor> {
+    let d = parse(text)?;
+    let problems = crate::strict::problems(text)?;
+    if !problems.is_empty() {
+        invalid!("descriptor breaks DSP0243: {}", problems.join("; "));
+    }
+    Ok(d)
 }
 
 fn from_element(root: &Element) -> Result<Descriptor> {

@@ -105,7 +105,42 @@ pub fn convert_for_target(
                 .div_ceil(round_to)
                 .checked_mul(round_to)
                 .ok_or_else(|| OvfError::Invalid(format!("size {size} overflows when rounded")))?;
+            // VirtualBox with a profile: a `.vbox` next to the disk. Models VirtualBox lacks
+            // are refused before converting (the compatibility check names them).
+            let vbox = match (target, profile) {
+                (Target::Virtualbox, Some(p)) => {
+                    let mut p = p.clone();
+                    let file = out
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .ok_or_else(|| OvfError::Usage(format!("{}: no file name", out.display())))?
+                        .to_string();
+                    let first = DiskProfile {
+                        capacity: rounded,
+                        controller: p
+                            .disks
+                            .first()
+                            .map(|d| d.controller)
+                            .unwrap_or(crate::profile::Controller::Sata),
+                        format: Some(format.name().to_string()),
+                        file: Some(file),
+                    };
+                    match p.disks.first_mut() {
+                        Some(d) => *d = first,
+                        None => p.disks.push(first),
+                    }
+                    // One disk is converted: the machine gets that one.
+                    p.disks.truncate(1);
+                    crate::native::vbox::generate(&p)?;
+                    Some(p)
+                }
+                _ => None,
+            };
             convert_one(&img, out, format, &options, rounded)?;
+            if let Some(p) = vbox {
+                let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
+                crate::cli::write_vbox(&p, &dir)?;
+            }
             Ok(out.to_path_buf())
         }
         Plan::GzipTarRaw => {

@@ -126,6 +126,8 @@ async fn serve(config: Config) -> Result<()> {
          openstack token issue",
         boot.user, boot.project
     );
+    registry.app.config.policies.validate()?;
+    crate::lifecycle::job::spawn(registry.app.clone());
     let reaper = registry.clone();
     tokio::spawn(async move {
         loop {
@@ -221,6 +223,12 @@ pub enum ImageCommand {
         /// Image data to upload.
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
+        /// Sign --file with this private key (PEM) and set the img_signature* properties.
+        #[arg(long, value_name = "PRIVATE.pem", requires_all = ["file", "sign_key_id"])]
+        sign: Option<PathBuf>,
+        /// The registered signing key's id, for --sign.
+        #[arg(long, value_name = "ID")]
+        sign_key_id: Option<String>,
     },
     /// Upload the data of a queued image.
     Upload {
@@ -248,6 +256,16 @@ pub enum ImageCommand {
         /// Continue a partial download in --output.
         #[arg(long)]
         resume: bool,
+        /// Verify the image signature (img_signature*) of the downloaded file.
+        #[arg(long)]
+        verify: bool,
+        /// Verify with this PEM public key or certificate instead of the registry's key.
+        #[arg(long, value_name = "FILE", requires = "verify")]
+        key: Option<PathBuf>,
+        /// Have the registry convert the image to this format (raw, qcow2, vmdk, vhd, vhdx,
+        /// vdi): raw, streamOptimized VMDK and fixed VHD stream as they are converted.
+        #[arg(long, value_name = "FORMAT", conflicts_with_all = ["resume", "verify"])]
+        format: Option<String>,
     },
     /// Change attributes.
     Set {
@@ -297,6 +315,96 @@ pub enum ImageCommand {
     Reject {
         /// Image id.
         image: String,
+    },
+    /// Image families: list them, or one family's versions (newest first) or its latest image.
+    Family {
+        /// Family name (omit to list every family you can see).
+        family: Option<String>,
+        /// Project that owns the family (default: yours, then public images).
+        #[arg(long, value_name = "PROJECT")]
+        owner: Option<String>,
+        /// Show only the family's latest image.
+        #[arg(long)]
+        latest: bool,
+    },
+    /// Show an image's ancestors and children, or record its parent with --parent.
+    Lineage {
+        /// Image id or name.
+        image: String,
+        /// Ancestors to walk (at most 64).
+        #[arg(long, default_value_t = 16)]
+        depth: u32,
+        /// Record this image (id or name) as the parent.
+        #[arg(long, value_name = "IMAGE")]
+        parent: Option<String>,
+        /// How it was derived: snapshot, clone, rebuild, import, conversion or derive.
+        #[arg(long, default_value = "clone", requires = "parent")]
+        relation: String,
+        /// Build record to store with --parent: a JSON object (tool, source spec, …).
+        #[arg(long, value_name = "JSON", requires = "parent")]
+        build: Option<String>,
+    },
+    /// Create an image from a template: its data is a server-side copy of the template's.
+    Derive {
+        /// Template image id or name.
+        template: String,
+        /// Name of the new image.
+        name: String,
+        /// Family of the new image.
+        #[arg(long)]
+        family: Option<String>,
+        /// Version of the new image in its family.
+        #[arg(long)]
+        version: Option<String>,
+        /// private, shared, community or public.
+        #[arg(long)]
+        visibility: Option<String>,
+        /// Custom property (repeatable).
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+    },
+    /// Manage your project's image signing keys.
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::signing::cli::KeysCommand,
+    },
+    /// Sign a file: print the img_signature* properties to set on its image.
+    Sign {
+        /// The image data.
+        file: PathBuf,
+        /// Private key (PEM: PKCS#8, or PKCS#1 RSA, or SEC1 EC).
+        #[arg(long, value_name = "PRIVATE.pem")]
+        key: PathBuf,
+        /// Id of the matching key registered with `vmi image keys add`.
+        #[arg(long, value_name = "ID")]
+        key_id: String,
+        /// Hash method: SHA-256, SHA-384 or SHA-512.
+        #[arg(long, default_value = "SHA-256")]
+        hash: String,
+    },
+    /// Lifecycle, recycle bin and audit log.
+    #[command(flatten)]
+    Lifecycle(crate::lifecycle::cli::LifecycleCommand),
+    /// Import data into a queued image: stage a file and import it (glance-direct), or have the
+    /// registry download a URL (web-download). Waits for the import unless --no-wait.
+    Import {
+        /// Image id or name.
+        image: String,
+        /// Local file to stage and import.
+        #[arg(
+            long,
+            value_name = "PATH",
+            conflicts_with = "uri",
+            required_unless_present = "uri"
+        )]
+        file: Option<PathBuf>,
+        /// URL the registry downloads from.
+        #[arg(long, value_name = "URL")]
+        uri: Option<String>,
+        /// Return once the import started.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -354,6 +462,15 @@ pub async fn image_command(
     out: &mut dyn Write,
     progress: bool,
 ) -> Result<()> {
+    if let ImageCommand::Sign {
+        file,
+        key,
+        key_id,
+        hash,
+    } = &args.command
+    {
+        return crate::signing::cli::run_sign(out, file, key, key_id, hash, args.json);
+    }
     let url = args
         .url
         .clone()
@@ -434,8 +551,16 @@ pub async fn image_command(
             properties,
             tags,
             file,
+            sign,
+            sign_key_id,
         } => {
             let mut attrs = Map::new();
+            if let (Some(k), Some(f), Some(kid)) = (sign, file, sign_key_id) {
+                let hash = crate::signing::crypto::HashMethod::Sha256;
+                for (k, v) in crate::signing::cli::sign_properties(f, k, kid, hash)? {
+                    attrs.insert(k, json!(v));
+                }
+            }
             for p in properties {
                 let (k, v) = key_value(p)?;
                 attrs.insert(k, json!(v));
@@ -482,9 +607,42 @@ pub async fn image_command(
             image,
             output,
             resume,
+            verify,
+            key,
+            format: Some(format),
+        } => {
+            let id = c.resolve(image).await?;
+            let d = c.download_as(&id, format, output, progress).await?;
+            let check = if d.md5.is_empty() {
+                String::from("converted on the fly, no checksum to verify")
+            } else {
+                format!("md5 {} verified", d.md5)
+            };
+            let _ = (resume, verify, key);
+            w(
+                out,
+                format!(
+                    "{}: {} bytes written as {format}, {check}",
+                    output.display(),
+                    d.written
+                ),
+            )
+        }
+        ImageCommand::Download {
+            image,
+            output,
+            resume,
+            verify,
+            key,
+            format: None,
         } => {
             let id = c.resolve(image).await?;
             let d = c.download(&id, output, *resume, progress).await?;
+            if *verify {
+                let line =
+                    crate::signing::cli::verify_download(&c, &id, output, key.as_deref()).await?;
+                w(out, line)?;
+            }
             w(
                 out,
                 format!(
@@ -571,6 +729,219 @@ pub async fn image_command(
                 format!("{image}: {}", m["status"].as_str().unwrap_or("")),
             )
         }
+        ImageCommand::Family { .. }
+        | ImageCommand::Lineage { .. }
+        | ImageCommand::Derive { .. } => lineage_command(&c, &args.command, args.json, out).await,
+        ImageCommand::Import {
+            image,
+            file,
+            uri,
+            no_wait,
+        } => {
+            let id = c.resolve(image).await?;
+            if let Some(f) = file {
+                c.stage(&id, f, progress).await?;
+            }
+            c.import(&id, uri.as_deref()).await?;
+            let img = if *no_wait {
+                c.show(&id).await?
+            } else {
+                c.wait_imported(&id, std::time::Duration::from_millis(250))
+                    .await?
+            };
+            if img["status"] == "queued" {
+                return Err(RegistryError::Remote {
+                    status: 0,
+                    message: format!(
+                        "the import of {id} failed: {}",
+                        img["vmi_import_error"]
+                            .as_str()
+                            .unwrap_or("no reason given")
+                    ),
+                });
+            }
+            print_image(out, &img, args.json)
+        }
+        ImageCommand::Keys { command } => {
+            crate::signing::cli::run_keys(&c, command, out, args.json).await
+        }
+        ImageCommand::Sign { .. } => Ok(()),
+        ImageCommand::Lifecycle(cmd) => crate::lifecycle::cli::run(&c, cmd, args.json, out).await,
+    }
+}
+
+/// `vmi image family|lineage|derive`.
+async fn lineage_command(
+    c: &RegistryClient,
+    command: &ImageCommand,
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let w = |out: &mut dyn Write, s: String| {
+        writeln!(out, "{s}").map_err(|e| RegistryError::io("writing output", e))
+    };
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    match command {
+        ImageCommand::Family {
+            family: None,
+            owner,
+            ..
+        } => {
+            let v = c.families(owner.as_deref()).await?;
+            if as_json {
+                return w(out, serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            w(
+                out,
+                format!(
+                    "{:<32}  {:<32}  {:>6}  {:<36}  VERSION",
+                    "FAMILY", "OWNER", "IMAGES", "LATEST"
+                ),
+            )?;
+            for f in v["families"].as_array().into_iter().flatten() {
+                w(
+                    out,
+                    format!(
+                        "{:<32}  {:<32}  {:>6}  {:<36}  {}",
+                        s(&f["name"]),
+                        s(&f["owner"]),
+                        f["images"],
+                        s(&f["latest"]["id"]),
+                        s(&f["latest"]["version"])
+                    ),
+                )?;
+            }
+            Ok(())
+        }
+        ImageCommand::Family {
+            family: Some(family),
+            owner,
+            latest: true,
+        } => print_image(
+            out,
+            &c.family_latest(family, owner.as_deref()).await?,
+            as_json,
+        ),
+        ImageCommand::Family {
+            family: Some(family),
+            owner,
+            latest: false,
+        } => {
+            let v = c.family_images(family, owner.as_deref()).await?;
+            if as_json {
+                return w(out, serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            let latest = s(&v["latest"]);
+            w(
+                out,
+                format!("  {:<24}  {:<36}  {:<11}  NAME", "VERSION", "ID", "STATUS"),
+            )?;
+            for i in v["images"].as_array().into_iter().flatten() {
+                let mark = if s(&i["id"]) == latest { "*" } else { " " };
+                w(
+                    out,
+                    format!(
+                        "{mark} {:<24}  {:<36}  {:<11}  {}",
+                        s(&i["version"]),
+                        s(&i["id"]),
+                        s(&i["status"]),
+                        s(&i["name"])
+                    ),
+                )?;
+            }
+            Ok(())
+        }
+        ImageCommand::Lineage {
+            image,
+            depth,
+            parent,
+            relation,
+            build,
+        } => {
+            let id = c.resolve(image).await?;
+            if let Some(p) = parent {
+                let pid = c.resolve(p).await?;
+                let mut body = json!({"parent_id": pid, "relation": relation});
+                if let Some(b) = build {
+                    body["build"] = serde_json::from_str(b).map_err(|e| {
+                        RegistryError::BadRequest(format!("--build is not JSON: {e}"))
+                    })?;
+                }
+                c.record_lineage(&id, &body).await?;
+            }
+            let v = c.lineage(&id, *depth).await?;
+            if as_json {
+                return w(out, serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            match v["lineage"].as_object() {
+                Some(l) => w(
+                    out,
+                    format!("{id}: {} of {}", s(&l["relation"]), s(&l["parent_id"])),
+                )?,
+                None => w(out, format!("{id}: no recorded parent"))?,
+            }
+            w(out, "ancestors:".into())?;
+            for (n, a) in v["ancestors"].as_array().into_iter().flatten().enumerate() {
+                let line = if a["visible"] == json!(true) {
+                    format!(
+                        "  {:>2}  {}  {:<24}  {}",
+                        n + 1,
+                        s(&a["id"]),
+                        s(&a["name"]),
+                        s(&a["lineage"]["relation"])
+                    )
+                } else {
+                    format!("  {:>2}  {}  (not visible)", n + 1, s(&a["id"]))
+                };
+                w(out, line)?;
+            }
+            if v["more_ancestors"] == json!(true) {
+                w(out, "  … (more; raise --depth)".into())?;
+            }
+            w(out, "children:".into())?;
+            for ch in v["children"].as_array().into_iter().flatten() {
+                w(
+                    out,
+                    format!(
+                        "      {}  {:<24}  {}",
+                        s(&ch["id"]),
+                        s(&ch["name"]),
+                        s(&ch["relation"])
+                    ),
+                )?;
+            }
+            Ok(())
+        }
+        ImageCommand::Derive {
+            template,
+            name,
+            family,
+            version,
+            visibility,
+            properties,
+        } => {
+            let id = c.resolve(template).await?;
+            let mut body = json!({ "name": name });
+            if let Some(v) = family {
+                body["family"] = json!(v);
+            }
+            if let Some(v) = version {
+                body["version"] = json!(v);
+            }
+            if let Some(v) = visibility {
+                body["visibility"] = json!(v);
+            }
+            let mut props = Map::new();
+            for p in properties {
+                let (k, v) = key_value(p)?;
+                props.insert(k, json!(v));
+            }
+            body["properties"] = Value::Object(props);
+            print_image(out, &c.derive(&id, &body).await?, as_json)
+        }
+        _ => Err(RegistryError::BadRequest(
+            "not a family, lineage or derive command".into(),
+        )),
     }
 }
 

@@ -285,6 +285,17 @@ impl RegistryClient {
 
     /// Upload `file` as the data of image `id`.
     pub async fn upload(&self, id: &str, file: &Path, progress: bool) -> Result<()> {
+        self.put_file(
+            &format!("/v2/images/{id}/file"),
+            file,
+            progress,
+            "uploading",
+        )
+        .await
+    }
+
+    /// Stream `file` as an `application/octet-stream` PUT body to `path`, with a progress bar.
+    async fn put_file(&self, path: &str, file: &Path, progress: bool, what: &str) -> Result<()> {
         let f = tokio::fs::File::open(file)
             .await
             .map_err(|e| RegistryError::io(format!("opening {}", file.display()), e))?;
@@ -299,11 +310,11 @@ impl RegistryClient {
             .inspect_ok(move |c| pb2.inc(c.len() as u64));
         let r = self
             .empty(
-                self.req(reqwest::Method::PUT, &format!("/v2/images/{id}/file"))
+                self.req(reqwest::Method::PUT, path)
                     .header("content-type", "application/octet-stream")
                     .header("content-length", len)
                     .body(reqwest::Body::wrap_stream(stream)),
-                "uploading",
+                what,
             )
             .await;
         pb.finish_and_clear();
@@ -521,5 +532,281 @@ impl RegistryClient {
             resumed_from: have,
             md5: got,
         })
+    }
+}
+
+/// Downloads converted by the registry (`?format=`, a vmi extension).
+impl RegistryClient {
+    /// Download image `id` converted to `format` into `out` (written under a temporary name and
+    /// renamed when complete). A cached conversion carries `Content-MD5`, which is verified; an
+    /// on-the-fly conversion has none, and `md5` is then empty.
+    pub async fn download_as(
+        &self,
+        id: &str,
+        format: &str,
+        out: &Path,
+        progress: bool,
+    ) -> Result<Downloaded> {
+        let io = |what: &str, e| RegistryError::io(format!("{what} {}", out.display()), e);
+        let rb = self
+            .req(reqwest::Method::GET, &format!("/v2/images/{id}/file"))
+            .query(&[("format", format)]);
+        let resp = check(rb.send().await.map_err(|e| transport("downloading", e))?).await?;
+        let want = resp
+            .headers()
+            .get("content-md5")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let len = resp.content_length().unwrap_or(0);
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".part-{}", std::process::id()));
+        let tmp = out.with_file_name(name);
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| io("creating", e))?;
+        let mut md5 = Md5::new();
+        let mut written = 0u64;
+        let pb = bar(len, progress);
+        let mut stream = resp.bytes_stream();
+        let copied: Result<()> = async {
+            while let Some(chunk) = stream
+                .try_next()
+                .await
+                .map_err(|e| transport("downloading", e))?
+            {
+                md5.update(&chunk);
+                file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
+                written += chunk.len() as u64;
+                pb.inc(chunk.len() as u64);
+            }
+            file.flush().await.map_err(|e| io("writing", e))?;
+            Ok(())
+        }
+        .await;
+        pb.finish_and_clear();
+        let got = hex::encode(md5.finalize());
+        let verdict = match (copied, &want) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(w)) if *w != got => Err(RegistryError::Remote {
+                status: 0,
+                message: format!(
+                    "checksum mismatch for {}: got md5 {got}, the registry sent {w}",
+                    out.display()
+                ),
+            }),
+            (Ok(()), _) => Ok(()),
+        };
+        if let Err(e) = verdict {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        tokio::fs::rename(&tmp, out)
+            .await
+            .map_err(|e| io("renaming into", e))?;
+        Ok(Downloaded {
+            written,
+            resumed_from: 0,
+            md5: if want.is_some() { got } else { String::new() },
+        })
+    }
+}
+
+/// Families, lineage and templates (vmi extensions).
+impl RegistryClient {
+    fn family_req(&self, family: &str, what: &str, owner: Option<&str>) -> reqwest::RequestBuilder {
+        let rb = self.req(
+            reqwest::Method::GET,
+            &format!("/v2/families/{family}/{what}"),
+        );
+        match owner {
+            Some(o) => rb.query(&[("owner", o)]),
+            None => rb,
+        }
+    }
+
+    /// The families the caller can see, each with its latest image.
+    pub async fn families(&self, owner: Option<&str>) -> Result<Value> {
+        let mut rb = self.req(reqwest::Method::GET, "/v2/families");
+        if let Some(o) = owner {
+            rb = rb.query(&[("owner", o)]);
+        }
+        self.json(rb, "listing families").await
+    }
+
+    /// A family's images, newest version first, and its latest image's id.
+    pub async fn family_images(&self, family: &str, owner: Option<&str>) -> Result<Value> {
+        self.json(self.family_req(family, "images", owner), "listing a family")
+            .await
+    }
+
+    /// A family's latest image.
+    pub async fn family_latest(&self, family: &str, owner: Option<&str>) -> Result<Value> {
+        self.json(
+            self.family_req(family, "latest", owner),
+            "resolving a family's latest image",
+        )
+        .await
+    }
+
+    /// An image's lineage: up to `depth` ancestors and every direct child (following `next`).
+    pub async fn lineage(&self, id: &str, depth: u32) -> Result<Value> {
+        let mut v = self
+            .json(
+                self.req(reqwest::Method::GET, &format!("/v2/images/{id}/lineage"))
+                    .query(&[("depth", depth)]),
+                "reading lineage",
+            )
+            .await?;
+        let mut next = v["next"].as_str().map(str::to_string);
+        while let Some(n) = next {
+            let page = self
+                .json(self.req(reqwest::Method::GET, &n), "reading lineage")
+                .await?;
+            if let (Some(all), Some(more)) =
+                (v["children"].as_array_mut(), page["children"].as_array())
+            {
+                all.extend(more.iter().cloned());
+            }
+            next = page["next"].as_str().map(str::to_string);
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.remove("next");
+        }
+        Ok(v)
+    }
+
+    /// Record what image `id` was derived from (`{"parent_id", "relation", "build"}`).
+    pub async fn record_lineage(&self, id: &str, body: &Value) -> Result<Value> {
+        self.json(
+            self.req(reqwest::Method::POST, &format!("/v2/images/{id}/lineage"))
+                .json(body),
+            "recording lineage",
+        )
+        .await
+    }
+
+    /// Create an image from template `id` (`{"name", "family", "version", "visibility",
+    /// "properties"}`).
+    pub async fn derive(&self, id: &str, body: &Value) -> Result<Value> {
+        self.json(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/v2/images/{id}/actions/derive"),
+            )
+            .json(body),
+            "deriving an image",
+        )
+        .await
+    }
+}
+
+/// Signing keys (`/v2/signing-keys`, a vmi extension).
+impl RegistryClient {
+    /// Register a PEM public key or certificate with the token's project.
+    pub async fn signing_key_add(&self, pem: &str, name: Option<&str>) -> Result<Value> {
+        let rb = self
+            .req(reqwest::Method::POST, "/v2/signing-keys")
+            .json(&json!({"key": pem, "name": name}));
+        self.json(rb, "registering a signing key").await
+    }
+
+    /// The project's signing keys.
+    pub async fn signing_keys(&self) -> Result<Vec<Value>> {
+        let v = self
+            .json(
+                self.req(reqwest::Method::GET, "/v2/signing-keys"),
+                "listing signing keys",
+            )
+            .await?;
+        Ok(v["signing_keys"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// One signing key, with its PEM.
+    pub async fn signing_key(&self, id: &str) -> Result<Value> {
+        self.json(
+            self.req(reqwest::Method::GET, &format!("/v2/signing-keys/{id}")),
+            "reading a signing key",
+        )
+        .await
+    }
+
+    /// Remove a signing key.
+    pub async fn signing_key_delete(&self, id: &str) -> Result<()> {
+        self.empty(
+            self.req(reqwest::Method::DELETE, &format!("/v2/signing-keys/{id}")),
+            "deleting a signing key",
+        )
+        .await
+    }
+}
+
+/// Lifecycle, recycle bin and audit log (vmi extensions).
+impl RegistryClient {
+    /// `POST /v2/images/{id}/actions/lifecycle` with `body` (state, replacement, dates).
+    pub async fn lifecycle(&self, id: &str, body: &Value) -> Result<Value> {
+        self.json(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/v2/images/{id}/actions/lifecycle"),
+            )
+            .json(body),
+            "changing the lifecycle",
+        )
+        .await
+    }
+
+    /// Bring a recycled image back.
+    pub async fn restore(&self, id: &str) -> Result<Value> {
+        self.json(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/v2/images/{id}/actions/restore"),
+            ),
+            "restoring an image",
+        )
+        .await
+    }
+
+    /// One page of the audit log (`filters`: image_id, action, since, until, limit, marker).
+    pub async fn audit(&self, filters: &[(String, String)]) -> Result<Value> {
+        self.json(
+            self.req(reqwest::Method::GET, "/v2/audit").query(filters),
+            "reading the audit log",
+        )
+        .await
+    }
+}
+
+/// Interoperable import (`stage` + `import`) and converted downloads.
+impl RegistryClient {
+    /// Stage `file` for a glance-direct import of image `id` (`PUT …/stage`).
+    pub async fn stage(&self, id: &str, file: &Path, progress: bool) -> Result<()> {
+        self.put_file(&format!("/v2/images/{id}/stage"), file, progress, "staging")
+            .await
+    }
+
+    /// Start an import of image `id`: glance-direct when `uri` is `None`, else web-download.
+    pub async fn import(&self, id: &str, uri: Option<&str>) -> Result<()> {
+        let method = match uri {
+            None => json!({"name": "glance-direct"}),
+            Some(u) => json!({"name": "web-download", "uri": u}),
+        };
+        self.empty(
+            self.req(reqwest::Method::POST, &format!("/v2/images/{id}/import"))
+                .json(&json!({ "method": method })),
+            "starting the import",
+        )
+        .await
+    }
+
+    /// Wait until image `id` is no longer `importing` (polling every `every`) and return it.
+    pub async fn wait_imported(&self, id: &str, every: std::time::Duration) -> Result<Value> {
+        loop {
+            let img = self.show(id).await?;
+            if img["status"] != "importing" {
+                return Ok(img);
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 }

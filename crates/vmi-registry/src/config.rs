@@ -86,6 +86,14 @@ pub struct Config {
     pub admin: AdminConfig,
     /// S3 settings for an `s3://` store.
     pub s3: S3Config,
+    /// Image signature policy.
+    pub signing: crate::signing::SigningConfig,
+    /// Recycle bin retention and the lifecycle job (`[lifecycle]`).
+    pub lifecycle: crate::lifecycle::LifecycleConfig,
+    /// Operator policies: naming, required metadata, retention (`[policies]`).
+    pub policies: crate::policies::PoliciesConfig,
+    /// Interoperable image import, conversion on import and format-converting downloads.
+    pub import: crate::import::ImportConfig,
 }
 
 impl Default for Config {
@@ -102,6 +110,10 @@ impl Default for Config {
             reap_grace_secs: DEFAULT_REAP_GRACE_SECS,
             admin: AdminConfig::default(),
             s3: S3Config::default(),
+            signing: Default::default(),
+            lifecycle: Default::default(),
+            policies: Default::default(),
+            import: crate::import::ImportConfig::default(),
         }
     }
 }

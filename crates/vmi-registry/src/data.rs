@@ -40,6 +40,9 @@ const READ_BYTES: usize = 1 << 20;
 const PART_CONCURRENCY: usize = 4;
 /// Prefix of every image object.
 const IMAGES_PREFIX: &str = "images";
+/// Areas beside the images that [`ImageData::begin_in`] writes to: data staged for an import
+/// (`staging/`) and converted copies served to downloads (`cache/`).
+pub const AREAS: [&str; 2] = ["staging", "cache"];
 
 /// Where an upload is being written.
 #[async_trait]
@@ -59,6 +62,9 @@ pub trait UploadSink: Send {
 pub trait ImageData: Send + Sync + 'static {
     /// Start storing a new upload for `image_id`.
     async fn begin(&self, image_id: &str) -> Result<Box<dyn UploadSink>>;
+    /// Start storing a new object for `image_id` in one of the [`AREAS`] (staged imports,
+    /// converted downloads). Every node reaches it: it lives in the same store as the images.
+    async fn begin_in(&self, area: &str, image_id: &str) -> Result<Box<dyn UploadSink>>;
     /// Stream the bytes at `location`, or the half-open `range` of them.
     async fn read(&self, location: &str, range: Option<Range<u64>>) -> Result<ByteStream>;
     /// Random read access to `location` of `size` bytes, for inspection. Its reads block: call
@@ -135,7 +141,8 @@ impl WholeObjectData {
     fn path(location: &str) -> Result<ObjPath> {
         let p = ObjPath::parse(location)
             .map_err(|e| RegistryError::store(format!("bad location '{location}'"), e))?;
-        if !location.starts_with(IMAGES_PREFIX) {
+        let top = location.split('/').next().unwrap_or("");
+        if top != IMAGES_PREFIX && !AREAS.contains(&top) {
             return Err(RegistryError::store(
                 format!("bad location '{location}'"),
                 "not under the images prefix",
@@ -187,6 +194,26 @@ impl UploadSink for ObjectUpload {
 impl ImageData for WholeObjectData {
     async fn begin(&self, image_id: &str) -> Result<Box<dyn UploadSink>> {
         let location = format!("{IMAGES_PREFIX}/{image_id}/{}", uuid::Uuid::new_v4());
+        let path = Self::path(&location)?;
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(|e| RegistryError::store("starting an upload", e))?;
+        Ok(Box::new(ObjectUpload {
+            location,
+            writer: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+        }))
+    }
+
+    async fn begin_in(&self, area: &str, image_id: &str) -> Result<Box<dyn UploadSink>> {
+        if !AREAS.contains(&area) {
+            return Err(RegistryError::store(
+                format!("bad area '{area}'"),
+                "not a data area",
+            ));
+        }
+        let location = format!("{area}/{image_id}/{}", uuid::Uuid::new_v4());
         let path = Self::path(&location)?;
         let upload = self
             .store
@@ -332,13 +359,15 @@ impl ImageData for WholeObjectData {
     async fn reap(&self, keep: &HashSet<String>, grace: Duration) -> Result<usize> {
         let cutoff = chrono::Utc::now()
             - chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::zero());
-        let prefix = ObjPath::from(IMAGES_PREFIX);
-        let mut objects = self.store.list(Some(&prefix));
         let mut doomed = Vec::new();
-        while let Some(meta) = objects.next().await {
-            let meta = meta.map_err(|e| RegistryError::store("listing image data", e))?;
-            if !keep.contains(meta.location.as_ref()) && meta.last_modified < cutoff {
-                doomed.push(meta.location);
+        for top in std::iter::once(IMAGES_PREFIX).chain(AREAS) {
+            let prefix = ObjPath::from(top);
+            let mut objects = self.store.list(Some(&prefix));
+            while let Some(meta) = objects.next().await {
+                let meta = meta.map_err(|e| RegistryError::store("listing image data", e))?;
+                if !keep.contains(meta.location.as_ref()) && meta.last_modified < cutoff {
+                    doomed.push(meta.location);
+                }
             }
         }
         let mut n = doomed.len();
@@ -350,7 +379,11 @@ impl ImageData for WholeObjectData {
         }
         if let Some(root) = self.local_root.clone() {
             n += tokio::task::spawn_blocking(move || {
-                reap_staging(&root.join(IMAGES_PREFIX), SystemTime::now() - grace)
+                let cutoff = SystemTime::now() - grace;
+                std::iter::once(IMAGES_PREFIX)
+                    .chain(AREAS)
+                    .map(|top| reap_staging(&root.join(top), cutoff))
+                    .sum::<io::Result<usize>>()
             })
             .await
             .map_err(|e| RegistryError::store("reaping staging files", e))?

@@ -16,17 +16,24 @@
 //!   `vmi image …`.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod data;
 pub mod digest;
 pub mod error;
+pub mod import;
+pub mod lifecycle;
+pub mod lineage;
 pub mod model;
+pub mod policies;
 pub mod policy;
 pub mod server;
+pub mod signing;
 
 pub use config::Config;
 pub use error::{RegistryError, Result};

@@ -51,6 +51,12 @@ pub enum Status {
     Deleted,
     /// Downloads blocked for non-admins.
     Deactivated,
+    /// Deleted into the recycle bin: data kept until the retention ends (restorable).
+    PendingDelete,
+    /// Data is being staged for an interoperable import (`PUT …/stage`).
+    Uploading,
+    /// An import task is moving staged or downloaded data into the store.
+    Importing,
 }
 
 impl Status {
@@ -63,17 +69,23 @@ impl Status {
             Status::Killed => "killed",
             Status::Deleted => "deleted",
             Status::Deactivated => "deactivated",
+            Status::PendingDelete => "pending_delete",
+            Status::Uploading => "uploading",
+            Status::Importing => "importing",
         }
     }
 
     /// Every status, for schemas.
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 9] = [
         Status::Queued,
         Status::Saving,
         Status::Active,
         Status::Killed,
         Status::Deleted,
         Status::Deactivated,
+        Status::PendingDelete,
+        Status::Uploading,
+        Status::Importing,
     ];
 }
 

@@ -20,6 +20,10 @@ pub fn can_see(ctx: &Context, img: &ImageRecord, member: Option<&MemberRecord>) 
     if img.status == Status::Deleted {
         return false;
     }
+    if img.status == Status::PendingDelete {
+        // The recycle bin is the owner's (and the admins') business only.
+        return ctx.is_admin() || img.owner == ctx.project_id;
+    }
     if ctx.is_admin() || img.owner == ctx.project_id {
         return true;
     }

@@ -4,6 +4,7 @@
 use crate::auth::{hash_password, hash_token, new_password};
 use crate::catalog::sqlite::SqliteCatalog;
 use crate::catalog::{Catalog, Cmp, Field, Filter, ImageQuery, Viewer};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, DatabaseUrl, StoreUrl};
 use crate::data::{ImageData, WholeObjectData};
 use crate::error::{RegistryError, Result};
@@ -26,6 +27,8 @@ pub struct App {
     pub catalog: Arc<dyn Catalog>,
     /// Image bytes.
     pub data: Arc<dyn ImageData>,
+    /// The time source (a [`crate::clock::ManualClock`] in tests).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl App {
@@ -155,6 +158,20 @@ impl Registry {
         Ok(Self::with_parts(config, catalog, data))
     }
 
+    /// The same registry with another time source (tests move time with a
+    /// [`crate::clock::ManualClock`]).
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
+        let app = Arc::try_unwrap(self.app).unwrap_or_else(|a| App {
+            config: a.config.clone(),
+            catalog: a.catalog.clone(),
+            data: a.data.clone(),
+            clock: a.clock.clone(),
+        });
+        Registry {
+            app: Arc::new(App { clock, ..app }),
+        }
+    }
+
     /// A registry over the given backends.
     pub fn with_parts(config: Config, catalog: Arc<dyn Catalog>, data: Arc<dyn ImageData>) -> Self {
         Registry {
@@ -162,6 +179,7 @@ impl Registry {
                 config,
                 catalog,
                 data,
+                clock: Arc::new(SystemClock),
             }),
         }
     }
@@ -280,17 +298,19 @@ impl Registry {
                 );
             }
         }
+        crate::import::recover_stuck(&self.app).await?;
         self.app
             .catalog
             .delete_expired_tokens(&crate::api::identity::keystone_time(chrono::Utc::now()))
             .await?;
-        let keep: HashSet<String> = self
+        let mut keep: HashSet<String> = self
             .app
             .catalog
             .live_locations()
             .await?
             .into_iter()
             .collect();
+        keep.extend(self.app.catalog.import_locations().await?);
         self.app
             .data
             .reap(&keep, Duration::from_secs(self.app.config.reap_grace_secs))

@@ -2,6 +2,8 @@
 //! local files in a temporary directory), an authorisation matrix, and one real-socket test
 //! that moves 64 MiB through a bound 127.0.0.1 port.
 
+mod support;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use bytes::Bytes;
@@ -50,28 +52,12 @@ async fn setup_with(f: impl FnOnce(&mut Config)) -> T {
     f(&mut c);
     // With the postgres feature and VMI_TEST_POSTGRES_URL (postgres://user@host:port, see
     // tests/postgres.sh), every test runs on a fresh PostgreSQL database instead of SQLite.
-    #[cfg(feature = "postgres")]
-    if let Ok(base) = std::env::var("VMI_TEST_POSTGRES_URL") {
-        c.database = Some(fresh_postgres_database(&base).await);
+    if let Some(db) = support::test_database().await {
+        c.database = Some(db);
     }
     let reg = Registry::open(c).await.unwrap();
     reg.bootstrap().await.unwrap();
     T { reg, dir }
-}
-
-#[cfg(feature = "postgres")]
-async fn fresh_postgres_database(base: &str) -> String {
-    let name = format!("vmi_t_{}", uuid::Uuid::new_v4().simple());
-    let (client, conn) =
-        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    format!("{base}/{name}")
 }
 
 async fn setup() -> T {
@@ -1851,7 +1837,10 @@ async fn deleting_an_image_during_its_upload_makes_the_upload_lose_without_lefto
 async fn info_endpoints_roles_and_head_requests_answer() {
     let t = setup().await;
     let r = t.get("/v2/info/import", ADMIN_TOKEN).await;
-    assert_eq!(r.json()["import-methods"]["value"], json!([]));
+    assert_eq!(
+        r.json()["import-methods"]["value"],
+        json!(["glance-direct", "web-download"])
+    );
     let r = t.get("/v2/info/stores", ADMIN_TOKEN).await;
     assert_eq!(r.json()["stores"][0]["default"], true);
     let r = t.get("/v3/roles", ADMIN_TOKEN).await;

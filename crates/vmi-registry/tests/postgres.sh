@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs the registry's API test suite on PostgreSQL: starts a throwaway PostgreSQL cluster on
 # 127.0.0.1 (Debian's postgresql package: `apt-get install postgresql`), then runs
-# `tests/api.rs` with the `postgres` feature, each test on a fresh database, plus the two-node
-# test.
+# `tests/api.rs` and `tests/signing.rs` with the `postgres` feature, each test on a fresh
+# database, plus the two-node test. The cluster has TLS on (`ssl=on`) with a certificate for
+# localhost issued by a throwaway CA made here with openssl, so the signing suite also checks
+# `sslmode=verify-full|require|disable` against it; the other tests connect with the default
+# `sslmode=prefer`, i.e. over TLS. `tests/lifecycle.rs` runs as well (two-node lease tests).
 #
 # Usage: bash crates/vmi-registry/tests/postgres.sh
 # Environment: PG_BIN (default: the newest /usr/lib/postgresql/*/bin), PORT (default 19696)
@@ -22,8 +25,22 @@ if [ "$(id -u)" = 0 ]; then
     as=(runuser -u postgres --)
 fi
 "${as[@]}" "$pg_bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+# A throwaway CA and a server certificate it issues for localhost and 127.0.0.1.
+ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 "${ec[@]}" -days 2 -keyout "$dir/ca.key" -out "$dir/ca.crt" \
+    -subj /CN=vmi-test-ca 2>/dev/null
+openssl req "${ec[@]}" -keyout "$dir/server.key" -out "$dir/server.csr" -subj /CN=localhost \
+    2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$dir/ext"
+openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 2 -extfile "$dir/ext" -out "$dir/server.crt" 2>/dev/null
+chmod 600 "$dir/server.key"
+if [ "$(id -u)" = 0 ]; then
+    chown postgres "$dir/server.key" "$dir/server.crt"
+fi
 "${as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
+        -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" start >/dev/null
 cleanup() {
     "${as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
     rm -rf "$dir"
@@ -31,4 +48,8 @@ cleanup() {
 trap cleanup EXIT
 cd "$root"
 VMI_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port" \
-    cargo test -p vmi-registry --features postgres --test api
+VMI_TEST_POSTGRES_TLS_URL="postgres://postgres@localhost:$port" \
+VMI_TEST_POSTGRES_TLS_ROOT="$dir/ca.crt" \
+VMI_TEST_POSTGRES_SOCKET="host=$dir port=$port" \
+    cargo test -p vmi-registry --features postgres --test api --test signing --test lifecycle \
+        --test import --test lineage

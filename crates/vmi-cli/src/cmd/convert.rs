@@ -5,7 +5,7 @@ use crate::common::{self, parse_format, parse_size};
 use crate::progress::{ProgressArgs, Reporter};
 use anyhow::{bail, Context as _};
 use std::path::{Path, PathBuf};
-use vmi_convert::{ConvertOptions, Target};
+use vmi_convert::{CacheMode, ConvertOptions, Target};
 use vmi_disk::{BackingMode, BackingSpec, CreateOptions, Format, Gate};
 
 /// Convert SRC into a new image DST of format -O (raw by default).
@@ -51,6 +51,13 @@ pub struct Args {
     /// Allow out-of-order writes where the output format permits.
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Cache mode of the output: `writeback` (default: DST is fsynced before it is renamed into
+    /// place, so a host crash leaves the old DST or the complete new one) or `unsafe` (no fsync,
+    /// qemu-img convert's default: faster, but a host crash soon after may leave DST empty or
+    /// partly written). `none`, `writethrough` and `directsync` are accepted and mean `writeback`.
+    #[arg(short = 't', value_name = "CACHE", default_value = "writeback",
+          value_parser = parse_cache)]
+    cache: CacheMode,
     /// Quiet (accepted for qemu-img compatibility: convert prints nothing without -p anyway).
     #[arg(short = 'q')]
     quiet: bool,
@@ -100,9 +107,13 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         compress: a.compress,
         min_sparse: a.min_sparse,
         out_of_order: a.out_of_order,
+        cache: a.cache,
         target_has_data: false,
         shallow: false,
         progress: reporter.as_ref().map(|r| r.callback()),
+        // Ctrl-C (or SIGTERM) stops the workers and removes the temporary output; a second one
+        // kills the process at once.
+        cancel: Some(common::cancel_on_signal()),
     };
     let what = || format!("converting {} to {}", a.src.display(), a.dst.display());
 
@@ -124,6 +135,7 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
             true,
         )?;
         opts.target_has_data = true;
+        a.cache.apply(&dst);
         vmi_convert::convert(&src, &dst, &opts).with_context(what)?;
         dst.close()?;
     } else {
@@ -164,6 +176,11 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         r.finish(src.virtual_size());
     }
     Ok(0)
+}
+
+/// `-t`: one of [`CacheMode::NAMES`].
+fn parse_cache(s: &str) -> Result<CacheMode, String> {
+    s.parse().map_err(|e: vmi_disk::Error| e.to_string())
 }
 
 /// A name recorded in `image` resolves relative to the image's folder.

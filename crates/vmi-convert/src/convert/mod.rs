@@ -28,11 +28,12 @@
 //!
 //! The first error from any thread stops every stage promptly and is returned.
 
+use crate::install::CacheMode;
 use crate::progress::{Progress, ProgressFn};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use vmi_disk::storage::is_zero;
 use vmi_disk::{BlockKind, BlockStatus, CompressedWrite, Error, Image, Result};
 
@@ -73,8 +74,16 @@ pub struct ConvertOptions {
     pub target_has_data: bool,
     /// Copy only what the top image allocates; leave the rest to the target's backing (`-B`).
     pub shallow: bool,
+    /// How the output is made durable (`-t`); see [`CacheMode`]. [`convert`] itself never syncs:
+    /// [`crate::convert_to_path`] applies the mode, and callers converting into an image they
+    /// opened themselves apply it with [`CacheMode::apply`].
+    pub cache: CacheMode,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
+    /// Set from another thread (a signal handler) to stop the conversion: every stage stops at
+    /// its next window and [`convert`] fails with an "interrupted" error, so
+    /// [`crate::convert_to_path`] removes its temporary files.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -83,6 +92,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("workers", &self.workers)
             .field("compress", &self.compress)
             .field("min_sparse", &self.min_sparse)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +192,7 @@ struct Shared {
     reported: Mutex<u64>,
     total: u64,
     progress: Option<ProgressFn>,
+    cancel: Option<Arc<AtomicBool>>,
     data_bytes: AtomicU64,
     zero_bytes: AtomicU64,
 }
@@ -202,7 +213,21 @@ impl Shared {
     }
 
     fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        if self.stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            self.fail(Error::new(
+                vmi_disk::ErrorKind::Io,
+                "interrupted: the conversion was cancelled",
+            ));
+            return true;
+        }
+        false
     }
 
     fn account(&self, guest_len: u64, stats: ConvertStats) {
@@ -283,7 +308,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         ))
         .with_path(dst.path()));
     }
-    let compressed = unit_writer.filter(|_| opts.compress);
+    let compressed = unit_writer.filter(|_| compresses(dst, opts));
     // A sequential target must not see a unit twice (a zero block skipped inside a grain would
     // split it), so it is written in whole units too.
     let unit = match unit_writer {
@@ -326,6 +351,7 @@ pub fn convert(src: &Image, dst: &Image, opts: &ConvertOptions) -> Result<Conver
         reported: Mutex::new(0),
         total: size,
         progress: opts.progress.clone(),
+        cancel: opts.cancel.clone(),
         data_bytes: AtomicU64::new(0),
         zero_bytes: AtomicU64::new(0),
     };
@@ -505,13 +531,21 @@ fn skipped(len: u64) -> ConvertStats {
 
 /// Which [`WriteMode`] a conversion into `dst` with `opts` uses.
 pub fn write_mode(dst: &Image, opts: &ConvertOptions) -> WriteMode {
-    if opts.compress {
+    if compresses(dst, opts) {
         WriteMode::Writer
     } else if dst.driver().sequential_only() || !opts.out_of_order {
         WriteMode::Turns
     } else {
         WriteMode::Direct
     }
+}
+
+/// Whether units are compressed by the workers: with `-c`, and always for a sequential target
+/// that compresses everything it stores (VMDK streamOptimized), so its grains are deflated on
+/// every worker rather than one at a time inside the driver.
+fn compresses(dst: &Image, opts: &ConvertOptions) -> bool {
+    opts.compress
+        || (dst.driver().compresses_everything() && dst.driver().compressed_writer().is_some())
 }
 
 /// Wait until every window before `seq` is written; false when the conversion stopped instead.

@@ -19,6 +19,8 @@ pub struct FileStorage {
     seek_data: AtomicBool,
     /// Cleared the first time the filesystem refuses hole punching.
     punch: AtomicBool,
+    /// Set by [`Storage::ignore_sync`]: `sync` does nothing.
+    no_sync: AtomicBool,
 }
 
 impl FileStorage {
@@ -56,6 +58,7 @@ impl FileStorage {
             writable,
             seek_data: AtomicBool::new(true),
             punch: AtomicBool::new(true),
+            no_sync: AtomicBool::new(false),
         }
     }
 
@@ -103,7 +106,15 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.no_sync.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.file.sync_all()
+    }
+
+    fn ignore_sync(&self) -> bool {
+        self.no_sync.store(true, Ordering::Relaxed);
+        true
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {

@@ -39,6 +39,13 @@ pub trait Storage: Send + Sync + Debug {
     /// Make written data durable.
     fn sync(&self) -> io::Result<()>;
 
+    /// Turn [`Storage::sync`] into a no-op from now on: the caller accepts that a host crash may
+    /// lose or tear what was written (cache mode `unsafe`, qemu-img convert's default). Returns
+    /// whether the storage honours it; storages without durable state need not.
+    fn ignore_sync(&self) -> bool {
+        false
+    }
+
     /// The first data region at or after `offset`, as `(start, end)`; `None` when only holes remain.
     /// Storages that cannot tell report everything as data.
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
@@ -87,6 +94,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
+    }
+    fn ignore_sync(&self) -> bool {
+        (**self).ignore_sync()
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
         (**self).next_data(offset)

@@ -204,6 +204,8 @@ fn apply_attr(
             "Attribute '{key}' is reserved."
         )));
     }
+    crate::lifecycle::check_user_attr(key)?;
+    crate::import::check_property(key)?;
     let core = CORE.contains(&key);
     let Some(v) = value else {
         if core {
@@ -294,12 +296,15 @@ pub async fn create(
         }
         Some(_) => return Err(bad("id must be a string")),
     };
-    let mut img = ImageRecord::new(id.hyphenated().to_string(), ctx.project_id.clone(), now());
+    let created = app.clock.now_string();
+    let mut img = ImageRecord::new(id.hyphenated().to_string(), ctx.project_id.clone(), created);
     for (k, v) in obj {
         if k != "id" {
             apply_attr(&ctx, &mut img, k, Some(v), false)?;
         }
     }
+    crate::lineage::check_image_update(&app, &ctx, None, &img).await?;
+    crate::policies::check_naming(&app, None, &img).await?;
     match app.catalog.create_image(&img).await {
         Err(RegistryError::Conflict(_)) => Err(RegistryError::Conflict(format!(
             "Image with identifier {} already exists!",
@@ -491,6 +496,7 @@ pub async fn list(
             .map_err(|_| bad(format!("Invalid marker. Image {m} could not be found.")))?;
         q.marker = Some(img);
     }
+    crate::lifecycle::recycle::scope_listing(&ctx, &mut q);
     let limit = q.limit;
     q.limit = limit.saturating_add(1);
     let mut imgs = app.catalog.list_images(&q).await?;
@@ -543,6 +549,7 @@ pub async fn update(
     let mut img = load_visible(&app, &ctx, &id).await?;
     policy::check_modify(&ctx, &img)?;
     let expected = img.status;
+    let before = img.clone();
     let ops = parse_json(&body)?;
     let ops = ops
         .as_array()
@@ -576,6 +583,8 @@ pub async fn update(
             _ => return Err(bad(format!("Invalid operation: '{name}'"))),
         }
     }
+    crate::lineage::check_image_update(&app, &ctx, Some(&before), &img).await?;
+    crate::policies::check_update(&app, &before, &img).await?;
     img.updated_at = now();
     if !app.catalog.update_image(&img, expected).await? {
         return Err(RegistryError::Conflict(format!(
@@ -598,6 +607,9 @@ pub async fn delete(
             "Image {id} is protected and cannot be deleted."
         )));
     }
+    if crate::lifecycle::recycle::intercept_delete(&app, &ctx, &img).await? {
+        return Ok(StatusCode::NO_CONTENT);
+    }
     let expected = img.status;
     let location = img.location.take();
     img.status = Status::Deleted;
@@ -607,6 +619,7 @@ pub async fn delete(
             "Image {id} was changed by another request; retry"
         )));
     }
+    crate::import::forget_image(&app, &id).await?;
     if let Some(loc) = location {
         if let Err(e) = app.data.delete(&loc).await {
             eprintln!(
@@ -733,7 +746,7 @@ pub async fn delete_tag(
 }
 
 /// The vmi format a Glance `disk_format` must be, when vmi knows it.
-fn expected_format(disk_format: &str) -> Option<Format> {
+pub(crate) fn expected_format(disk_format: &str) -> Option<Format> {
     match disk_format {
         "raw" => Some(Format::Raw),
         "qcow2" => Some(Format::Qcow2),
@@ -895,6 +908,9 @@ pub(crate) async fn receive(
         })
         .await;
     }
+    if let Err(e) = crate::signing::verify_upload(app, img, &digests, &location).await {
+        return discard(e).await;
+    }
     let mut active = img.clone();
     active.status = Status::Active;
     active.size = Some(digests.len);
@@ -905,6 +921,12 @@ pub(crate) async fn receive(
     active.sha256 = Some(digests.sha256);
     active.location = Some(location.clone());
     active.updated_at = now();
+    if let Err(e) = crate::policies::check_metadata(app, &active).await {
+        return discard(e).await;
+    }
+    if let Err(e) = crate::import::convert_on_upload(app, &mut active, inspection.format).await {
+        return discard(e).await;
+    }
     if !app.catalog.update_image(&active, Status::Saving).await? {
         return discard(RegistryError::Conflict(format!(
             "Image {} was changed or deleted during the upload",
@@ -916,7 +938,7 @@ pub(crate) async fn receive(
 }
 
 /// Parse a single `bytes=` range against `size`: `Ok(None)` means serve everything.
-fn parse_range(h: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>> {
+pub(crate) fn parse_range(h: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>> {
     let Some(spec) = h
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().strip_prefix("bytes="))
@@ -971,6 +993,7 @@ pub async fn download(
 ) -> Result<Response> {
     let img = load_visible(&app, &ctx, &id).await?;
     policy::check_download(&ctx, &img)?;
+    let warning = crate::lifecycle::download_warning(&ctx, &img)?;
     let (Some(location), Some(size), Status::Active | Status::Deactivated) =
         (img.location.as_deref(), img.size, img.status)
     else {
@@ -987,6 +1010,9 @@ pub async fn download(
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let hv = |s: String| HeaderValue::from_str(&s).map_err(|e| bad(e.to_string()));
+    if let Some(w) = warning {
+        resp.headers_mut().insert(header::WARNING, hv(w)?);
+    }
     match range {
         Some((s, e)) => {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;

@@ -5,10 +5,15 @@
 //! [`crate::policy`], and fail with [`crate::RegistryError`], which alone maps errors to status
 //! codes and bodies.
 
+pub mod audit;
 pub mod identity;
 pub mod images;
+pub mod import;
+pub mod lifecycle;
+pub mod lineage;
 pub mod members;
 pub mod schemas;
+pub mod signing;
 pub mod uploads;
 
 use crate::error::{RegistryError, Result};
@@ -50,7 +55,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/images/{id}/file",
             put(images::upload)
-                .get(images::download)
+                .get(import::download)
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/images/{id}/uploads", post(uploads::create))
@@ -78,8 +83,30 @@ pub fn router(app: Arc<App>) -> Router {
                 .put(members::update)
                 .delete(members::delete),
         )
-        .route("/info/import", get(info_import))
-        .route("/info/stores", get(info_stores));
+        .route("/images/{id}/actions/lifecycle", post(lifecycle::lifecycle))
+        .route("/images/{id}/actions/restore", post(lifecycle::restore))
+        .route(
+            "/policies/retention/report",
+            get(lifecycle::retention_report),
+        )
+        .route(
+            "/policies/retention/apply",
+            post(lifecycle::retention_apply),
+        )
+        .route("/audit", get(audit::list))
+        .route("/signing-keys", get(signing::list).post(signing::create))
+        .route(
+            "/signing-keys/{id}",
+            get(signing::show).delete(signing::delete),
+        )
+        .route(
+            "/images/{id}/stage",
+            put(import::stage).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/images/{id}/import", post(import::import))
+        .route("/info/import", get(import::info))
+        .route("/info/stores", get(info_stores))
+        .merge(lineage::router());
     Router::new()
         .route("/", get(versions_multiple))
         .route("/versions", get(versions))
@@ -89,6 +116,10 @@ pub fn router(app: Arc<App>) -> Router {
         .nest("/v3", identity::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::audit::middleware,
+        ))
         .with_state(app)
 }
 
@@ -120,12 +151,6 @@ async fn versions_multiple(State(app): State<Arc<App>>, headers: HeaderMap) -> R
 /// `GET /versions`: the version list.
 async fn versions(State(app): State<Arc<App>>, headers: HeaderMap) -> Json<Value> {
     Json(versions_body(&app, &headers))
-}
-
-/// `GET /v2/info/import`: only direct uploads (`PUT …/file`) are offered.
-async fn info_import(_ctx: crate::auth::Context) -> Json<Value> {
-    Json(json!({"import-methods": {
-        "description": "Import methods available.", "type": "array", "value": []}}))
 }
 
 /// `GET /v2/info/stores`: one store.

@@ -7,8 +7,22 @@
 //! image being deleted during an upload) is a compare-and-swap on the image status, so several
 //! service processes can share one database.
 
+pub mod import;
+pub mod lifecycle;
+#[cfg(feature = "postgres")]
+mod lifecycle_postgres;
+mod lifecycle_sqlite;
+pub mod lineage;
+#[cfg(feature = "postgres")]
+pub mod lineage_postgres;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod postgres_tls;
+pub mod signing;
+#[cfg(feature = "postgres")]
+mod signing_postgres;
+mod signing_sqlite;
 pub(crate) mod sql;
 pub mod sqlite;
 
@@ -190,7 +204,15 @@ impl ImageQuery {
 
 /// Everything the registry stores except image bytes.
 #[async_trait]
-pub trait Catalog: Send + Sync + 'static {
+pub trait Catalog:
+    lineage::LineageCatalog
+    + lifecycle::LifecycleCatalog
+    + signing::SigningCatalog
+    + import::ImportCatalog
+    + Send
+    + Sync
+    + 'static
+{
     /// Insert a new image with its tags and properties; [`crate::RegistryError::Conflict`] if
     /// the id exists (even as a deleted tombstone).
     async fn create_image(&self, image: &ImageRecord) -> Result<()>;

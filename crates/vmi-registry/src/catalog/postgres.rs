@@ -5,8 +5,9 @@
 //! lock, so nodes starting together apply each migration once. Concurrent writers to one image
 //! are serialised by the compare-and-swap `UPDATE … WHERE id = $n AND status = $m`.
 //!
-//! One connection is used, behind a mutex (queries are short; a pool comes with load tests).
-//! Connections are plain TCP or Unix sockets: TLS is not built in yet.
+//! Requests share a pool of connections (deadpool-postgres; `pool_size=N` in the URL, default
+//! [`DEFAULT_POOL_SIZE`]); a connection found closed is replaced. Connections use TLS (rustls)
+//! as libpq's `sslmode` and `sslrootcert` in the URL ask: see [`super::postgres_tls`].
 
 use super::sql::{image_values, list_sql, numbered, SqlValue, IMAGE_COLS};
 use super::{Catalog, ImageQuery};
@@ -15,20 +16,41 @@ use crate::model::{
     ImageRecord, MemberRecord, MemberStatus, Project, Role, Status, TokenKind, TokenRecord, User,
 };
 use async_trait::async_trait;
-use tokio::sync::Mutex;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient, NoTls, Row};
+use tokio_postgres::{Client, GenericClient, Row};
+
+pub use super::postgres_tls::DEFAULT_POOL_SIZE;
+use super::postgres_tls::{ConnectOptions, PgTls};
+
+#[path = "import_postgres.rs"]
+mod import_postgres;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str); 5] = [
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../../migrations/postgres/0002_import.sql")),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_lineage.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_lifecycle.sql"),
+    ),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_signing.sql"),
+    ),
+];
 
 /// Advisory lock key held while migrating ("vmireg" in ASCII).
 const MIGRATION_LOCK: i64 = 0x766d_6972_6567;
 
 /// A catalog in a PostgreSQL database.
 pub struct PostgresCatalog {
-    client: Mutex<Client>,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for PostgresCatalog {
@@ -37,7 +59,7 @@ impl std::fmt::Debug for PostgresCatalog {
     }
 }
 
-fn db(what: &'static str) -> impl Fn(tokio_postgres::Error) -> RegistryError {
+pub(crate) fn db(what: &'static str) -> impl Fn(tokio_postgres::Error) -> RegistryError {
     move |e| {
         if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
             return RegistryError::Conflict(format!("{what}: already exists"));
@@ -213,55 +235,79 @@ fn token_from_row(r: &Row) -> Result<TokenRecord> {
 }
 
 impl PostgresCatalog {
-    /// Connect to `url` (`postgres://user:password@host:port/db` or key=value form) and apply
-    /// pending migrations.
+    /// Connect to `url` (`postgres://user:password@host:port/db?sslmode=…` or key=value form)
+    /// and apply pending migrations.
     pub async fn connect(url: &str) -> Result<Self> {
-        let (mut client, conn) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(db("connecting to PostgreSQL"))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                eprintln!("vmi registry: PostgreSQL connection: {e}");
-            }
-        });
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db("starting the migration"))?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(db("locking for migration"))?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations \
-             (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
-        )
-        .await
-        .map_err(db("creating schema_migrations"))?;
-        for (version, sql) in MIGRATIONS {
-            let done = tx
-                .query_opt(
-                    "SELECT version FROM schema_migrations WHERE version = $1",
-                    &[&version],
-                )
-                .await
-                .map_err(db("reading schema_migrations"))?;
-            if done.is_none() {
-                tx.batch_execute(sql)
-                    .await
-                    .map_err(db("applying a migration"))?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                    &[&version, &crate::model::now()],
-                )
-                .await
-                .map_err(db("recording a migration"))?;
-            }
-        }
-        tx.commit().await.map_err(db("committing the migration"))?;
-        Ok(PostgresCatalog {
-            client: Mutex::new(client),
+        let opts = ConnectOptions::parse(url)?;
+        let tls = PgTls::new(&opts)?;
+        let manager = Manager::from_config(
+            opts.pg.clone(),
+            tls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(opts.pool_size)
+            .build()
+            .map_err(|e| RegistryError::catalog("creating the connection pool", e))?;
+        let catalog = PostgresCatalog { pool };
+        let mut conn = catalog.conn().await?;
+        migrate(&mut conn).await?;
+        Ok(catalog)
+    }
+
+    /// The pool's size limit.
+    pub fn pool_size(&self) -> usize {
+        self.pool.status().max_size
+    }
+
+    /// A connection from the pool (waits while every connection is in use).
+    pub(crate) async fn conn(&self) -> Result<Object> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => db("connecting to PostgreSQL")(e),
+            other => RegistryError::catalog("connecting to PostgreSQL", other),
         })
     }
+}
+
+/// Apply pending migrations, holding the advisory lock so that nodes starting together apply
+/// each one once.
+async fn migrate(client: &mut Client) -> Result<()> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(db("starting the migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(db("locking for migration"))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations \
+         (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )
+    .await
+    .map_err(db("creating schema_migrations"))?;
+    for (version, sql) in MIGRATIONS {
+        let done = tx
+            .query_opt(
+                "SELECT version FROM schema_migrations WHERE version = $1",
+                &[&version],
+            )
+            .await
+            .map_err(db("reading schema_migrations"))?;
+        if done.is_none() {
+            tx.batch_execute(sql)
+                .await
+                .map_err(db("applying a migration"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                &[&version, &crate::model::now()],
+            )
+            .await
+            .map_err(db("recording a migration"))?;
+        }
+    }
+    tx.commit().await.map_err(db("committing the migration"))
 }
 
 #[async_trait]
@@ -271,7 +317,8 @@ impl Catalog for PostgresCatalog {
         vals.extend(image_values(image)?);
         let marks: Vec<String> = (1..=vals.len()).map(|i| format!("${i}")).collect();
         let p = params(vals);
-        let mut c = self.client.lock().await;
+        let mut conn = self.conn().await?;
+        let c: &mut Client = &mut conn;
         let tx = c.transaction().await.map_err(db("creating an image"))?;
         tx.execute(
             &format!(
@@ -288,7 +335,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn get_image(&self, id: &str) -> Result<Option<ImageRecord>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let row = c
             .query_opt(
                 &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.id = $1"),
@@ -299,7 +347,7 @@ impl Catalog for PostgresCatalog {
         match row {
             Some(r) => {
                 let mut img = image_from_row(&r)?;
-                load_extras(&*c, &mut img).await?;
+                load_extras(c, &mut img).await?;
                 Ok(Some(img))
             }
             None => Ok(None),
@@ -309,7 +357,8 @@ impl Catalog for PostgresCatalog {
     async fn list_images(&self, query: &ImageQuery) -> Result<Vec<ImageRecord>> {
         let (sql, vals) = list_sql(query)?;
         let p = params(vals);
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let rows = c
             .query(&numbered(&sql), &refs(&p))
             .await
@@ -317,7 +366,7 @@ impl Catalog for PostgresCatalog {
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let mut img = image_from_row(r)?;
-            load_extras(&*c, &mut img).await?;
+            load_extras(c, &mut img).await?;
             out.push(img);
         }
         Ok(out)
@@ -342,7 +391,8 @@ impl Catalog for PostgresCatalog {
             n_cols + 2
         );
         let p = params(vals);
-        let mut c = self.client.lock().await;
+        let mut conn = self.conn().await?;
+        let c: &mut Client = &mut conn;
         let tx = c.transaction().await.map_err(db("updating an image"))?;
         let n = tx
             .execute(&sql, &refs(&p))
@@ -357,7 +407,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn live_locations(&self) -> Result<Vec<String>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let rows = c
             .query(
                 "SELECT location FROM images WHERE location IS NOT NULL \
@@ -372,7 +423,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn add_member(&self, m: &MemberRecord) -> Result<()> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.execute(
             "INSERT INTO image_members (image_id, member_id, status, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5)",
@@ -390,7 +442,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn get_member(&self, image_id: &str, member_id: &str) -> Result<Option<MemberRecord>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query_opt(
             "SELECT image_id, member_id, status, created_at, updated_at FROM image_members \
              WHERE image_id = $1 AND member_id = $2",
@@ -403,7 +456,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn list_members(&self, image_id: &str) -> Result<Vec<MemberRecord>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query(
             "SELECT image_id, member_id, status, created_at, updated_at FROM image_members \
              WHERE image_id = $1 ORDER BY created_at, member_id",
@@ -417,7 +471,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn update_member(&self, m: &MemberRecord) -> Result<bool> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let n = c
             .execute(
                 "UPDATE image_members SET status = $1, updated_at = $2 \
@@ -430,7 +485,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn delete_member(&self, image_id: &str, member_id: &str) -> Result<bool> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let n = c
             .execute(
                 "DELETE FROM image_members WHERE image_id = $1 AND member_id = $2",
@@ -442,7 +498,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn create_project(&self, p: &Project) -> Result<()> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.execute(
             "INSERT INTO projects (id, name) VALUES ($1, $2)",
             &[&p.id, &p.name],
@@ -453,7 +510,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn get_project(&self, id: &str) -> Result<Option<Project>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query_opt("SELECT id, name FROM projects WHERE id = $1", &[&id])
             .await
             .map_err(db("reading a project"))?
@@ -462,7 +520,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn find_project(&self, name: &str) -> Result<Option<Project>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query_opt("SELECT id, name FROM projects WHERE name = $1", &[&name])
             .await
             .map_err(db("finding a project"))?
@@ -471,7 +530,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn list_projects(&self) -> Result<Vec<Project>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query("SELECT id, name FROM projects ORDER BY name", &[])
             .await
             .map_err(db("listing projects"))?
@@ -481,7 +541,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn create_user(&self, u: &User) -> Result<()> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.execute(
             "INSERT INTO users (id, name, password_hash, default_project_id, enabled) \
              VALUES ($1, $2, $3, $4, $5)",
@@ -499,7 +560,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn get_user(&self, id: &str) -> Result<Option<User>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query_opt(
             "SELECT id, name, password_hash, default_project_id, enabled FROM users \
              WHERE id = $1",
@@ -512,7 +574,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn find_user(&self, name: &str) -> Result<Option<User>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query_opt(
             "SELECT id, name, password_hash, default_project_id, enabled FROM users \
              WHERE name = $1",
@@ -525,7 +588,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn assign_role(&self, user_id: &str, project_id: &str, role: Role) -> Result<()> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.execute(
             "INSERT INTO role_assignments (user_id, project_id, role) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
@@ -537,7 +601,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn roles(&self, user_id: &str, project_id: &str) -> Result<Vec<Role>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let rows = c
             .query(
                 "SELECT role FROM role_assignments WHERE user_id = $1 AND project_id = $2",
@@ -556,7 +621,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn create_token(&self, t: &TokenRecord) -> Result<()> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.execute(
             "INSERT INTO tokens (token_hash, user_id, project_id, kind, issued_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -575,7 +641,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn get_token(&self, token_hash: &str) -> Result<Option<TokenRecord>> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.query_opt(
             "SELECT token_hash, user_id, project_id, kind, issued_at, expires_at \
              FROM tokens WHERE token_hash = $1",
@@ -588,7 +655,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn delete_token(&self, token_hash: &str) -> Result<bool> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         let n = c
             .execute("DELETE FROM tokens WHERE token_hash = $1", &[&token_hash])
             .await
@@ -597,7 +665,8 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn delete_expired_tokens(&self, now: &str) -> Result<u64> {
-        let c = self.client.lock().await;
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
         c.execute(
             "DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < $1",
             &[&now],

@@ -16,8 +16,20 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Tra
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+#[path = "import_sqlite.rs"]
+mod import_sqlite;
+
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str); 5] = [
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_import.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_lineage.sql")),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_lifecycle.sql"),
+    ),
+    (5, include_str!("../../migrations/sqlite/0005_signing.sql")),
+];
 
 /// How long a writer waits for another process's lock before failing.
 const BUSY_TIMEOUT_MS: u32 = 10_000;
@@ -186,7 +198,7 @@ impl SqliteCatalog {
         })
     }
 
-    async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T>
+    pub(crate) async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,

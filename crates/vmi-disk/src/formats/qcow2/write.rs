@@ -140,6 +140,10 @@ impl Inner {
             let piece = &buf[done..done + n];
             let (l2off, idx) = self.l2_for_write(gc)?;
             let (e, bitmap) = self.l2_entry(l2off, idx)?;
+            if in_off == 0 && e == 0 && bitmap == 0 && n as u64 == cs && self.free.is_empty() {
+                done += self.write_fresh_run(&buf[done..], l2off, idx)?;
+                continue;
+            }
             let host = e & L2E_OFFSET_MASK;
             let plain = e & OFLAG_COMPRESSED == 0;
             // Whether the written bytes may go straight to the host cluster: not a zero cluster
@@ -186,6 +190,33 @@ impl Inner {
             done += n;
         }
         Ok(())
+    }
+
+    /// Write the whole clusters at the start of `buf` whose L2 entries, from `idx` on in the table
+    /// at `l2off`, are unallocated (the first one is): one contiguous allocation at the end of the
+    /// file and one write straight from `buf`, then the L2 entries (data first, metadata second,
+    /// as cluster by cluster). Returns the bytes written, a non-zero multiple of the cluster size.
+    fn write_fresh_run(&mut self, buf: &[u8], l2off: u64, idx: u64) -> Result<usize> {
+        let cs = self.g.cs;
+        let whole = (buf.len() as u64 / cs).min(self.g.l2_entries - idx);
+        let mut k = 1;
+        while k < whole && self.l2_entry(l2off, idx + k)? == (0, 0) {
+            k += 1;
+        }
+        let host = self.alloc(k)?;
+        let bytes = k * cs;
+        self.check_no_overlap("data clusters", host, bytes)?;
+        let data = buf
+            .get(..bytes as usize)
+            .ok_or_else(|| Error::invalid("qcow2 write run exceeds its buffer"))?;
+        self.st
+            .write_at(data, host)
+            .map_err(io_err(format!("writing {k} clusters at {host:#x}")))?;
+        let all = self.all_alloc();
+        for i in 0..k {
+            self.set_l2_entry(l2off, idx + i, (host + i * cs) | OFLAG_COPIED, all)?;
+        }
+        Ok(bytes as usize)
     }
 
     /// `declared_backing`: the image names a backing file (opened or not), so unallocated

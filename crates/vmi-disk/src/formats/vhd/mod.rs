@@ -964,6 +964,32 @@ impl Driver for VhdDriver {
         self.backing.as_ref()
     }
 
+    /// Spec "Dynamic Disk Header Format", Parent Unique ID: a differencing disk names its parent
+    /// and records the parent footer's Unique Id; a parent whose id differs is another disk.
+    fn verify_backing(&self, backing: &Image) -> Result<()> {
+        let Some(recorded) = self.parent_unique_id() else {
+            return Ok(());
+        };
+        // All zeroes: the creator did not record the parent's identity.
+        if recorded == [0u8; 16] {
+            return Ok(());
+        }
+        let Some(parent) = backing.driver().as_any().downcast_ref::<VhdDriver>() else {
+            return Ok(());
+        };
+        let actual = parent.unique_id();
+        if actual != recorded {
+            return Err(Error::invalid(format!(
+                "parent {} is not the disk this differencing VHD was made from: its Unique Id is \
+                 {} but the child records Parent Unique ID {}",
+                backing.path().display(),
+                uuid::Uuid::from_bytes(actual),
+                uuid::Uuid::from_bytes(recorded)
+            )));
+        }
+        Ok(())
+    }
+
     fn info(&self) -> FormatInfo {
         let st = self.lock();
         FormatInfo {

@@ -943,18 +943,23 @@ impl Driver for VmdkDriver {
             .extents
             .iter()
             .map(|e| {
-                let mut v = json!({
-                    "virtual-size": e.len,
-                    "filename": e.name,
-                    "format": e.type_name,
-                });
-                if let ExtentKind::Sparse(x) = &e.kind {
-                    v["cluster-size"] = json!(x.header.grain_bytes());
-                    if x.header.compressed() {
-                        v["compressed"] = json!(true);
-                    }
+                // qemu's ImageInfoSpecificVmdk extent order: compressed, virtual-size, filename,
+                // cluster-size, format.
+                let mut v = serde_json::Map::new();
+                let sparse = match &e.kind {
+                    ExtentKind::Sparse(x) => Some(x),
+                    _ => None,
+                };
+                if sparse.is_some_and(|x| x.header.compressed()) {
+                    v.insert("compressed".into(), json!(true));
                 }
-                v
+                v.insert("virtual-size".into(), json!(e.len));
+                v.insert("filename".into(), json!(e.name));
+                if let Some(x) = sparse {
+                    v.insert("cluster-size".into(), json!(x.header.grain_bytes()));
+                }
+                v.insert("format".into(), json!(e.type_name));
+                serde_json::Value::Object(v)
             })
             .collect();
         FormatInfo {
@@ -1079,6 +1084,10 @@ impl Driver for VmdkDriver {
     }
 
     fn sequential_only(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    fn compresses_everything(&self) -> bool {
         self.stream.is_some()
     }
 
