@@ -308,6 +308,81 @@ fn a_cancelled_conversion_stops_and_leaves_nothing_at_the_destination() {
     }
 }
 
+/// Storage whose reads of the first window wait until released (a slow disk or network).
+#[derive(Debug)]
+struct SlowFirstRead(
+    MemStorage,
+    std::sync::Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
+);
+
+impl Storage for SlowFirstRead {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let first = if offset == 0 {
+            self.1.lock().unwrap().take()
+        } else {
+            None
+        };
+        if let Some(barrier) = first {
+            // Let the test cancel while this read is in flight and the other workers wait
+            // for their turn behind it.
+            barrier.wait();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+}
+
+#[test]
+fn a_cancellation_from_outside_stops_workers_waiting_for_their_turn() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.raw");
+    for (workers, ooo) in [(4, false), (4, true), (1, false)] {
+        let barrier = Arc::new(Barrier::new(2));
+        let data = MemStorage::from_bytes((0..32 * MIB).map(|i| (i % 251 + 1) as u8).collect());
+        let src = Image::from_storage(
+            Box::new(SlowFirstRead(data, Some(barrier.clone()).into())),
+            Path::new("slow.raw"),
+            Some(Format::Raw),
+            false,
+            &Gate::new(),
+        )
+        .unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = cancel.clone();
+        // Like a signal handler: set the flag and nothing else, while the conversion runs.
+        let canceller = std::thread::spawn(move || {
+            barrier.wait();
+            flag.store(true, Ordering::SeqCst);
+        });
+        let o = ConvertOptions {
+            cancel: Some(cancel),
+            ..opts(workers, ooo, 4096)
+        };
+        let e = convert_to_path(&src, &raw_target(&out), &o).unwrap_err();
+        canceller.join().unwrap();
+        assert!(e.to_string().contains("interrupted"), "{e}");
+        assert!(
+            dir_entries(dir.path()).is_empty(),
+            "{:?}",
+            dir_entries(dir.path())
+        );
+    }
+}
+
 #[test]
 fn a_failed_conversion_keeps_an_existing_destination() {
     let dir = tempfile::tempdir().unwrap();

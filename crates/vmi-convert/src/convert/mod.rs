@@ -181,6 +181,10 @@ struct Batch {
     stats: ConvertStats,
 }
 
+/// Longest a stage waits on the condition variable before it looks at the stop and cancel flags
+/// again: a cancellation set from outside (a signal handler) wakes nobody by itself.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// State every stage shares: the stop flag, the first error, flow control and progress.
 struct Shared {
     stop: AtomicBool,
@@ -212,19 +216,31 @@ impl Shared {
         self.written_cv.notify_all();
     }
 
+    /// Whether the conversion should stop: a stage failed, or the caller cancelled.
+    ///
+    /// Called with the `written` lock held (the wait loops), so it must not take that lock: a
+    /// cancellation is recorded under the error lock only and waiters are woken without the lock.
+    /// A waiter that checked just before the wake-up notices within [`WAIT_SLICE`].
     fn stopped(&self) -> bool {
-        if self.stop.load(Ordering::Relaxed) {
+        if self.stop.load(Ordering::SeqCst) {
             return true;
         }
         if self
             .cancel
             .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
+            .is_some_and(|c| c.load(Ordering::SeqCst))
         {
-            self.fail(Error::new(
-                vmi_disk::ErrorKind::Io,
-                "interrupted: the conversion was cancelled",
-            ));
+            {
+                let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.is_none() {
+                    *slot = Some(Error::new(
+                        vmi_disk::ErrorKind::Io,
+                        "interrupted: the conversion was cancelled",
+                    ));
+                }
+            }
+            self.stop.store(true, Ordering::SeqCst);
+            self.written_cv.notify_all();
             return true;
         }
         false
@@ -502,8 +518,9 @@ fn planner(plan: &Plan, shared: &Shared, job_tx: Sender<Job>, workers: usize) ->
             while seq >= *written + limit && !shared.stopped() {
                 written = shared
                     .written_cv
-                    .wait(written)
-                    .unwrap_or_else(|p| p.into_inner());
+                    .wait_timeout(written, WAIT_SLICE)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
         let job = Job {
@@ -554,9 +571,11 @@ fn wait_turn(shared: &Shared, seq: u64) -> bool {
     while *written != seq && !shared.stopped() {
         written = shared
             .written_cv
-            .wait(written)
-            .unwrap_or_else(|p| p.into_inner());
+            .wait_timeout(written, WAIT_SLICE)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
+    drop(written);
     !shared.stopped()
 }
 
