@@ -344,7 +344,7 @@ pub enum ImageCommand {
         #[arg(long, value_name = "JSON", requires = "parent")]
         build: Option<String>,
     },
-    /// Create an image from a template: its data is a server-side copy of the template's.
+    /// Create an image from a template: it shares the template's stored data (no copy).
     Derive {
         /// Template image id or name.
         template: String,

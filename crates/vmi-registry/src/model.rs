@@ -197,6 +197,9 @@ pub struct ImageRecord {
     pub created_at: String,
     /// Last change.
     pub updated_at: String,
+    /// Bumped by the catalog at every stored change; a write names the revision it read, so it
+    /// cannot overwrite a change it has not seen (never shown to clients).
+    pub revision: u64,
     /// Tags, sorted and unique.
     pub tags: Vec<String>,
     /// Custom properties.
@@ -227,8 +230,61 @@ impl ImageRecord {
             location: None,
             created_at: now.clone(),
             updated_at: now,
+            revision: 0,
             tags: Vec::new(),
             properties: BTreeMap::new(),
+        }
+    }
+
+    /// Replay onto `self` (the image as stored now) the changes that turned `base` into `ours`:
+    /// every field, tag and property `ours` changed relative to `base` takes `ours`' value; what
+    /// it left alone keeps `self`'s, so a change stored by another request since `base` was read
+    /// survives. The revision stays `self`'s.
+    pub fn replay(&mut self, base: &ImageRecord, ours: &ImageRecord) {
+        macro_rules! take {
+            ($($f:ident),*) => {
+                $(if ours.$f != base.$f {
+                    self.$f = ours.$f.clone();
+                })*
+            };
+        }
+        take!(
+            name,
+            status,
+            visibility,
+            owner,
+            disk_format,
+            container_format,
+            size,
+            virtual_size,
+            checksum,
+            os_hash_algo,
+            os_hash_value,
+            sha256,
+            min_disk,
+            min_ram,
+            protected,
+            os_hidden,
+            location,
+            updated_at
+        );
+        for t in ours.tags.iter().filter(|t| !base.tags.contains(t)) {
+            if !self.tags.contains(t) {
+                self.tags.push(t.clone());
+            }
+        }
+        self.tags
+            .retain(|t| ours.tags.contains(t) || !base.tags.contains(t));
+        self.tags.sort();
+        for (k, v) in &ours.properties {
+            if base.properties.get(k) != Some(v) {
+                self.properties.insert(k.clone(), v.clone());
+            }
+        }
+        for k in base.properties.keys() {
+            if !ours.properties.contains_key(k) {
+                self.properties.remove(k);
+            }
         }
     }
 }
@@ -382,4 +438,55 @@ pub struct TokenRecord {
 /// The current time in Glance's format.
 pub fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> ImageRecord {
+        let mut i = ImageRecord::new("id".into(), "p".into(), "t0".into());
+        i.tags = vec!["a".into(), "b".into()];
+        i.properties.insert("keep".into(), "1".into());
+        i.properties.insert("gone".into(), "1".into());
+        i
+    }
+
+    #[test]
+    fn replay_applies_only_what_the_request_changed() {
+        let base = image();
+        let mut ours = base.clone();
+        ours.name = Some("mine".into());
+        ours.tags = vec!["a".into(), "c".into()];
+        ours.properties.remove("gone");
+        ours.properties.insert("added".into(), "x".into());
+        // Meanwhile another request changed other things, and one the same field.
+        let mut current = base.clone();
+        current.revision = 7;
+        current.min_ram = 1024;
+        current.name = Some("theirs".into());
+        current.tags.push("d".into());
+        current
+            .properties
+            .insert("lifecycle".into(), "deprecated".into());
+        current.properties.insert("keep".into(), "2".into());
+        current.replay(&base, &ours);
+        assert_eq!(current.revision, 7);
+        assert_eq!(current.min_ram, 1024);
+        assert_eq!(current.name.as_deref(), Some("mine"));
+        assert_eq!(current.tags, ["a", "c", "d"]);
+        assert_eq!(
+            current.properties.get("keep").map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(
+            current.properties.get("added").map(String::as_str),
+            Some("x")
+        );
+        assert_eq!(
+            current.properties.get("lifecycle").map(String::as_str),
+            Some("deprecated")
+        );
+        assert!(!current.properties.contains_key("gone"));
+    }
 }

@@ -48,6 +48,23 @@ impl App {
             .unwrap_or(&self.config.listen);
         format!("http://{host}")
     }
+
+    /// Remove the stored object of image `image_id`, which no longer refers to it, unless
+    /// another image still does (a template and the images derived from it share one object).
+    /// Failures are only logged: the reaper removes whatever is left.
+    pub async fn release_data(&self, image_id: &str, location: &str) {
+        let result = match self.catalog.location_in_use(location).await {
+            Ok(true) => return,
+            Ok(false) => self.data.delete(location).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            eprintln!(
+                "vmi-registry: deleting data of image {image_id}: {}; the reaper will remove it",
+                crate::error::chain(&e)
+            );
+        }
+    }
 }
 
 /// A PostgreSQL catalog.

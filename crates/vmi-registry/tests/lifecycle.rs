@@ -338,6 +338,72 @@ async fn scheduled_transitions_follow_the_clock_and_a_second_run_changes_nothing
     );
 }
 
+/// The lost update of a read-modify-write: a request reads an image, the lifecycle job changes
+/// the image's lifecycle properties, then the request stores its change. The request's change
+/// is replayed onto the job's (the revision moved on), so both survive; a plain stale write is
+/// refused by the catalog.
+#[tokio::test]
+async fn a_change_stored_from_an_older_read_keeps_what_the_lifecycle_job_wrote_meanwhile() {
+    use vmi_registry::catalog::save_changes;
+    use vmi_registry::model::Status;
+    let t = setup_with(|_| {}).await;
+    let (_, tok) = t.user("web", "alice").await;
+    let id = t.active(&tok, json!({"name": "web-1"}), b"data").await;
+    let r = t
+        .lifecycle(&id, &tok, json!({"deprecate_at": at(Duration::days(1))}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let catalog = t.reg.app.catalog.clone();
+    // A request reads the image...
+    let base = catalog.get_image(&id).await.unwrap().unwrap();
+    // ...the job deprecates it...
+    t.advance(Duration::days(1));
+    let r = t.job("node-a").run_once().await.unwrap();
+    assert_eq!(r.transitions, [(id.clone(), LifecycleState::Deprecated)]);
+    // ...and the request stores a new name and a property from what it read.
+    let mut ours = base.clone();
+    ours.name = Some("web-1-renamed".into());
+    ours.properties.insert("purpose".into(), "web".into());
+    assert!(
+        !catalog.update_image(&ours, Status::Active).await.unwrap(),
+        "a write from an older revision must be refused"
+    );
+    let stored = save_changes(catalog.as_ref(), &base, &ours, Status::Active)
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(stored.name.as_deref(), Some("web-1-renamed"));
+    let img = t.image(&id, &tok).await;
+    assert_eq!(img["name"], "web-1-renamed");
+    assert_eq!(img["purpose"], "web");
+    assert_eq!(img["vmi_lifecycle_state"], "deprecated", "{img}");
+    assert!(img.get("vmi_deprecate_at").is_none(), "{img}");
+    // The stored record's revision is current: one more change from it goes straight in.
+    let mut again = stored.clone();
+    again.min_ram = 512;
+    assert!(catalog.update_image(&again, Status::Active).await.unwrap());
+    // A status that moved on is not overwritten: the change is dropped.
+    let r = t
+        .req(
+            Method::POST,
+            &format!("/v2/images/{id}/actions/deactivate"),
+            Some(&tok),
+            None,
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    let mut late = stored.clone();
+    late.name = Some("too-late".into());
+    assert!(
+        save_changes(catalog.as_ref(), &stored, &late, Status::Active)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(t.image(&id, &tok).await["name"], "web-1-renamed");
+}
+
 #[tokio::test]
 async fn only_one_node_leads_until_its_lease_lapses() {
     let dir = tempfile::tempdir().unwrap();

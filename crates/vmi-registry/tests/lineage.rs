@@ -888,7 +888,7 @@ fn qemu_qcow2(dir: &Path) -> Option<Vec<u8>> {
 }
 
 #[tokio::test]
-async fn deriving_from_a_template_copies_its_data_and_records_the_lineage() {
+async fn deriving_from_a_template_shares_its_data_and_records_the_lineage() {
     let t = setup().await;
     let scratch = tempfile::tempdir().unwrap();
     let (data, fmt) = match qemu_qcow2(scratch.path()) {
@@ -1014,6 +1014,60 @@ async fn deriving_from_a_template_copies_its_data_and_records_the_lineage() {
     )
     .await
     .expect(StatusCode::CONFLICT);
+
+    // No byte was copied: the derived image refers to the template's stored object, which
+    // outlives the template and goes with the last image that refers to it.
+    let catalog = &t.reg.app.catalog;
+    let loc = catalog
+        .get_image(&did)
+        .await
+        .unwrap()
+        .unwrap()
+        .location
+        .unwrap();
+    let tpl_rec = catalog.get_image(&tpl).await.unwrap().unwrap();
+    assert_eq!(tpl_rec.location.as_deref(), Some(loc.as_str()));
+    let store = t.reg.app.data.clone();
+    let stored = |loc: String| {
+        let store = store.clone();
+        async move { store.read(&loc, Some(0..1)).await.is_ok() }
+    };
+    t.req(
+        Method::DELETE,
+        &format!("/v2/images/{tpl}"),
+        ADMIN,
+        None,
+        Body::empty(),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    assert!(
+        stored(loc.clone()).await,
+        "the template's deletion removed shared data"
+    );
+    // The reaper keeps what a live image refers to.
+    let keep = catalog
+        .live_locations()
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    store.reap(&keep, std::time::Duration::ZERO).await.unwrap();
+    assert!(stored(loc.clone()).await, "the reaper removed shared data");
+    assert_eq!(t.download(&did, &bob).await, data);
+    t.req(
+        Method::DELETE,
+        &format!("/v2/images/{did}"),
+        &bob,
+        None,
+        Body::empty(),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    assert!(
+        !stored(loc).await,
+        "the last image's deletion left its data behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 
 use super::{media_type, parse_json};
 use crate::auth::Context;
-use crate::catalog::{Cmp, Field, Filter, ImageQuery, MemberFilter, SortKey, Viewer};
+use crate::catalog::{save_changes, Cmp, Field, Filter, ImageQuery, MemberFilter, SortKey, Viewer};
 use crate::digest::{HashPipeline, OS_HASH_ALGO};
 use crate::error::{RegistryError, Result};
 use crate::model::{
@@ -586,12 +586,14 @@ pub async fn update(
     crate::lineage::check_image_update(&app, &ctx, Some(&before), &img).await?;
     crate::policies::check_update(&app, &before, &img).await?;
     img.updated_at = now();
-    if !app.catalog.update_image(&img, expected).await? {
-        return Err(RegistryError::Conflict(format!(
+    // Another request may have stored a change since `before` was read (the lifecycle job, a
+    // tag): replay this patch onto it rather than overwrite it.
+    match save_changes(app.catalog.as_ref(), &before, &img, expected).await? {
+        Some(stored) => Ok(Json(image_json(&stored))),
+        None => Err(RegistryError::Conflict(format!(
             "Image {id} was changed by another request; retry"
-        )));
+        ))),
     }
-    Ok(Json(image_json(&img)))
 }
 
 /// `DELETE /v2/images/{id}`
@@ -611,22 +613,21 @@ pub async fn delete(
         return Ok(StatusCode::NO_CONTENT);
     }
     let expected = img.status;
+    let before = img.clone();
     let location = img.location.take();
     img.status = Status::Deleted;
     img.updated_at = now();
-    if !app.catalog.update_image(&img, expected).await? {
+    if save_changes(app.catalog.as_ref(), &before, &img, expected)
+        .await?
+        .is_none()
+    {
         return Err(RegistryError::Conflict(format!(
             "Image {id} was changed by another request; retry"
         )));
     }
     crate::import::forget_image(&app, &id).await?;
     if let Some(loc) = location {
-        if let Err(e) = app.data.delete(&loc).await {
-            eprintln!(
-                "vmi-registry: deleting data of image {id}: {}; the reaper will remove it",
-                crate::error::chain(&e)
-            );
-        }
+        app.release_data(&id, &loc).await;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -650,9 +651,13 @@ async fn set_status(
             img.status
         )));
     }
+    let before = img.clone();
     img.status = to;
     img.updated_at = now();
-    if !app.catalog.update_image(&img, from).await? {
+    if save_changes(app.catalog.as_ref(), &before, &img, from)
+        .await?
+        .is_none()
+    {
         return Err(RegistryError::Conflict(format!(
             "Image {id} was changed by another request; retry"
         )));
@@ -704,6 +709,7 @@ pub async fn add_tag(
     let mut img = load_visible(&app, &ctx, &id).await?;
     policy::check_modify(&ctx, &img)?;
     if !img.tags.contains(&tag) {
+        let before = img.clone();
         img.tags.push(tag);
         img.tags.sort();
         if img.tags.len() > MAX_TAGS {
@@ -713,7 +719,10 @@ pub async fn add_tag(
         }
         img.updated_at = now();
         let expected = img.status;
-        if !app.catalog.update_image(&img, expected).await? {
+        if save_changes(app.catalog.as_ref(), &before, &img, expected)
+            .await?
+            .is_none()
+        {
             return Err(RegistryError::Conflict(format!(
                 "Image {id} was changed by another request; retry"
             )));
@@ -730,14 +739,17 @@ pub async fn delete_tag(
 ) -> Result<StatusCode> {
     let mut img = load_visible(&app, &ctx, &id).await?;
     policy::check_modify(&ctx, &img)?;
-    let before = img.tags.len();
+    let before = img.clone();
     img.tags.retain(|t| *t != tag);
-    if img.tags.len() == before {
+    if img.tags.len() == before.tags.len() {
         return Err(RegistryError::NotFound(format!("Tag {tag} not found")));
     }
     img.updated_at = now();
     let expected = img.status;
-    if !app.catalog.update_image(&img, expected).await? {
+    if save_changes(app.catalog.as_ref(), &before, &img, expected)
+        .await?
+        .is_none()
+    {
         return Err(RegistryError::Conflict(format!(
             "Image {id} was changed by another request; retry"
         )));
@@ -805,11 +817,12 @@ pub async fn upload(
     let mut saving = img.clone();
     saving.status = Status::Saving;
     saving.updated_at = now();
-    if !app.catalog.update_image(&saving, Status::Queued).await? {
+    let Some(saving) = save_changes(app.catalog.as_ref(), &img, &saving, Status::Queued).await?
+    else {
         return Err(RegistryError::Conflict(format!(
             "Image {id} is already being uploaded by another request"
         )));
-    }
+    };
     let stream = body
         .into_data_stream()
         .map_err(|e| bad(format!("Error reading the request body: {e}")))
@@ -821,7 +834,7 @@ pub async fn upload(
             queued.status = Status::Queued;
             queued.updated_at = now();
             // If the image was deleted meanwhile this does nothing, which is right.
-            let _ = app.catalog.update_image(&queued, Status::Saving).await;
+            let _ = save_changes(app.catalog.as_ref(), &saving, &queued, Status::Saving).await;
             Err(e)
         }
     }
@@ -927,7 +940,12 @@ pub(crate) async fn receive(
     if let Err(e) = crate::import::convert_on_upload(app, &mut active, inspection.format).await {
         return discard(e).await;
     }
-    if !app.catalog.update_image(&active, Status::Saving).await? {
+    // A PATCH during the upload (Glance allows one while saving) is kept: the upload's fields
+    // are replayed onto it.
+    if save_changes(app.catalog.as_ref(), img, &active, Status::Saving)
+        .await?
+        .is_none()
+    {
         return discard(RegistryError::Conflict(format!(
             "Image {} was changed or deleted during the upload",
             img.id

@@ -6,6 +6,7 @@ use super::media_type;
 use super::parse_json;
 use crate::auth::Context;
 use crate::catalog::import::{Conversion, ImportTask, TaskState};
+use crate::catalog::save_changes;
 use crate::error::{RegistryError, Result};
 use crate::import::convert::{convert_stored, DOWNLOAD_FORMATS};
 use crate::import::stream::{convert_streaming, STREAMABLE};
@@ -91,11 +92,13 @@ pub async fn stage(
     let mut uploading = img.clone();
     uploading.status = Status::Uploading;
     uploading.updated_at = now();
-    if !app.catalog.update_image(&uploading, Status::Queued).await? {
+    let Some(uploading) =
+        save_changes(app.catalog.as_ref(), &img, &uploading, Status::Queued).await?
+    else {
         return Err(RegistryError::Conflict(format!(
             "Image {id} is already being uploaded by another request"
         )));
-    }
+    };
     let stream = body
         .into_data_stream()
         .map_err(|e| bad(format!("Error reading the request body: {e}")));
@@ -105,7 +108,7 @@ pub async fn stage(
         queued.status = Status::Queued;
         queued.updated_at = now();
         // If the image was deleted meanwhile this does nothing, which is right.
-        let _ = app.catalog.update_image(&queued, Status::Uploading).await;
+        let _ = save_changes(app.catalog.as_ref(), &uploading, &queued, Status::Uploading).await;
     };
     let (location, digests) = match staged {
         Ok(s) => s,
@@ -212,7 +215,10 @@ pub async fn import(
                 img.status
             )));
         }
-        if !app.catalog.update_image(&importing, Status::Queued).await? {
+        if save_changes(app.catalog.as_ref(), &img, &importing, Status::Queued)
+            .await?
+            .is_none()
+        {
             return Err(RegistryError::Conflict(format!(
                 "Image {id} was changed by another request; retry"
             )));
@@ -237,10 +243,9 @@ pub async fn import(
             "Image {id} has no staged data to import"
         )));
     };
-    if !app
-        .catalog
-        .update_image(&importing, Status::Uploading)
+    if save_changes(app.catalog.as_ref(), &img, &importing, Status::Uploading)
         .await?
+        .is_none()
     {
         return Err(RegistryError::Conflict(format!(
             "Image {id} was changed by another request; retry"

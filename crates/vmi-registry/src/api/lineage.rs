@@ -12,10 +12,11 @@
 //! it). Images the caller may not see are never listed; an ancestor the caller may not see is
 //! shown as `{"id": …, "visible": false}` and ends the walk.
 
-use super::images::{image_json, load_visible, receive};
+use super::images::{image_json, load_visible};
 use super::parse_json;
 use crate::auth::Context;
 use crate::catalog::{Cmp, Field, Filter, ImageQuery, MemberFilter, Viewer};
+use crate::digest::DigestValues;
 use crate::error::{RegistryError, Result};
 use crate::lineage::{
     check_family, flag, latest, newest_first, refused_by_lifecycle, LineageRecord, Relation,
@@ -30,7 +31,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -429,8 +429,8 @@ fn inherited(key: &str) -> bool {
 }
 
 /// `POST /v2/images/{id}/actions/derive` with `{"name", "family", "version", "visibility",
-/// "properties": {…}}`: a new image owned by the caller's project whose data is a copy of the
-/// template's and whose lineage points at it with relation `derive`.
+/// "properties": {…}}`: a new image owned by the caller's project that shares the template's
+/// data (no copy) and whose lineage points at it with relation `derive`.
 pub async fn derive(
     State(app): State<Arc<App>>,
     ctx: Context,
@@ -517,10 +517,11 @@ pub async fn derive(
     match fill(&app, &ctx, &new_id, &tpl, &location, size).await {
         Ok(img) => Ok((StatusCode::CREATED, Json(image_json(&img)))),
         Err(e) => {
-            // Leave nothing half-made behind.
+            // Leave nothing half-made behind (the template's object stays: it is not ours).
             if let Ok(Some(mut img)) = app.catalog.get_image(&new_id).await {
                 let from = img.status;
                 img.status = Status::Deleted;
+                img.location = None;
                 img.updated_at = app.clock.now_string();
                 let _ = app.catalog.update_image(&img, from).await;
             }
@@ -529,8 +530,13 @@ pub async fn derive(
     }
 }
 
-/// Link the new queued image `id` to `tpl` and copy the template's stored object into it
-/// (server-side; the copy's SHA-256 must equal the template's).
+/// Link the new queued image `id` to `tpl` and make it active on the template's stored object.
+///
+/// No byte is copied: active images never change, so the derived image and its template share
+/// one object (its digests are the template's) and deletion removes the object only when no
+/// image refers to it any more ([`App::release_data`]). This is the linked clone a copy-on-write
+/// overlay would give, without an overlay that Glance clients could not use on its own: the
+/// derived image downloads as the same self-contained bytes, with the same checksums.
 async fn fill(
     app: &App,
     ctx: &Context,
@@ -546,34 +552,57 @@ async fn fill(
         .ok_or_else(|| policy::not_found(id))?;
     link(app, ctx, &img, tpl, Relation::Derive, None).await?;
     // Reload: recording the link added the reserved lineage properties.
-    let mut saving = app
+    let queued = app
         .catalog
         .get_image(id)
         .await?
         .ok_or_else(|| policy::not_found(id))?;
-    saving.status = Status::Saving;
-    saving.updated_at = app.clock.now_string();
-    if !app.catalog.update_image(&saving, Status::Queued).await? {
+    let (Some(md5), Some(sha256), Some(sha512)) = (
+        tpl.checksum.clone(),
+        tpl.sha256.clone(),
+        tpl.os_hash_value.clone(),
+    ) else {
+        return Err(RegistryError::Conflict(format!(
+            "Template {} has no recorded digests",
+            tpl.id
+        )));
+    };
+    let digests = DigestValues {
+        md5,
+        sha256,
+        sha512,
+        len: size,
+    };
+    let mut active = queued.clone();
+    active.status = Status::Active;
+    active.size = Some(size);
+    active.virtual_size = tpl.virtual_size;
+    active.checksum = Some(digests.md5.clone());
+    active.os_hash_algo = tpl.os_hash_algo.clone();
+    active.os_hash_value = Some(digests.sha512.clone());
+    active.sha256 = Some(digests.sha256.clone());
+    active.location = Some(location.to_string());
+    active.updated_at = app.clock.now_string();
+    // The checks an upload of these bytes would pass (the bytes were inspected when the
+    // template was stored): the project's signature and metadata policies.
+    crate::signing::verify_upload(app, &active, &digests, location).await?;
+    crate::policies::check_metadata(app, &active).await?;
+    let Some(stored) =
+        crate::catalog::save_changes(app.catalog.as_ref(), &queued, &active, Status::Queued)
+            .await?
+    else {
         return Err(RegistryError::Conflict(format!(
             "Image {id} was changed by another request during derivation"
         )));
+    };
+    // A deletion of the template that committed before this image referred to the object may
+    // remove the object; one that commits after sees this image and keeps it.
+    let now = app.catalog.get_image(&tpl.id).await?;
+    if now.as_ref().and_then(|t| t.location.as_deref()) != Some(location) {
+        return Err(RegistryError::Conflict(format!(
+            "Template {} was deleted during derivation",
+            tpl.id
+        )));
     }
-    let stream = app
-        .data
-        .read(location, None)
-        .await?
-        .map_err(|e| RegistryError::io("reading the template's data", e))
-        .boxed();
-    receive(
-        app,
-        &saving,
-        stream,
-        size.max(app.config.image_size_cap),
-        tpl.sha256.as_deref(),
-    )
-    .await?;
-    app.catalog
-        .get_image(id)
-        .await?
-        .ok_or_else(|| policy::not_found(id))
+    Ok(stored)
 }

@@ -17,6 +17,7 @@
 
 use super::images::{load_visible, receive};
 use crate::auth::Context;
+use crate::catalog::save_changes;
 use crate::data::Chunk;
 use crate::error::{RegistryError, Result};
 use crate::model::{now, ImageRecord, Status};
@@ -88,7 +89,7 @@ async fn requeue(app: &App, img: &ImageRecord) {
     let mut q = img.clone();
     q.status = Status::Queued;
     q.updated_at = now();
-    let _ = app.catalog.update_image(&q, Status::Saving).await;
+    let _ = save_changes(app.catalog.as_ref(), img, &q, Status::Saving).await;
 }
 
 /// `POST /v2/images/{id}/uploads`
@@ -113,11 +114,12 @@ pub async fn create(
     let mut saving = img.clone();
     saving.status = Status::Saving;
     saving.updated_at = now();
-    if !app.catalog.update_image(&saving, Status::Queued).await? {
+    let Some(saving) = save_changes(app.catalog.as_ref(), &img, &saving, Status::Queued).await?
+    else {
         return Err(RegistryError::Conflict(format!(
             "Image {id} is already being uploaded by another request"
         )));
-    }
+    };
     let sid = uuid::Uuid::new_v4().to_string();
     if let Err(e) = app.data.session_create(&id, &sid).await {
         requeue(&app, &saving).await;
@@ -218,7 +220,7 @@ pub async fn append(
     // Keep the session from looking abandoned.
     let mut fresh = img.clone();
     fresh.updated_at = now();
-    let _ = app.catalog.update_image(&fresh, Status::Saving).await?;
+    let _ = save_changes(app.catalog.as_ref(), &img, &fresh, Status::Saving).await?;
     Ok(offset_response(StatusCode::NO_CONTENT, total, None))
 }
 

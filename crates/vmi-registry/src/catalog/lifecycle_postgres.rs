@@ -160,7 +160,7 @@ impl LifecycleCatalog for PostgresCatalog {
             }
         }
         tx.execute(
-            "UPDATE images SET updated_at = $1 WHERE id = $2",
+            "UPDATE images SET updated_at = $1, revision = revision + 1 WHERE id = $2",
             &[&now, &image_id],
         )
         .await
@@ -188,7 +188,7 @@ impl LifecycleCatalog for PostgresCatalog {
         let tx = c.transaction().await.map_err(&f)?;
         let n = tx
             .execute(
-                "UPDATE images SET status = 'pending_delete', updated_at = $1 \
+                "UPDATE images SET status = 'pending_delete', updated_at = $1, revision = revision + 1 \
                  WHERE id = $2 AND status = $3",
                 &[&now, &e.image_id, &expected.as_str()],
             )
@@ -254,7 +254,7 @@ impl LifecycleCatalog for PostgresCatalog {
             prev
         };
         tx.execute(
-            "UPDATE images SET status = $1, updated_at = $2 WHERE id = $3",
+            "UPDATE images SET status = $1, updated_at = $2, revision = revision + 1 WHERE id = $3",
             &[&back.as_str(), &now, &image_id],
         )
         .await
@@ -328,7 +328,7 @@ impl LifecycleCatalog for PostgresCatalog {
         };
         let loc: Option<String> = row.try_get(0).map_err(&f)?;
         tx.execute(
-            "UPDATE images SET status = 'deleted', location = NULL, updated_at = $1 \
+            "UPDATE images SET status = 'deleted', location = NULL, updated_at = $1, revision = revision + 1 \
              WHERE id = $2",
             &[&now, &image_id],
         )

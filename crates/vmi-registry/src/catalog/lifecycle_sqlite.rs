@@ -153,7 +153,7 @@ impl LifecycleCatalog for SqliteCatalog {
                 }
             }
             tx.execute(
-                "UPDATE images SET updated_at = ?1 WHERE id = ?2",
+                "UPDATE images SET updated_at = ?1, revision = revision + 1 WHERE id = ?2",
                 params![now, id],
             )
             .map_err(&f)?;
@@ -187,7 +187,7 @@ impl LifecycleCatalog for SqliteCatalog {
                 .map_err(&f)?;
             let n = tx
                 .execute(
-                    "UPDATE images SET status = 'pending_delete', updated_at = ?1 \
+                    "UPDATE images SET status = 'pending_delete', updated_at = ?1, revision = revision + 1 \
                      WHERE id = ?2 AND status = ?3",
                     params![now, e.image_id, expected.as_str()],
                 )
@@ -242,7 +242,7 @@ impl LifecycleCatalog for SqliteCatalog {
                 prev
             };
             tx.execute(
-                "UPDATE images SET status = ?1, updated_at = ?2 WHERE id = ?3",
+                "UPDATE images SET status = ?1, updated_at = ?2, revision = revision + 1 WHERE id = ?3",
                 params![back.as_str(), now, id],
             )
             .map_err(&f)?;
@@ -319,7 +319,7 @@ impl LifecycleCatalog for SqliteCatalog {
                 return Ok(None);
             };
             tx.execute(
-                "UPDATE images SET status = 'deleted', location = NULL, updated_at = ?1 \
+                "UPDATE images SET status = 'deleted', location = NULL, updated_at = ?1, revision = revision + 1 \
                  WHERE id = ?2",
                 params![now, id],
             )

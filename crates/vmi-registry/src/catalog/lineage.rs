@@ -172,8 +172,9 @@ pub(crate) fn already(rec: &LineageRecord) -> RegistryError {
     ))
 }
 
-/// Statements that mirror a record into the image's reserved properties: (SQL, params).
-pub(crate) fn mirror_sql(rec: &LineageRecord) -> [(String, Vec<SqlValue>); 3] {
+/// Statements that mirror a record into the image's reserved properties and bump the image's
+/// revision: (SQL, params).
+pub(crate) fn mirror_sql(rec: &LineageRecord) -> [(String, Vec<SqlValue>); 4] {
     let t = |s: &str| SqlValue::Text(Some(s.to_string()));
     let ins = "INSERT INTO image_properties (image_id, name, value) VALUES (?, ?, ?)".to_string();
     [
@@ -192,6 +193,10 @@ pub(crate) fn mirror_sql(rec: &LineageRecord) -> [(String, Vec<SqlValue>); 3] {
                 t(DERIVATION_PROP),
                 t(rec.relation.as_str()),
             ],
+        ),
+        (
+            "UPDATE images SET revision = revision + 1 WHERE id = ?".into(),
+            vec![t(&rec.image_id)],
         ),
     ]
 }

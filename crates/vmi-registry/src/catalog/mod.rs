@@ -220,12 +220,17 @@ pub trait Catalog:
     async fn get_image(&self, id: &str) -> Result<Option<ImageRecord>>;
     /// Images matching `query`, never deleted ones.
     async fn list_images(&self, query: &ImageQuery) -> Result<Vec<ImageRecord>>;
-    /// Replace every mutable field, tags and properties of `image`, but only if the stored status
-    /// is still `expected`. Returns false (and changes nothing) when another writer got there
-    /// first: the compare-and-swap that serialises concurrent writers.
+    /// Replace every mutable field, tags and properties of `image` and bump its revision, but
+    /// only if the stored status is still `expected` and the stored revision is still
+    /// `image.revision`. Returns false (and changes nothing) when another writer got there first:
+    /// the compare-and-swap that serialises concurrent writers. Most callers want
+    /// [`save_changes`], which replays a change onto a newer revision.
     async fn update_image(&self, image: &ImageRecord, expected: Status) -> Result<bool>;
     /// Store locations of every image that is not deleted (the reaper keeps these).
     async fn live_locations(&self) -> Result<Vec<String>>;
+    /// Whether an image that is not deleted refers to `location` (objects are shared by an
+    /// image and the images derived from it).
+    async fn location_in_use(&self, location: &str) -> Result<bool>;
 
     /// Add a member; Conflict if it exists.
     async fn add_member(&self, member: &MemberRecord) -> Result<()>;
@@ -264,4 +269,47 @@ pub trait Catalog:
     async fn delete_token(&self, token_hash: &str) -> Result<bool>;
     /// Remove tokens that expired before `now` (Keystone time format); returns the count.
     async fn delete_expired_tokens(&self, now: &str) -> Result<u64>;
+}
+
+/// How often [`save_changes`] replays a change onto a newer revision before giving up.
+const SAVE_ATTEMPTS: usize = 16;
+
+/// Store `ours` — `base`, the image as this request read it, with this request's changes — if
+/// the image's status is still `expected`.
+///
+/// When another request stored a change since `base` was read (the revision moved on), the
+/// image is read again and this request's changes are replayed onto it
+/// ([`ImageRecord::replay`]), so neither change is lost: a PATCH racing the lifecycle job keeps
+/// the job's properties, an upload finishing keeps a name changed meanwhile. Returns the stored
+/// record (with its new revision), or `None` when the image is gone or its status is no longer
+/// `expected`.
+pub async fn save_changes(
+    catalog: &dyn Catalog,
+    base: &ImageRecord,
+    ours: &ImageRecord,
+    expected: Status,
+) -> Result<Option<ImageRecord>> {
+    let mut base = base.clone();
+    let mut ours = ours.clone();
+    ours.revision = base.revision;
+    for _ in 0..SAVE_ATTEMPTS {
+        if catalog.update_image(&ours, expected).await? {
+            ours.revision = ours.revision.saturating_add(1);
+            return Ok(Some(ours));
+        }
+        let Some(current) = catalog.get_image(&ours.id).await? else {
+            return Ok(None);
+        };
+        if current.status != expected {
+            return Ok(None);
+        }
+        let mut merged = current.clone();
+        merged.replay(&base, &ours);
+        base = current;
+        ours = merged;
+    }
+    Err(crate::error::RegistryError::Conflict(format!(
+        "Image {} keeps changing; retry",
+        ours.id
+    )))
 }

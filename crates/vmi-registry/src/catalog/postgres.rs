@@ -9,7 +9,9 @@
 //! [`DEFAULT_POOL_SIZE`]); a connection found closed is replaced. Connections use TLS (rustls)
 //! as libpq's `sslmode` and `sslrootcert` in the URL ask: see [`super::postgres_tls`].
 
-use super::sql::{image_values, list_sql, numbered, SqlValue, IMAGE_COLS};
+use super::sql::{
+    image_values, list_sql, numbered, update_sets, SqlValue, IMAGE_COLS, IMAGE_SELECT,
+};
 use super::{Catalog, ImageQuery};
 use crate::error::{RegistryError, Result};
 use crate::model::{
@@ -28,7 +30,7 @@ use super::postgres_tls::{ConnectOptions, PgTls};
 mod import_postgres;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 5] = [
+const MIGRATIONS: [(i64, &str); 6] = [
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_import.sql")),
     (
@@ -42,6 +44,10 @@ const MIGRATIONS: [(i64, &str); 5] = [
     (
         5,
         include_str!("../../migrations/postgres/0005_signing.sql"),
+    ),
+    (
+        6,
+        include_str!("../../migrations/postgres/0006_revision.sql"),
     ),
 ];
 
@@ -121,6 +127,7 @@ fn image_from_row(r: &Row) -> Result<ImageRecord> {
         location: get_s(17)?,
         created_at: req_s(18)?,
         updated_at: req_s(19)?,
+        revision: uint(get_i(20)?).unwrap_or(0),
         tags: Vec::new(),
         properties: Default::default(),
     })
@@ -339,7 +346,7 @@ impl Catalog for PostgresCatalog {
         let c: &Client = &conn;
         let row = c
             .query_opt(
-                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.id = $1"),
+                &format!("SELECT {IMAGE_SELECT} FROM images i WHERE i.id = $1"),
                 &[&id],
             )
             .await
@@ -374,22 +381,15 @@ impl Catalog for PostgresCatalog {
 
     async fn update_image(&self, image: &ImageRecord, expected: Status) -> Result<bool> {
         let mut vals = image_values(image)?;
-        let n_cols = vals.len();
         vals.push(SqlValue::Text(Some(image.id.clone())));
         vals.push(SqlValue::Text(Some(expected.as_str().into())));
-        let sets: Vec<String> = IMAGE_COLS
-            .replace("i.", "")
-            .split(", ")
-            .skip(1)
-            .enumerate()
-            .map(|(i, c)| format!("{} = ${}", c.trim(), i + 1))
-            .collect();
-        let sql = format!(
-            "UPDATE images SET {} WHERE id = ${} AND status = ${}",
-            sets.join(", "),
-            n_cols + 1,
-            n_cols + 2
-        );
+        vals.push(SqlValue::Int(Some(
+            i64::try_from(image.revision).unwrap_or(i64::MAX),
+        )));
+        let sql = numbered(&format!(
+            "UPDATE images SET {} WHERE id = ? AND status = ? AND revision = ?",
+            update_sets()
+        ));
         let p = params(vals);
         let mut conn = self.conn().await?;
         let c: &mut Client = &mut conn;
@@ -420,6 +420,20 @@ impl Catalog for PostgresCatalog {
         rows.iter()
             .map(|r| r.try_get(0).map_err(db("listing image locations")))
             .collect()
+    }
+
+    async fn location_in_use(&self, location: &str) -> Result<bool> {
+        let conn = self.conn().await?;
+        let c: &Client = &conn;
+        let row = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM images WHERE location = $1 \
+                 AND status != 'deleted')",
+                &[&location],
+            )
+            .await
+            .map_err(db("looking up an image location"))?;
+        row.try_get(0).map_err(db("looking up an image location"))
     }
 
     async fn add_member(&self, m: &MemberRecord) -> Result<()> {

@@ -16,12 +16,35 @@ pub(crate) enum SqlValue {
     Text(Option<String>),
 }
 
-/// Columns of `images`, in the order [`image_from_row`] reads them.
+/// Columns of `images` that [`image_values`] writes (after the id), in the order the backends'
+/// `image_from_row` reads them; [`IMAGE_SELECT`] adds the revision.
 pub(crate) const IMAGE_COLS: &str =
     "i.id, i.name, i.status, i.visibility, i.owner, i.disk_format, \
     i.container_format, i.size, i.virtual_size, i.checksum, i.os_hash_algo, i.os_hash_value, \
     i.sha256, i.min_disk, i.min_ram, i.protected, i.os_hidden, i.location, i.created_at, \
     i.updated_at";
+
+/// The columns a query reads to build an [`ImageRecord`]: [`IMAGE_COLS`] and the revision.
+pub(crate) const IMAGE_SELECT: &str = concat!(
+    "i.id, i.name, i.status, i.visibility, i.owner, i.disk_format, \
+    i.container_format, i.size, i.virtual_size, i.checksum, i.os_hash_algo, i.os_hash_value, \
+    i.sha256, i.min_disk, i.min_ram, i.protected, i.os_hidden, i.location, i.created_at, \
+    i.updated_at",
+    ", i.revision"
+);
+
+/// `SET` clauses of an image update (every column of [`IMAGE_COLS`] but the id, with `?`
+/// placeholders in [`image_values`] order) that also bump the revision.
+pub(crate) fn update_sets() -> String {
+    let mut sets: Vec<String> = IMAGE_COLS
+        .replace("i.", "")
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("{} = ?", c.trim()))
+        .collect();
+    sets.push("revision = revision + 1".into());
+    sets.join(", ")
+}
 
 pub(crate) fn int(v: u64, what: &'static str) -> Result<i64> {
     i64::try_from(v).map_err(|_| RegistryError::BadRequest(format!("{what} {v} is too large")))
@@ -258,7 +281,7 @@ pub(crate) fn list_sql(q: &ImageQuery) -> Result<(String, Vec<SqlValue>)> {
         .collect();
     p.push(SqlValue::Int(Some(i64::from(q.limit))));
     let sql = format!(
-        "SELECT {IMAGE_COLS} FROM images i WHERE {} ORDER BY {} LIMIT ?",
+        "SELECT {IMAGE_SELECT} FROM images i WHERE {} ORDER BY {} LIMIT ?",
         w.join(" AND "),
         order.join(", ")
     );

@@ -4,7 +4,7 @@
 //! `migrations/sqlite/` are applied at open inside an immediate transaction, so several
 //! processes opening one database at once apply each migration exactly once.
 
-use super::sql::{image_values, list_sql, SqlValue, IMAGE_COLS};
+use super::sql::{image_values, list_sql, update_sets, SqlValue, IMAGE_COLS, IMAGE_SELECT};
 use super::{Catalog, ImageQuery};
 use crate::error::{RegistryError, Result};
 use crate::model::{
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 mod import_sqlite;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 5] = [
+const MIGRATIONS: [(i64, &str); 6] = [
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_import.sql")),
     (3, include_str!("../../migrations/sqlite/0003_lineage.sql")),
@@ -29,6 +29,7 @@ const MIGRATIONS: [(i64, &str); 5] = [
         include_str!("../../migrations/sqlite/0004_lifecycle.sql"),
     ),
     (5, include_str!("../../migrations/sqlite/0005_signing.sql")),
+    (6, include_str!("../../migrations/sqlite/0006_revision.sql")),
 ];
 
 /// How long a writer waits for another process's lock before failing.
@@ -96,6 +97,7 @@ fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         location: r.get(17)?,
         created_at: r.get(18)?,
         updated_at: r.get(19)?,
+        revision: uint(r.get(20)?).unwrap_or(0),
         tags: Vec::new(),
         properties: Default::default(),
     })
@@ -275,7 +277,7 @@ impl Catalog for SqliteCatalog {
             let f = db("reading an image");
             let img = c
                 .query_row(
-                    &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.id = ?1"),
+                    &format!("SELECT {IMAGE_SELECT} FROM images i WHERE i.id = ?1"),
                     [&id],
                     image_from_row,
                 )
@@ -320,18 +322,15 @@ impl Catalog for SqliteCatalog {
             let mut vals: Vec<Value> = image_values(&img)?.into_iter().map(to_sqlite).collect();
             vals.push(Value::Text(img.id.clone()));
             vals.push(Value::Text(expected.as_str().into()));
-            let sets: Vec<String> = IMAGE_COLS
-                .replace("i.", "")
-                .split(", ")
-                .skip(1)
-                .map(|c| format!("{} = ?", c.trim()))
-                .collect();
+            vals.push(Value::Integer(
+                i64::try_from(img.revision).unwrap_or(i64::MAX),
+            ));
             let tx = c.transaction().map_err(&f)?;
             let n = tx
                 .execute(
                     &format!(
-                        "UPDATE images SET {} WHERE id = ? AND status = ?",
-                        sets.join(", ")
+                        "UPDATE images SET {} WHERE id = ? AND status = ? AND revision = ?",
+                        update_sets()
                     ),
                     params_from_iter(vals),
                 )
@@ -361,6 +360,20 @@ impl Catalog for SqliteCatalog {
                 .collect::<rusqlite::Result<_>>()
                 .map_err(&f)?;
             Ok(v)
+        })
+        .await
+    }
+
+    async fn location_in_use(&self, location: &str) -> Result<bool> {
+        let location = location.to_string();
+        self.run("looking up an image location", move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM images WHERE location = ?1 \
+                 AND status != 'deleted')",
+                [&location],
+                |r| r.get(0),
+            )
+            .map_err(db("looking up an image location"))
         })
         .await
     }

@@ -474,6 +474,7 @@ pub(crate) async fn fail(app: &App, task: &ImportTask, e: &RegistryError) -> Res
     if let Some(mut img) = app.catalog.get_image(&task.image_id).await? {
         if img.status == Status::Importing || img.status == Status::Uploading {
             let from = img.status;
+            let before = img.clone();
             img.status = Status::Queued;
             img.properties.insert(PROP_IMPORTING.into(), String::new());
             img.properties.insert(PROP_FAILED.into(), STORE_ID.into());
@@ -485,7 +486,7 @@ pub(crate) async fn fail(app: &App, task: &ImportTask, e: &RegistryError) -> Res
             msg.truncate(crate::model::MAX_PROPERTY_VALUE_LEN);
             img.properties.insert(PROP_IMPORT_ERROR.into(), msg);
             img.updated_at = now();
-            app.catalog.update_image(&img, from).await?;
+            crate::catalog::save_changes(app.catalog.as_ref(), &before, &img, from).await?;
         }
     }
     if let Some(loc) = &task.staging_location {
@@ -530,8 +531,12 @@ async fn perform(
     if img.status != Status::Importing {
         return Err(conflict(&id));
     }
+    let before = img.clone();
     let active = import_staged(app, img, &staging, size).await?;
-    if !app.catalog.update_image(&active, Status::Importing).await? {
+    if crate::catalog::save_changes(app.catalog.as_ref(), &before, &active, Status::Importing)
+        .await?
+        .is_none()
+    {
         if let Some(loc) = &active.location {
             delete_quietly(app, loc).await;
         }

@@ -48,7 +48,10 @@ pub async fn remove(app: &App, img: &ImageRecord, by: Option<String>) -> Result<
     let location = gone.location.take();
     gone.status = Status::Deleted;
     gone.updated_at = app.clock.now_string();
-    if !app.catalog.update_image(&gone, img.status).await? {
+    if crate::catalog::save_changes(app.catalog.as_ref(), img, &gone, img.status)
+        .await?
+        .is_none()
+    {
         return Err(changed(&img.id));
     }
     delete_data(app, &img.id, location).await;
@@ -91,12 +94,7 @@ pub async fn purge_now(app: &App, id: &str) -> Result<bool> {
 
 async fn delete_data(app: &App, id: &str, location: Option<String>) {
     if let Some(loc) = location {
-        if let Err(e) = app.data.delete(&loc).await {
-            eprintln!(
-                "vmi-registry: deleting data of image {id}: {}; the reaper will remove it",
-                crate::error::chain(&e)
-            );
-        }
+        app.release_data(id, &loc).await;
     }
 }
 
