@@ -9,7 +9,7 @@
 use super::{media_type, parse_json};
 use crate::auth::Context;
 use crate::catalog::{save_changes, Cmp, Field, Filter, ImageQuery, MemberFilter, SortKey, Viewer};
-use crate::digest::{HashPipeline, OS_HASH_ALGO};
+use crate::digest::HashPipeline;
 use crate::error::{RegistryError, Result};
 use crate::model::{
     now, ImageRecord, MemberStatus, Status, Visibility, CONTAINER_FORMATS, DISK_FORMATS,
@@ -26,7 +26,6 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
-use vmi_disk::inspect::{inspect, InspectOptions};
 use vmi_disk::Format;
 
 /// Glance's `limit_param_default`.
@@ -897,55 +896,28 @@ pub(crate) async fn receive(
             .await;
         }
     }
-    // Safe upload: inspect the stored bytes before anyone can download them.
-    let opts = InspectOptions {
-        expected_format: img.disk_format.as_deref().and_then(expected_format),
-        allow_backing: false,
+    // Safe upload: the bytes are inspected (and checked against the project's policies, and
+    // converted when the operator says so) before anyone can download them.
+    let received = crate::import::Received {
+        location: location.clone(),
+        size: digests.len,
+        digests: Some(digests),
+        staged: false,
     };
-    let data = app.data.clone();
-    let (loc, id, size) = (location.clone(), img.id.clone(), digests.len);
-    let inspection = tokio::task::spawn_blocking(move || {
-        let storage = data.random_access(&loc, size)?;
-        inspect(storage, std::path::Path::new(&id), &opts)
-            .map_err(|e| RegistryError::store("inspecting the uploaded image", e))
-    })
-    .await
-    .map_err(|e| RegistryError::store("inspecting the uploaded image", e));
-    let inspection = match inspection {
-        Ok(Ok(i)) => i,
-        Ok(Err(e)) | Err(e) => return discard(e).await,
+    let active = match crate::import::admit(app, img, received).await {
+        Ok(a) => a,
+        Err(e) => return discard(e).await,
     };
-    if !inspection.is_safe() {
-        return discard(RegistryError::Refused {
-            violations: inspection.violations,
-        })
-        .await;
-    }
-    if let Err(e) = crate::signing::verify_upload(app, img, &digests, &location).await {
-        return discard(e).await;
-    }
-    let mut active = img.clone();
-    active.status = Status::Active;
-    active.size = Some(digests.len);
-    active.virtual_size = inspection.virtual_size.or(Some(digests.len));
-    active.checksum = Some(digests.md5);
-    active.os_hash_algo = Some(OS_HASH_ALGO.into());
-    active.os_hash_value = Some(digests.sha512);
-    active.sha256 = Some(digests.sha256);
-    active.location = Some(location.clone());
-    active.updated_at = now();
-    if let Err(e) = crate::policies::check_metadata(app, &active).await {
-        return discard(e).await;
-    }
-    if let Err(e) = crate::import::convert_on_upload(app, &mut active, inspection.format).await {
-        return discard(e).await;
-    }
     // A PATCH during the upload (Glance allows one while saving) is kept: the upload's fields
     // are replayed onto it.
     if save_changes(app.catalog.as_ref(), img, &active, Status::Saving)
         .await?
         .is_none()
     {
+        // The stored data (converted or not) is referenced by nobody.
+        if let Some(stored) = active.location.as_deref().filter(|l| *l != location) {
+            crate::import::delete_quietly(app, stored).await;
+        }
         return discard(RegistryError::Conflict(format!(
             "Image {} was changed or deleted during the upload",
             img.id

@@ -326,26 +326,85 @@ async fn convert_into(
     Ok(())
 }
 
-/// The hook a direct upload (`PUT …/file`, resumable uploads) calls once its data passed
-/// inspection: with `[import] convert_to` set and data of another format, convert the stored
-/// data, store the result, delete the original and describe the stored bytes in `img`, keeping
-/// the original's format and digests as `vmi_source_*` properties.
-pub async fn convert_on_upload(app: &App, img: &mut ImageRecord, detected: Format) -> Result<()> {
-    let Some(target) = conversion_target(app, img, detected)? else {
-        return Ok(());
-    };
-    let (Some(location), Some(size)) = (img.location.clone(), img.size) else {
-        return Ok(());
-    };
-    let source = DigestValues {
-        md5: img.checksum.clone().unwrap_or_default(),
-        sha256: img.sha256.clone().unwrap_or_default(),
-        sha512: img.os_hash_value.clone().unwrap_or_default(),
-        len: size,
-    };
-    convert_into(app, img, &location, &source, detected, target).await?;
-    delete_quietly(app, &location).await;
-    Ok(())
+/// Bytes received for an image and stored at `location`.
+pub(crate) struct Received {
+    /// Where the bytes are.
+    pub location: String,
+    /// Their length.
+    pub size: u64,
+    /// Their digests when the receiving path computed them (a direct upload); `None` for
+    /// staged data, which is hashed here.
+    pub digests: Option<DigestValues>,
+    /// A staging object (import): never the image's data, left for the caller to remove. A
+    /// direct upload's object becomes the image's data, or is deleted here once converted.
+    pub staged: bool,
+}
+
+/// What every path that gives an image its data runs, in one order, so that no check can be
+/// added to one path only: the size cap; inspection of the stored bytes (the detected format
+/// must match `disk_format`; backing files, data files, external extents, unknown incompatible
+/// features and polyglots are refused); the operator's required metadata; the image's
+/// signature (over the data as uploaded); then the storage the operator chose (`[import]
+/// convert_to`: converted, keeping the upload's format and digests as `vmi_source_*`).
+///
+/// Returns the active record to store with a compare-and-swap on status `saving`/`importing`.
+/// Its data is stored but not yet referenced by the catalog: if the swap fails the caller
+/// deletes `location` of the returned record. On error nothing this function stored is left;
+/// `received.location` is the caller's to remove.
+pub(crate) async fn admit(app: &App, img: &ImageRecord, received: Received) -> Result<ImageRecord> {
+    let cap = app.config.image_size_cap;
+    let size = received.size;
+    if size > cap {
+        return Err(RegistryError::PayloadTooLarge(format!(
+            "Image exceeds the storage quota: {size} > {cap} bytes"
+        )));
+    }
+    let src = received.location.as_str();
+    let inspection = inspect_stored(app, &img.id, src, size, img.disk_format.as_deref()).await?;
+    crate::policies::check_metadata(app, img).await?;
+    let target = conversion_target(app, img, inspection.format)?;
+    let mut active = img.clone();
+    match (target, received.digests) {
+        (Some(target), digests) => {
+            // Converted straight from where the bytes are: hashed if need be, never copied.
+            let source = match digests {
+                Some(d) => d,
+                None => hash_stored(app, src).await?,
+            };
+            // A signature covers the data as uploaded, before any conversion.
+            crate::signing::verify_upload(app, img, &source, src).await?;
+            convert_into(app, &mut active, src, &source, inspection.format, target).await?;
+            if !received.staged {
+                delete_quietly(app, src).await;
+            }
+        }
+        (None, Some(digests)) if !received.staged => {
+            crate::signing::verify_upload(app, img, &digests, src).await?;
+            set_data(
+                &mut active,
+                src.to_string(),
+                digests,
+                inspection.virtual_size,
+            );
+        }
+        (None, _) => {
+            // Staged bytes are the image's data only as a copy of their own.
+            let stream = app
+                .data
+                .read(src, None)
+                .await?
+                .map(|r| r.map_err(|e| RegistryError::io("reading staged data", e)));
+            let (location, digests) = store_stream(app, &img.id, None, stream, cap).await?;
+            if let Err(e) = crate::signing::verify_upload(app, img, &digests, &location).await {
+                delete_quietly(app, &location).await;
+                return Err(e);
+            }
+            set_data(&mut active, location, digests, inspection.virtual_size);
+        }
+    }
+    active.status = Status::Active;
+    active.updated_at = now();
+    Ok(active)
 }
 
 /// The digests of stored bytes (read once, not copied).
@@ -553,49 +612,16 @@ pub(crate) async fn import_staged(
     staging: &str,
     size: u64,
 ) -> Result<ImageRecord> {
-    let cap = app.config.image_size_cap;
-    if size > cap {
-        return Err(RegistryError::PayloadTooLarge(format!(
-            "Image exceeds the storage quota: {size} > {cap} bytes"
-        )));
-    }
-    let inspection =
-        inspect_stored(app, &img.id, staging, size, img.disk_format.as_deref()).await?;
-    // The operator's required metadata, as for a direct upload.
-    crate::policies::check_metadata(app, &img).await?;
-    let mut active = img.clone();
-    if let Some(target) = conversion_target(app, &img, inspection.format)? {
-        // Converted straight from the staging area: the source is hashed, never copied.
-        let source = hash_stored(app, staging).await?;
-        // A signature covers the data as uploaded, before any conversion.
-        crate::signing::verify_upload(app, &img, &source, staging).await?;
-        convert_into(
-            app,
-            &mut active,
-            staging,
-            &source,
-            inspection.format,
-            target,
-        )
-        .await?;
-    } else {
-        let stream = app
-            .data
-            .read(staging, None)
-            .await?
-            .map(|r| r.map_err(|e| RegistryError::io("reading staged data", e)));
-        let (location, digests) = store_stream(app, &img.id, None, stream, cap).await?;
-        if let Err(e) = crate::signing::verify_upload(app, &img, &digests, &location).await {
-            delete_quietly(app, &location).await;
-            return Err(e);
-        }
-        set_data(&mut active, location, digests, inspection.virtual_size);
-    }
-    active.status = Status::Active;
+    let received = Received {
+        location: staging.to_string(),
+        size,
+        digests: None,
+        staged: true,
+    };
+    let mut active = admit(app, &img, received).await?;
     active
         .properties
         .insert(PROP_IMPORTING.into(), String::new());
-    active.updated_at = now();
     Ok(active)
 }
 
