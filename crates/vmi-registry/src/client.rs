@@ -624,13 +624,25 @@ impl RegistryClient {
         }
     }
 
-    /// The families the caller can see, each with its latest image.
+    /// The families the caller can see, each with its latest image (every page, following
+    /// `next` links): `{"families": [...]}`.
     pub async fn families(&self, owner: Option<&str>) -> Result<Value> {
         let mut rb = self.req(reqwest::Method::GET, "/v2/families");
         if let Some(o) = owner {
             rb = rb.query(&[("owner", o)]);
         }
-        self.json(rb, "listing families").await
+        let mut all = Vec::new();
+        loop {
+            let page = self.json(rb, "listing families").await?;
+            if let Some(f) = page["families"].as_array() {
+                all.extend(f.iter().cloned());
+            }
+            match page["next"].as_str() {
+                Some(next) => rb = self.req(reqwest::Method::GET, next),
+                None => break,
+            }
+        }
+        Ok(serde_json::json!({ "families": all }))
     }
 
     /// A family's images, newest version first, and its latest image's id.

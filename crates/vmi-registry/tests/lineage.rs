@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::Arc;
 use tower::ServiceExt;
 use vmi_registry::{Config, Registry};
 
@@ -347,6 +348,26 @@ async fn a_family_resolves_to_its_newest_eligible_version_in_semver_order() {
         })
         .collect();
     assert_eq!(names, [("nightly", "20240301"), ("web", "1.10.0-beta.11")]);
+    assert!(fams.get("next").is_none(), "{fams}");
+    // Pages: one family each, linked by `next` until the last (empty) page.
+    let mut seen = Vec::new();
+    let mut uri = "/v2/families?limit=1".to_string();
+    for _ in 0..4 {
+        let page = t.get(&uri, ADMIN).await.expect(StatusCode::OK);
+        for f in page["families"].as_array().unwrap() {
+            seen.push(f["name"].as_str().unwrap().to_string());
+        }
+        match page["next"].as_str() {
+            Some(n) => uri = n.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["nightly", "web"]);
+    for bad in ["limit=0", "limit=1001", "marker=nightly", "marker=Bad/x"] {
+        t.get(&format!("/v2/families?{bad}"), ADMIN)
+            .await
+            .expect(StatusCode::BAD_REQUEST);
+    }
     t.latest("nope", ADMIN).await.expect(StatusCode::NOT_FOUND);
     t.latest("Bad%20Name", ADMIN)
         .await
@@ -417,6 +438,89 @@ async fn families_follow_image_visibility_and_owner_resolution() {
         .iter()
         .find(|f| f["latest"]["id"] == json!(b2));
     assert!(beta.is_some(), "{fams}");
+}
+
+/// The catalog itself refuses a second image with an owner's family version, so requests that
+/// pass the API's check at the same moment (on one node or several) cannot both store it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_keeps_versions_unique_under_concurrent_creates() {
+    use vmi_registry::model::{ImageRecord, Status};
+    let t = Arc::new(setup().await);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let t = t.clone();
+            // Equal versions spelled two ways.
+            let v = if i % 2 == 0 { "2024.06.01" } else { "20240601" };
+            tokio::spawn(async move {
+                t.post("/v2/images", ADMIN, json!({"family": "race", "version": v}))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(created, 1);
+
+    // Below the API: the catalog refuses the duplicate and writes nothing of it.
+    let catalog = &t.reg.app.catalog;
+    let owner = catalog
+        .list_images(&vmi_registry::catalog::ImageQuery::new(
+            vmi_registry::catalog::Viewer::Admin,
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.properties.get("family").map(String::as_str) == Some("race"))
+        .unwrap()
+        .owner;
+    let mut dup = ImageRecord::new("dup-1".into(), owner.clone(), "2026-01-01T00:00:00Z".into());
+    dup.properties.insert("family".into(), "race".into());
+    dup.properties.insert("version".into(), "2024.6.1".into());
+    let e = catalog.create_image(&dup).await.unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    assert!(catalog.get_image("dup-1").await.unwrap().is_none());
+    // An update onto a taken version is refused as a whole.
+    let mut other = dup.clone();
+    other.id = "dup-2".into();
+    other.properties.insert("version".into(), "1.0.0".into());
+    catalog.create_image(&other).await.unwrap();
+    let mut moved = catalog.get_image("dup-2").await.unwrap().unwrap();
+    moved.properties.insert("version".into(), "20240601".into());
+    moved.name = Some("renamed".into());
+    assert!(catalog.update_image(&moved, Status::Queued).await.is_err());
+    let kept = catalog.get_image("dup-2").await.unwrap().unwrap();
+    assert_eq!(kept.properties["version"], "1.0.0");
+    assert_eq!(kept.name, None);
+    // Deleting the holder frees the version.
+    let holder = catalog
+        .list_images(&vmi_registry::catalog::ImageQuery::new(
+            vmi_registry::catalog::Viewer::Admin,
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| {
+            i.properties.get("version").map(String::as_str) != Some("1.0.0")
+                && i.properties.get("family").map(String::as_str) == Some("race")
+        })
+        .unwrap();
+    t.req(
+        Method::DELETE,
+        &format!("/v2/images/{}", holder.id),
+        ADMIN,
+        None,
+        Body::empty(),
+    )
+    .await
+    .expect(StatusCode::NO_CONTENT);
+    assert!(catalog.update_image(&moved, Status::Queued).await.unwrap());
 }
 
 #[tokio::test]

@@ -453,6 +453,65 @@ async fn projects_that_require_signatures_refuse_unsigned_images() {
         r.text()
     );
     assert_eq!(t.status(&id).await, "queued");
+    // Refused before a byte is received: upload, stage and resumable sessions never read the
+    // body of an unsigned image.
+    for (method, uri) in [
+        (Method::PUT, format!("/v2/images/{id}/file")),
+        (Method::PUT, format!("/v2/images/{id}/stage")),
+        (Method::POST, format!("/v2/images/{id}/uploads")),
+    ] {
+        let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let p = polled.clone();
+        let body = Body::from_stream(futures_util::stream::once(async move {
+            p.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from_static(b"data"))
+        }));
+        let r = t
+            .req(
+                method,
+                &uri,
+                &signer,
+                Some("application/octet-stream"),
+                body,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{uri}: {}", r.text());
+        assert!(r.text().contains("accepts only signed images"), "{uri}");
+        assert!(
+            !polled.load(std::sync::atomic::Ordering::SeqCst),
+            "{uri} read the body"
+        );
+        assert_eq!(t.status(&id).await, "queued");
+    }
+    // A signature naming a key the project does not have is refused up front too.
+    let r = t
+        .req(
+            Method::PATCH,
+            &format!("/v2/images/{id}"),
+            &signer,
+            Some(PATCH),
+            json!([
+                {"op": "add", "path": "/img_signature", "value": "AAAA"},
+                {"op": "add", "path": "/img_signature_hash_method", "value": "SHA-256"},
+                {"op": "add", "path": "/img_signature_key_type", "value": "ED25519"},
+                {"op": "add", "path": "/img_signature_certificate_uuid",
+                 "value": "00000000-0000-0000-0000-000000000000"}
+            ])
+            .to_string(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = t
+        .req(
+            Method::PUT,
+            &format!("/v2/images/{id}/file"),
+            &signer,
+            Some("application/octet-stream"),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(r.text().contains("no signing key"), "{}", r.text());
     let key = ed25519_key(7);
     let kid = t.add_key(&signer, &key.public_key_pem().unwrap()).await;
     let (id, r) = t

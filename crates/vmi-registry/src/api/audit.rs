@@ -4,6 +4,7 @@
 //! (default 100, at most 1000) and `marker` (the last event id of the previous page), and a
 //! `next` link while more remain.
 
+use super::images::encode;
 use crate::auth::Context;
 use crate::catalog::lifecycle::AuditQuery;
 use crate::error::{RegistryError, Result};
@@ -21,18 +22,6 @@ const MAX_LIMIT: u32 = 1000;
 
 fn bad(msg: impl Into<String>) -> RegistryError {
     RegistryError::BadRequest(msg.into())
-}
-
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// `GET /v2/audit`

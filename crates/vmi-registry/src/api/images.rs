@@ -368,7 +368,8 @@ fn parse_sort_key(s: &str) -> Result<SortKey> {
     SortKey::parse(s).ok_or_else(|| bad(format!("Invalid sort key: {s}")))
 }
 
-fn encode(s: &str) -> String {
+/// Percent-encode a query-string component (unreserved characters, `:` and `,` kept).
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~:,".contains(&b) {
@@ -813,6 +814,7 @@ pub async fn upload(
     if img.status != Status::Queued {
         return Err(transition());
     }
+    crate::signing::check_before_data(&app, &img).await?;
     let mut saving = img.clone();
     saving.status = Status::Saving;
     saving.updated_at = now();

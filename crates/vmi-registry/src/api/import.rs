@@ -89,6 +89,7 @@ pub async fn stage(
             img.status
         )));
     }
+    crate::signing::check_before_data(&app, &img).await?;
     let mut uploading = img.clone();
     uploading.status = Status::Uploading;
     uploading.updated_at = now();
@@ -198,6 +199,7 @@ pub async fn import(
             "Properties disk_format, container_format must be set prior to importing data.".into(),
         ));
     }
+    crate::signing::check_before_data(&app, &img).await?;
     let mut importing = img.clone();
     importing.status = Status::Importing;
     importing.updated_at = now();

@@ -12,16 +12,17 @@
 //! it). Images the caller may not see are never listed; an ancestor the caller may not see is
 //! shown as `{"id": …, "visible": false}` and ends the walk.
 
-use super::images::{image_json, load_visible};
+use super::images::{encode, image_json, load_visible};
 use super::parse_json;
 use crate::auth::Context;
+use crate::catalog::lineage::FamilyQuery;
 use crate::catalog::{Cmp, Field, Filter, ImageQuery, MemberFilter, Viewer};
 use crate::digest::DigestValues;
 use crate::error::{RegistryError, Result};
 use crate::lineage::{
     check_family, flag, latest, newest_first, refused_by_lifecycle, LineageRecord, Relation,
-    DEFAULT_DEPTH, EXCLUDE_PROP, FAMILY_PROP, MAX_BUILD_RECORD, MAX_DEPTH, MAX_FAMILIES,
-    MAX_FAMILY_SIZE, TEMPLATE_PROP, VERSION_PROP,
+    DEFAULT_DEPTH, DEFAULT_FAMILY_PAGE, EXCLUDE_PROP, FAMILY_PROP, MAX_BUILD_RECORD, MAX_DEPTH,
+    MAX_FAMILIES, MAX_FAMILY_SIZE, TEMPLATE_PROP, VERSION_PROP,
 };
 use crate::model::{ImageRecord, Status, Visibility};
 use crate::policy;
@@ -131,21 +132,53 @@ async fn resolve_family(
     Ok((owner, imgs))
 }
 
-/// `GET /v2/families[?owner=]`
+/// `GET /v2/families[?owner=][&limit=][&marker=FAMILY/OWNER]`: a page of families by name then
+/// owner, with a `next` link while more may follow.
 pub async fn families(
     State(app): State<Arc<App>>,
     ctx: Context,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>> {
-    let names = app
-        .catalog
-        .family_names(&viewer(&ctx), MAX_FAMILIES)
-        .await?;
+    let limit = match q.get("limit") {
+        None => DEFAULT_FAMILY_PAGE,
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_FAMILIES).contains(l))
+            .ok_or_else(|| bad(format!("limit must be 1 to {MAX_FAMILIES}")))?,
+    };
+    let after = match q.get("marker") {
+        None => None,
+        Some(m) => {
+            let (family, owner) = m
+                .split_once('/')
+                .filter(|(f, o)| check_family(f).is_ok() && !o.is_empty())
+                .ok_or_else(|| bad("marker must be FAMILY/OWNER from a previous page"))?;
+            Some((family.to_string(), owner.to_string()))
+        }
+    };
+    let query = FamilyQuery {
+        viewer: viewer(&ctx),
+        owner: q.get("owner").cloned(),
+        after,
+        limit,
+    };
+    let names = app.catalog.family_names(&query).await?;
+    let next = (names.len() == limit as usize)
+        .then(|| names.last().cloned())
+        .flatten()
+        .map(|(owner, family)| {
+            let mut link = format!(
+                "/v2/families?limit={limit}&marker={}",
+                encode(&format!("{family}/{owner}"))
+            );
+            if let Some(o) = q.get("owner") {
+                link.push_str(&format!("&owner={}", encode(o)));
+            }
+            link
+        });
     let mut out = Vec::new();
     for (owner, family) in names {
-        if q.get("owner").is_some_and(|o| *o != owner) {
-            continue;
-        }
         let mut imgs = visible_members(&app, &ctx, &family, Some(&owner), false).await?;
         if imgs.is_empty() {
             continue;
@@ -158,7 +191,11 @@ pub async fn families(
             "latest": latest(&imgs).map(image_json),
         }));
     }
-    Ok(Json(json!({ "families": out })))
+    let mut body = json!({ "families": out });
+    if let Some(n) = next {
+        body["next"] = json!(n);
+    }
+    Ok(Json(body))
 }
 
 /// `GET /v2/families/{family}/images[?owner=]`

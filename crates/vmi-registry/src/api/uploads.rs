@@ -111,6 +111,7 @@ pub async fn create(
             img.status
         )));
     }
+    crate::signing::check_before_data(&app, &img).await?;
     let mut saving = img.clone();
     saving.status = Status::Saving;
     saving.updated_at = now();

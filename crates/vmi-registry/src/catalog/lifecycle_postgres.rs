@@ -334,6 +334,13 @@ impl LifecycleCatalog for PostgresCatalog {
         )
         .await
         .map_err(&f)?;
+        // A purged image's version is free again.
+        tx.execute(
+            "DELETE FROM family_versions WHERE image_id = $1",
+            &[&image_id],
+        )
+        .await
+        .map_err(&f)?;
         tx.execute("DELETE FROM recycle_bin WHERE image_id = $1", &[&image_id])
             .await
             .map_err(&f)?;

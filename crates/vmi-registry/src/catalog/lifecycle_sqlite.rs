@@ -324,6 +324,9 @@ impl LifecycleCatalog for SqliteCatalog {
                 params![now, id],
             )
             .map_err(&f)?;
+            // A purged image's version is free again.
+            tx.execute("DELETE FROM family_versions WHERE image_id = ?1", [&id])
+                .map_err(&f)?;
             tx.execute("DELETE FROM recycle_bin WHERE image_id = ?1", [&id])
                 .map_err(&f)?;
             tx.commit().map_err(&f)?;

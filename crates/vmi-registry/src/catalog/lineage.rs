@@ -12,7 +12,11 @@ use super::sql::SqlValue;
 use super::sqlite::SqliteCatalog;
 use super::Viewer;
 use crate::error::{RegistryError, Result};
-use crate::lineage::{LineageRecord, DERIVATION_PROP, FAMILY_PROP, MAX_CYCLE_WALK, PARENT_PROP};
+use crate::lineage::version::Version;
+use crate::lineage::{
+    LineageRecord, DERIVATION_PROP, FAMILY_PROP, MAX_CYCLE_WALK, PARENT_PROP, VERSION_PROP,
+};
+use crate::model::{ImageRecord, Status};
 use async_trait::async_trait;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, OptionalExtension, Row, TransactionBehavior};
@@ -36,7 +40,21 @@ pub trait LineageCatalog: Send + Sync {
     ) -> Result<Vec<LineageRecord>>;
     /// Distinct `(owner, family)` pairs among the non-deleted images `viewer` may see, by family
     /// then owner.
-    async fn family_names(&self, viewer: &Viewer, limit: u32) -> Result<Vec<(String, String)>>;
+    async fn family_names(&self, q: &FamilyQuery) -> Result<Vec<(String, String)>>;
+}
+
+/// Which families [`LineageCatalog::family_names`] lists: those with an image `viewer` may see,
+/// ordered by family name then owner, after `after` (a page's last `(family, owner)`).
+#[derive(Debug, Clone)]
+pub struct FamilyQuery {
+    /// Who is asking.
+    pub viewer: Viewer,
+    /// Only this owner's families.
+    pub owner: Option<String>,
+    /// Keyset pagination: list what sorts after this `(family, owner)`.
+    pub after: Option<(String, String)>,
+    /// At most this many.
+    pub limit: u32,
 }
 
 /// Columns of `image_lineage`, in the order [`LineageRow`] reads them.
@@ -135,17 +153,94 @@ pub(crate) fn children_sql(
 }
 
 /// The family-names query and its parameters.
-pub(crate) fn families_sql(viewer: &Viewer, limit: u32) -> (String, Vec<SqlValue>) {
-    let mut p = vec![SqlValue::Text(Some(FAMILY_PROP.to_string()))];
-    let vis = visible_sql(viewer, &mut p);
-    p.push(SqlValue::Int(Some(i64::from(limit))));
+pub(crate) fn families_sql(q: &FamilyQuery) -> (String, Vec<SqlValue>) {
+    let t = |s: &str| SqlValue::Text(Some(s.to_string()));
+    let mut p = vec![t(FAMILY_PROP)];
+    let mut w = vec![visible_sql(&q.viewer, &mut p)];
+    if let Some(owner) = &q.owner {
+        w.push("i.owner = ?".into());
+        p.push(t(owner));
+    }
+    if let Some((family, owner)) = &q.after {
+        w.push("(f.value > ? OR (f.value = ? AND i.owner > ?))".into());
+        p.extend([t(family), t(family), t(owner)]);
+    }
+    p.push(SqlValue::Int(Some(i64::from(q.limit))));
     (
         format!(
             "SELECT DISTINCT i.owner, f.value FROM images i JOIN image_properties f \
-             ON f.image_id = i.id AND f.name = ? WHERE {vis} ORDER BY f.value, i.owner LIMIT ?"
+             ON f.image_id = i.id AND f.name = ? WHERE {} ORDER BY f.value, i.owner LIMIT ?",
+            w.join(" AND ")
         ),
         p,
     )
+}
+
+/// The `family_versions` row `img` should have — `(owner, family, version key)` — or `None`
+/// (deleted, no family or version, or a version that does not parse: the API refuses those).
+pub(crate) fn version_row(img: &ImageRecord) -> Option<(String, String, String)> {
+    if img.status == Status::Deleted {
+        return None;
+    }
+    let family = img.properties.get(FAMILY_PROP)?;
+    let version = Version::parse(img.properties.get(VERSION_PROP)?).ok()?;
+    Some((img.owner.clone(), family.clone(), version.key()))
+}
+
+/// Forget an image's version row (before writing the one it has now).
+pub(crate) const VERSION_DELETE_SQL: &str = "DELETE FROM family_versions WHERE image_id = ?";
+
+/// Claim a version: fails on the `(owner, family, version_key)` uniqueness constraint when
+/// another image holds it.
+pub(crate) const VERSION_INSERT_SQL: &str =
+    "INSERT INTO family_versions (image_id, owner, family, version_key) VALUES (?, ?, ?, ?)";
+
+/// Rows for migration 7's backfill: images that are not deleted, with family and version,
+/// oldest first (the oldest keeps a version two images claim).
+pub(crate) const VERSION_BACKFILL_SELECT: &str =
+    "SELECT i.id, i.owner, i.status, f.value, v.value FROM images i \
+     JOIN image_properties f ON f.image_id = i.id AND f.name = 'family' \
+     JOIN image_properties v ON v.image_id = i.id AND v.name = 'version' \
+     WHERE i.status != 'deleted' ORDER BY i.created_at, i.id";
+
+/// The backfill's insert: a version already claimed stays with the older image.
+pub(crate) const VERSION_BACKFILL_INSERT: &str =
+    "INSERT INTO family_versions (image_id, owner, family, version_key) VALUES (?, ?, ?, ?) \
+     ON CONFLICT DO NOTHING";
+
+/// The migration whose backfill runs in Rust.
+pub(crate) const VERSION_MIGRATION: i64 = 7;
+
+/// The error when the database refuses a version another image holds.
+pub(crate) fn version_taken(img: &ImageRecord) -> RegistryError {
+    RegistryError::Conflict(format!(
+        "Version {} of family {} already exists in project {}",
+        img.properties
+            .get(VERSION_PROP)
+            .map(String::as_str)
+            .unwrap_or(""),
+        img.properties
+            .get(FAMILY_PROP)
+            .map(String::as_str)
+            .unwrap_or(""),
+        img.owner
+    ))
+}
+
+/// The backfill row for one selected `(id, owner, status, family, version)`.
+pub(crate) fn backfill_row(
+    id: String,
+    owner: String,
+    status: &str,
+    family: String,
+    version: String,
+) -> Option<(String, String, String, String)> {
+    let mut img = ImageRecord::new(id, owner, String::new());
+    img.status = status.parse().ok()?;
+    img.properties.insert(FAMILY_PROP.into(), family);
+    img.properties.insert(VERSION_PROP.into(), version);
+    let (owner, family, key) = version_row(&img)?;
+    Some((img.id, owner, family, key))
 }
 
 /// The error for a link that would close a cycle.
@@ -325,8 +420,8 @@ impl LineageCatalog for SqliteCatalog {
         .await
     }
 
-    async fn family_names(&self, viewer: &Viewer, limit: u32) -> Result<Vec<(String, String)>> {
-        let (sql, p) = families_sql(viewer, limit);
+    async fn family_names(&self, q: &FamilyQuery) -> Result<Vec<(String, String)>> {
+        let (sql, p) = families_sql(q);
         self.run("listing families", move |c| {
             let f = sq("listing families");
             let mut st = c.prepare(&sql).map_err(&f)?;

@@ -4,7 +4,7 @@
 
 use super::lineage::{
     already, children_sql, cycle, families_sql, insert_sql, lineage_values, mirror_sql, too_deep,
-    LineageCatalog, LineageRow, LINEAGE_COLS,
+    FamilyQuery, LineageCatalog, LineageRow, LINEAGE_COLS,
 };
 use super::postgres::PostgresCatalog;
 use super::sql::{numbered, SqlValue};
@@ -141,8 +141,8 @@ impl LineageCatalog for PostgresCatalog {
         rows.iter().map(row).collect()
     }
 
-    async fn family_names(&self, viewer: &Viewer, limit: u32) -> Result<Vec<(String, String)>> {
-        let (sql, vals) = families_sql(viewer, limit);
+    async fn family_names(&self, q: &FamilyQuery) -> Result<Vec<(String, String)>> {
+        let (sql, vals) = families_sql(q);
         let p = params(vals);
         let conn = self.conn().await?;
         let c: &Client = &conn;

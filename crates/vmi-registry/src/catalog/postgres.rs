@@ -9,6 +9,10 @@
 //! [`DEFAULT_POOL_SIZE`]); a connection found closed is replaced. Connections use TLS (rustls)
 //! as libpq's `sslmode` and `sslrootcert` in the URL ask: see [`super::postgres_tls`].
 
+use super::lineage::{
+    backfill_row, version_row, version_taken, VERSION_BACKFILL_INSERT, VERSION_BACKFILL_SELECT,
+    VERSION_DELETE_SQL, VERSION_INSERT_SQL, VERSION_MIGRATION,
+};
 use super::sql::{
     image_values, list_sql, numbered, update_sets, SqlValue, IMAGE_COLS, IMAGE_SELECT,
 };
@@ -30,7 +34,7 @@ use super::postgres_tls::{ConnectOptions, PgTls};
 mod import_postgres;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 6] = [
+const MIGRATIONS: [(i64, &str); 7] = [
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_import.sql")),
     (
@@ -48,6 +52,10 @@ const MIGRATIONS: [(i64, &str); 6] = [
     (
         6,
         include_str!("../../migrations/postgres/0006_revision.sql"),
+    ),
+    (
+        7,
+        include_str!("../../migrations/postgres/0007_family_versions.sql"),
     ),
 ];
 
@@ -157,6 +165,48 @@ async fn load_extras<C: GenericClient>(c: &C, img: &mut ImageRecord) -> Result<(
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<std::result::Result<_, tokio_postgres::Error>>()
         .map_err(&f)?;
+    Ok(())
+}
+
+/// Migration 7's Rust part: a `family_versions` row for every image that has a version.
+async fn backfill_versions<C: GenericClient>(c: &C) -> Result<()> {
+    let f = db("backfilling family versions");
+    let rows = c.query(VERSION_BACKFILL_SELECT, &[]).await.map_err(&f)?;
+    let insert = numbered(VERSION_BACKFILL_INSERT);
+    for r in rows {
+        let get = |i: usize| -> Result<String> { r.try_get(i).map_err(&f) };
+        if let Some((id, owner, family, key)) =
+            backfill_row(get(0)?, get(1)?, &get(2)?, get(3)?, get(4)?)
+        {
+            c.execute(&insert, &[&id, &owner, &family, &key])
+                .await
+                .map_err(&f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keep `img`'s `family_versions` row in step with it, inside the transaction that writes it;
+/// Conflict when another image holds the version.
+async fn sync_version<C: GenericClient>(c: &C, img: &ImageRecord) -> Result<()> {
+    let f = db("recording the image's version");
+    c.execute(&numbered(VERSION_DELETE_SQL), &[&img.id])
+        .await
+        .map_err(&f)?;
+    if let Some((owner, family, key)) = version_row(img) {
+        if let Err(e) = c
+            .execute(
+                &numbered(VERSION_INSERT_SQL),
+                &[&img.id, &owner, &family, &key],
+            )
+            .await
+        {
+            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                return Err(version_taken(img));
+            }
+            return Err(f(e));
+        }
+    }
     Ok(())
 }
 
@@ -306,6 +356,9 @@ async fn migrate(client: &mut Client) -> Result<()> {
             tx.batch_execute(sql)
                 .await
                 .map_err(db("applying a migration"))?;
+            if version == VERSION_MIGRATION {
+                backfill_versions(&tx).await?;
+            }
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
                 &[&version, &crate::model::now()],
@@ -338,6 +391,7 @@ impl Catalog for PostgresCatalog {
         .await
         .map_err(db("image"))?;
         write_extras(&tx, image).await?;
+        sync_version(&tx, image).await?;
         tx.commit().await.map_err(db("creating an image"))
     }
 
@@ -402,6 +456,7 @@ impl Catalog for PostgresCatalog {
             return Ok(false);
         }
         write_extras(&tx, image).await?;
+        sync_version(&tx, image).await?;
         tx.commit().await.map_err(db("updating an image"))?;
         Ok(true)
     }

@@ -4,6 +4,10 @@
 //! `migrations/sqlite/` are applied at open inside an immediate transaction, so several
 //! processes opening one database at once apply each migration exactly once.
 
+use super::lineage::{
+    backfill_row, version_row, version_taken, VERSION_BACKFILL_INSERT, VERSION_BACKFILL_SELECT,
+    VERSION_DELETE_SQL, VERSION_INSERT_SQL, VERSION_MIGRATION,
+};
 use super::sql::{image_values, list_sql, update_sets, SqlValue, IMAGE_COLS, IMAGE_SELECT};
 use super::{Catalog, ImageQuery};
 use crate::error::{RegistryError, Result};
@@ -20,7 +24,7 @@ use std::sync::{Arc, Mutex};
 mod import_sqlite;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 6] = [
+const MIGRATIONS: [(i64, &str); 7] = [
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_import.sql")),
     (3, include_str!("../../migrations/sqlite/0003_lineage.sql")),
@@ -30,6 +34,10 @@ const MIGRATIONS: [(i64, &str); 6] = [
     ),
     (5, include_str!("../../migrations/sqlite/0005_signing.sql")),
     (6, include_str!("../../migrations/sqlite/0006_revision.sql")),
+    (
+        7,
+        include_str!("../../migrations/sqlite/0007_family_versions.sql"),
+    ),
 ];
 
 /// How long a writer waits for another process's lock before failing.
@@ -238,6 +246,9 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             .map_err(db("reading schema_migrations"))?;
         if done.is_none() {
             tx.execute_batch(sql).map_err(db("applying a migration"))?;
+            if version == VERSION_MIGRATION {
+                backfill_versions(&tx)?;
+            }
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
                 params![version, crate::model::now()],
@@ -246,6 +257,45 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         }
     }
     tx.commit().map_err(db("committing the migration"))
+}
+
+/// Migration 7's Rust part: a `family_versions` row for every image that has a version.
+fn backfill_versions(c: &Connection) -> Result<()> {
+    let f = db("backfilling family versions");
+    let mut st = c.prepare(VERSION_BACKFILL_SELECT).map_err(&f)?;
+    let rows: Vec<(String, String, String, String, String)> = st
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .map_err(&f)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(&f)?;
+    for (id, owner, status, family, version) in rows {
+        if let Some((id, owner, family, key)) = backfill_row(id, owner, &status, family, version) {
+            c.execute(VERSION_BACKFILL_INSERT, params![id, owner, family, key])
+                .map_err(&f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keep `img`'s `family_versions` row in step with it, inside the transaction that writes it;
+/// Conflict when another image holds the version.
+fn sync_version(c: &Connection, img: &ImageRecord) -> Result<()> {
+    let f = db("recording the image's version");
+    c.execute(VERSION_DELETE_SQL, [&img.id]).map_err(&f)?;
+    if let Some((owner, family, key)) = version_row(img) {
+        match c.execute(VERSION_INSERT_SQL, params![img.id, owner, family, key]) {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(version_taken(img));
+            }
+            Err(e) => return Err(f(e)),
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -266,6 +316,7 @@ impl Catalog for SqliteCatalog {
             )
             .map_err(db("image"))?;
             write_extras(&tx, &img).map_err(db("writing tags and properties"))?;
+            sync_version(&tx, &img)?;
             tx.commit().map_err(db("creating an image"))
         })
         .await
@@ -339,6 +390,7 @@ impl Catalog for SqliteCatalog {
                 return Ok(false);
             }
             write_extras(&tx, &img).map_err(&f)?;
+            sync_version(&tx, &img)?;
             tx.commit().map_err(&f)?;
             Ok(true)
         })
@@ -690,6 +742,89 @@ mod tests {
         let p = dir.path().join("c.db");
         SqliteCatalog::open(&p).unwrap();
         SqliteCatalog::open(&p).unwrap();
+    }
+
+    /// A database written before migration 7 gets a `family_versions` row for each versioned
+    /// image; of two images that already share a version (possible before 7), the older keeps it.
+    #[test]
+    fn migration_7_backfills_family_versions() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (_, sql) in &MIGRATIONS[..6] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+             INSERT INTO schema_migrations VALUES (1,'t'),(2,'t'),(3,'t'),(4,'t'),(5,'t'),(6,'t');",
+        )
+        .unwrap();
+        let rows = [
+            (
+                "old",
+                "p",
+                "active",
+                "2020-01-01T00:00:00Z",
+                Some("2024.06.01"),
+            ),
+            (
+                "new",
+                "p",
+                "active",
+                "2021-01-01T00:00:00Z",
+                Some("20240601"),
+            ),
+            (
+                "gone",
+                "p",
+                "deleted",
+                "2019-01-01T00:00:00Z",
+                Some("9.9.9"),
+            ),
+            (
+                "bad",
+                "p",
+                "queued",
+                "2019-01-01T00:00:00Z",
+                Some("not-a-version"),
+            ),
+            ("plain", "p", "queued", "2019-01-01T00:00:00Z", None),
+        ];
+        for (id, owner, status, created, version) in rows {
+            let mut img = image(id, owner, id, created);
+            img.status = status.parse().unwrap();
+            let mut vals = vec![Value::Text(img.id.clone())];
+            vals.extend(image_values(&img).unwrap().into_iter().map(to_sqlite));
+            conn.execute(
+                &format!(
+                    "INSERT INTO images ({}) VALUES ({})",
+                    IMAGE_COLS.replace("i.", ""),
+                    vec!["?"; vals.len()].join(", ")
+                ),
+                params_from_iter(vals),
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO image_properties VALUES (?1, 'family', 'os')",
+                [id],
+            )
+            .unwrap();
+            if let Some(v) = version {
+                conn.execute(
+                    "INSERT INTO image_properties VALUES (?1, 'version', ?2)",
+                    [id, v],
+                )
+                .unwrap();
+            }
+        }
+        migrate(&mut conn).unwrap();
+        let mut st = conn
+            .prepare("SELECT image_id, version_key FROM family_versions ORDER BY image_id")
+            .unwrap();
+        let got: Vec<(String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(got, [("old".to_string(), "2024.6.1".to_string())]);
     }
 
     #[tokio::test]

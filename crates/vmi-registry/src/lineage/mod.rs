@@ -62,6 +62,8 @@ pub const MAX_CYCLE_WALK: u32 = 4096;
 pub const MAX_FAMILY_SIZE: u32 = 10_000;
 /// Most families one `GET /v2/families` lists.
 pub const MAX_FAMILIES: u32 = 1000;
+/// Families on one page of `GET /v2/families` when the request gives no `limit`.
+pub const DEFAULT_FAMILY_PAGE: u32 = 100;
 
 /// How an image was made from its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

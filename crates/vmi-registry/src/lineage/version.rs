@@ -86,6 +86,22 @@ impl Version {
     pub fn is_prerelease(&self) -> bool {
         !self.pre.is_empty()
     }
+
+    /// A text that two versions share exactly when they are equal (`2024.06.01` and `20240601`
+    /// both give `2024.6.1`; build metadata is dropped): what the catalog's uniqueness index on
+    /// a family's versions stores.
+    pub fn key(&self) -> String {
+        let [a, b, c] = self.numbers;
+        let mut k = format!("{a}.{b}.{c}");
+        for (i, id) in self.pre.iter().enumerate() {
+            k.push(if i == 0 { '-' } else { '.' });
+            match id {
+                Ident::Numeric(n) => k.push_str(&n.to_string()),
+                Ident::Alpha(s) => k.push_str(s),
+            }
+        }
+        k
+    }
 }
 
 impl fmt::Display for Version {
@@ -219,6 +235,33 @@ fn parse_semver(s: &str) -> Result<Version, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_equal_exactly_when_versions_are() {
+        let all = [
+            "1.0.0",
+            "1.0.0+build",
+            "1.0.0-rc.1",
+            "1.0.0-rc.1+x",
+            "1.0.0-rc.01x",
+            "1.0.0-rc-1",
+            "1.0.0-1",
+            "1.0.0-alpha",
+            "2024.06.01",
+            "20240601",
+            "2024.6.1",
+            "2024.06.02",
+            "0.0.0",
+        ];
+        for a in all {
+            for b in all {
+                let (va, vb) = (Version::parse(a).unwrap(), Version::parse(b).unwrap());
+                assert_eq!(va == vb, va.key() == vb.key(), "{a} vs {b}");
+            }
+        }
+        assert_eq!(Version::parse("20240601").unwrap().key(), "2024.6.1");
+        assert_eq!(Version::parse("1.2.3-rc.1+b").unwrap().key(), "1.2.3-rc.1");
+    }
 
     fn v(s: &str) -> Version {
         Version::parse(s).unwrap()

@@ -149,6 +149,35 @@ async fn data_digest(
     }
 }
 
+/// The signature checks that need no data, run before a byte of an upload, stage, resumable
+/// upload or import is received: an unsigned image of a project that requires signatures, and
+/// signature properties that are malformed or name a key the project does not have, are refused
+/// at once instead of after the transfer. [`verify_upload`] checks everything again with the
+/// data.
+pub async fn check_before_data(app: &App, img: &ImageRecord) -> Result<()> {
+    match SignatureProps::of_image(img)? {
+        None => refuse_unsigned(app, img).await,
+        Some(props) => owner_key(app, &img.owner, &props.key_id).await.map(|_| ()),
+    }
+}
+
+/// Refuse an unsigned image when its project requires signatures.
+async fn refuse_unsigned(app: &App, img: &ImageRecord) -> Result<()> {
+    let cfg = &app.config.signing;
+    if !cfg.require_signed && cfg.require_signed_projects.is_empty() {
+        return Ok(());
+    }
+    let name = app.catalog.get_project(&img.owner).await?.map(|p| p.name);
+    if requires_signature(&app.config.signing, &img.owner, name.as_deref()) {
+        return Err(RegistryError::Forbidden(format!(
+            "Project {} accepts only signed images: set {} before uploading",
+            name.as_deref().unwrap_or(&img.owner),
+            PROPERTIES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Verify the signature of the data just stored at `location` for `img`, or refuse an
 /// unsigned image of a project that requires signatures. Called after the digests are computed
 /// and before the image becomes active; an error means the data must not be kept.
@@ -159,19 +188,7 @@ pub async fn verify_upload(
     location: &str,
 ) -> Result<()> {
     let Some(props) = SignatureProps::of_image(img)? else {
-        let cfg = &app.config.signing;
-        if !cfg.require_signed && cfg.require_signed_projects.is_empty() {
-            return Ok(());
-        }
-        let name = app.catalog.get_project(&img.owner).await?.map(|p| p.name);
-        if requires_signature(&app.config.signing, &img.owner, name.as_deref()) {
-            return Err(RegistryError::Forbidden(format!(
-                "Project {} accepts only signed images: set {} before uploading",
-                name.as_deref().unwrap_or(&img.owner),
-                PROPERTIES.join(", ")
-            )));
-        }
-        return Ok(());
+        return refuse_unsigned(app, img).await;
     };
     let rec = owner_key(app, &img.owner, &props.key_id).await?;
     let key = KeyMaterial::from_pem(&rec.pem)?;
