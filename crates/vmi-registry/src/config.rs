@@ -141,6 +141,9 @@ pub enum StoreUrl {
     },
 }
 
+/// Sections whose keys `VMI_<SECTION>_<KEY>` sets (see [`Config::apply_env`]).
+const ENV_SECTIONS: [&str; 4] = ["signing", "lifecycle", "policies", "import"];
+
 fn parse_u64(key: &str, v: &str) -> Result<u64> {
     v.parse()
         .map_err(|_| RegistryError::Config(format!("{key}: '{v}' is not a whole number")))
@@ -161,8 +164,24 @@ impl Config {
     }
 
     /// Apply `VMI_*` variables from `vars` (usually `std::env::vars()`).
+    ///
+    /// Besides the named variables below, `VMI_<SECTION>_<KEY>` sets `<key>` of the sections
+    /// `[signing]`, `[lifecycle]`, `[policies]` and `[import]` (e.g. `VMI_IMPORT_CONVERT_TO=qcow2`,
+    /// `VMI_LIFECYCLE_RECYCLE_RETENTION=7d`, `VMI_SIGNING_REQUIRE_SIGNED_PROJECTS='["rel"]'`): the
+    /// value is read as a TOML value (number, boolean, array, inline table) and otherwise as a
+    /// string, and checked like the file's (unknown keys and wrong types are errors).
     pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<()> {
+        let mut sections: Vec<(String, String, String)> = Vec::new();
         for (k, v) in vars {
+            if let Some((section, key)) = ENV_SECTIONS.iter().find_map(|s| {
+                let prefix = format!("VMI_{}_", s.to_ascii_uppercase());
+                k.strip_prefix(&prefix)
+                    .filter(|key| !key.is_empty())
+                    .map(|key| (*s, key.to_ascii_lowercase()))
+            }) {
+                sections.push((k.clone(), format!("{section}.{key}"), v));
+                continue;
+            }
             match k.as_str() {
                 "VMI_LISTEN" => self.listen = v,
                 "VMI_DATA_DIR" => self.data_dir = v.into(),
@@ -185,7 +204,44 @@ impl Config {
                 _ => {}
             }
         }
+        // Sorted so that the result does not depend on the environment's order.
+        sections.sort();
+        for (var, path, value) in sections {
+            self.set_section_key(&var, &path, &value)?;
+        }
         Ok(())
+    }
+
+    /// Set `section.key` from an environment variable's text, through the same deserialisation
+    /// as the configuration file.
+    fn set_section_key(&mut self, var: &str, path: &str, text: &str) -> Result<()> {
+        let (section, key) = path.split_once('.').unwrap_or((path, ""));
+        let err = |e: String| RegistryError::Config(format!("{var}: {e}"));
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {text}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"));
+        let mut attempts = Vec::new();
+        if let Some(p) = parsed {
+            attempts.push(p);
+        }
+        attempts.push(toml::Value::String(text.to_string()));
+        let mut last = String::new();
+        for value in attempts {
+            let mut doc = toml::Value::try_from(&*self).map_err(|e| err(e.to_string()))?;
+            let table = doc
+                .get_mut(section)
+                .and_then(toml::Value::as_table_mut)
+                .ok_or_else(|| err(format!("no section [{section}]")))?;
+            table.insert(key.to_string(), value);
+            match doc.try_into::<Config>() {
+                Ok(c) => {
+                    *self = c;
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(err(last))
     }
 
     /// The catalog location.
@@ -314,6 +370,45 @@ mod tests {
             .unwrap();
         assert_eq!(c.listen, "127.0.0.1:2");
         assert_eq!(c.admin.password.as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn section_keys_come_from_the_environment_with_the_file_s_checks() {
+        let mut c = Config::default();
+        let env = |k: &str, v: &str| [(k.to_string(), v.to_string())];
+        c.apply_env(env("VMI_IMPORT_CONVERT_TO", "qcow2")).unwrap();
+        assert_eq!(c.import.storage_format().unwrap(), Some("qcow2"));
+        c.apply_env(env("VMI_LIFECYCLE_RECYCLE_RETENTION", "7d"))
+            .unwrap();
+        assert_eq!(c.lifecycle.recycle_retention.secs(), 7 * 86_400);
+        c.apply_env(env("VMI_SIGNING_REQUIRE_SIGNED", "true"))
+            .unwrap();
+        assert!(c.signing.require_signed);
+        c.apply_env(env(
+            "VMI_SIGNING_REQUIRE_SIGNED_PROJECTS",
+            r#"["rel", "ops"]"#,
+        ))
+        .unwrap();
+        assert_eq!(c.signing.require_signed_projects, ["rel", "ops"]);
+        c.apply_env(env("VMI_POLICIES_NAMING", "^[a-z0-9-]+$"))
+            .unwrap();
+        assert_eq!(c.policies.naming.as_deref(), Some("^[a-z0-9-]+$"));
+        c.apply_env(env(
+            "VMI_POLICIES_PROJECTS",
+            r#"{ web = { naming = "^web-" } }"#,
+        ))
+        .unwrap();
+        assert_eq!(c.policies.projects["web"].naming.as_deref(), Some("^web-"));
+        // What came before is kept.
+        assert_eq!(c.import.storage_format().unwrap(), Some("qcow2"));
+        for (k, v) in [
+            ("VMI_IMPORT_NO_SUCH_KEY", "1"),
+            ("VMI_SIGNING_REQUIRE_SIGNED", "maybe"),
+            ("VMI_LIFECYCLE_RECYCLE_RETENTION", "soon"),
+        ] {
+            let e = Config::default().apply_env(env(k, v)).unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
     }
 
     #[test]
