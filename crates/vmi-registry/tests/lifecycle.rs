@@ -454,6 +454,15 @@ async fn deprecated_images_download_with_a_warning_and_obsolete_ones_only_for_ad
         r.headers["warning"],
         format!("299 - \"image {old} is deprecated; use {new}\"").as_str()
     );
+    // The image's record warns too; an active image's does not.
+    let r = t.get(&format!("/v2/images/{old}"), &tok).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.headers["warning"],
+        format!("299 - \"image {old} is deprecated; use {new}\"").as_str()
+    );
+    let r = t.get(&format!("/v2/images/{new}"), &tok).await;
+    assert!(r.headers.get("warning").is_none());
 
     let r = t.lifecycle(&old, &tok, json!({"state": "obsolete"})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

@@ -319,8 +319,15 @@ pub async fn show(
     State(app): State<Arc<App>>,
     ctx: Context,
     Path(id): Path<String>,
-) -> Result<Json<Value>> {
-    Ok(Json(image_json(&load_visible(&app, &ctx, &id).await?)))
+) -> Result<Response> {
+    let img = load_visible(&app, &ctx, &id).await?;
+    let mut resp = Json(image_json(&img)).into_response();
+    // Deprecated and obsolete images say so where a client looks before it uses one.
+    if let Some(w) = crate::lifecycle::state_warning(&img) {
+        let v = HeaderValue::from_str(&w).map_err(|e| bad(e.to_string()))?;
+        resp.headers_mut().insert(header::WARNING, v);
+    }
+    Ok(resp)
 }
 
 fn split_in(v: &str) -> (Cmp, String) {

@@ -184,17 +184,7 @@ pub fn check_user_attr(key: &str) -> Result<()> {
 /// header value), obsolete ones only for admins.
 pub fn download_warning(ctx: &Context, img: &ImageRecord) -> Result<Option<String>> {
     let lc = Lifecycle::of(img);
-    let instead = lc
-        .replacement
-        .as_deref()
-        .map(|r| format!("; use {r}"))
-        .unwrap_or_default();
     match lc.state {
-        LifecycleState::Active => Ok(None),
-        LifecycleState::Deprecated => Ok(Some(format!(
-            "299 - \"image {} is deprecated{instead}\"",
-            img.id
-        ))),
         LifecycleState::Obsolete | LifecycleState::Retired if !ctx.is_admin() => {
             Err(RegistryError::Forbidden(format!(
                 "Image {} is obsolete and can no longer be downloaded{}",
@@ -205,11 +195,26 @@ pub fn download_warning(ctx: &Context, img: &ImageRecord) -> Result<Option<Strin
                 }
             )))
         }
-        LifecycleState::Obsolete | LifecycleState::Retired => Ok(Some(format!(
-            "299 - \"image {} is obsolete{instead}\"",
-            img.id
-        ))),
+        _ => Ok(state_warning(img)),
     }
+}
+
+/// The `Warning` header (RFC 9111 §5.5, code 299) for an image that is no longer active in its
+/// lifecycle, naming its replacement: sent with the image's record (`GET /v2/images/{id}`) and
+/// its data.
+pub fn state_warning(img: &ImageRecord) -> Option<String> {
+    let lc = Lifecycle::of(img);
+    let instead = lc
+        .replacement
+        .as_deref()
+        .map(|r| format!("; use {r}"))
+        .unwrap_or_default();
+    let state = match lc.state {
+        LifecycleState::Active => return None,
+        LifecycleState::Deprecated => "deprecated",
+        LifecycleState::Obsolete | LifecycleState::Retired => "obsolete",
+    };
+    Some(format!("299 - \"image {} is {state}{instead}\"", img.id))
 }
 
 /// Parse a client's date (RFC 3339) into the catalog's form.
