@@ -738,7 +738,20 @@ async fn retention_reports_what_it_would_remove_and_apply_moves_it_to_the_recycl
         .post("/v2/policies/retention/apply?family=web", &tok, json!({}))
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Without a family, every family of the caller's project.
     let r = t.get("/v2/policies/retention/report", &tok).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let all = r.json();
+    let families: Vec<&str> = all["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["family"].as_str().unwrap())
+        .collect();
+    assert_eq!(families, ["db", "web"]);
+    assert_eq!(all["families"][0]["remove"], json!([]));
+    assert_eq!(all["remove"], json!([ids[2], ids[1], ids[0]]));
+    let r = t.get("/v2/policies/retention/report?family=", &tok).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     let r = t

@@ -7,14 +7,19 @@
 //!   or obsolete image is the admin-only `undeprecate`, which also clears the schedule.
 //! - `POST /v2/images/{id}/actions/restore` (owner or admin): bring a recycled
 //!   (`pending_delete`) image back.
-//! - `GET /v2/policies/retention/report?family=F`: the retention dry run (admins: every
+//! - `GET /v2/policies/retention/report[?family=F]`: the retention dry run (admins: every
 //!   project's versions; others: their project's).
-//! - `POST /v2/policies/retention/apply?family=F` (admin): move what the report removes to the
+//! - `POST /v2/policies/retention/apply[?family=F]` (admin): move what the report removes to the
 //!   recycle bin.
+//!
+//!   Without `family` both cover every family (the caller's project's, or every project's for an
+//!   admin) and answer `{"families": [...]}` with the ids of all families together.
 
 use super::images::{image_json, load_visible};
 use super::parse_json;
 use crate::auth::Context;
+use crate::catalog::lineage::FamilyQuery;
+use crate::catalog::Viewer;
 use crate::error::{RegistryError, Result};
 use crate::lifecycle::job::transition;
 use crate::lifecycle::recycle;
@@ -196,37 +201,93 @@ pub async fn restore(
     Ok(Json(image_json(&now)))
 }
 
-fn family_param(params: &HashMap<String, String>) -> Result<&str> {
-    params
-        .get("family")
-        .map(String::as_str)
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| bad("the family query parameter is required"))
+/// The families a retention request covers: `?family=F`, or without it every family (of the
+/// caller's project, or every project's for an admin).
+async fn retention_families(
+    app: &App,
+    params: &HashMap<String, String>,
+    project: Option<&str>,
+) -> Result<Vec<String>> {
+    if let Some(f) = params.get("family") {
+        if f.is_empty() {
+            return Err(bad("family must not be empty"));
+        }
+        return Ok(vec![f.clone()]);
+    }
+    let mut q = FamilyQuery {
+        viewer: Viewer::Admin,
+        owner: project.map(str::to_string),
+        after: None,
+        limit: crate::lineage::MAX_FAMILIES,
+    };
+    let mut names = std::collections::BTreeSet::new();
+    loop {
+        let page = app.catalog.family_names(&q).await?;
+        let full = page.len() == q.limit as usize;
+        q.after = page.last().map(|(o, f)| (f.clone(), o.clone()));
+        names.extend(page.into_iter().map(|(_, f)| f));
+        if !full {
+            break;
+        }
+    }
+    Ok(names.into_iter().collect())
 }
 
-/// `GET /v2/policies/retention/report?family=F`
+/// The answer for several families: each family's report, and everything together.
+fn retention_answer(
+    params: &HashMap<String, String>,
+    mut per_family: Vec<Value>,
+    dry_run: bool,
+    key: &str,
+    ids: Vec<String>,
+    failed: Vec<Value>,
+) -> Value {
+    if params.contains_key("family") {
+        if let Some(mut one) = per_family.pop() {
+            one["dry_run"] = json!(dry_run);
+            if !dry_run {
+                one["failed"] = json!(failed);
+            }
+            return one;
+        }
+    }
+    let mut v = json!({ "dry_run": dry_run, "families": per_family, key: ids });
+    if !dry_run {
+        v["failed"] = json!(failed);
+    }
+    v
+}
+
+/// `GET /v2/policies/retention/report[?family=F]`
 pub async fn retention_report(
     State(app): State<Arc<App>>,
     ctx: Context,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>> {
-    let family = family_param(&params)?;
     let project = (!ctx.is_admin()).then_some(ctx.project_id.as_str());
-    let (items, _) = crate::policies::retention(&app, family, project).await?;
-    let removed: Vec<&str> = items
-        .iter()
-        .filter(|i| i.remove)
-        .map(|i| i.id.as_str())
-        .collect();
-    Ok(Json(json!({
-        "family": family,
-        "dry_run": true,
-        "images": items,
-        "remove": removed,
-    })))
+    let mut per_family = Vec::new();
+    let mut all = Vec::new();
+    for family in retention_families(&app, &params, project).await? {
+        let (items, _) = crate::policies::retention(&app, &family, project).await?;
+        let removed: Vec<String> = items
+            .iter()
+            .filter(|i| i.remove)
+            .map(|i| i.id.clone())
+            .collect();
+        all.extend(removed.iter().cloned());
+        per_family.push(json!({"family": family, "images": items, "remove": removed}));
+    }
+    Ok(Json(retention_answer(
+        &params,
+        per_family,
+        true,
+        "remove",
+        all,
+        Vec::new(),
+    )))
 }
 
-/// `POST /v2/policies/retention/apply?family=F` (admin)
+/// `POST /v2/policies/retention/apply[?family=F]` (admin)
 pub async fn retention_apply(
     State(app): State<Arc<App>>,
     ctx: Context,
@@ -237,34 +298,35 @@ pub async fn retention_apply(
             "Applying a retention policy is an admin operation".into(),
         ));
     }
-    let family = family_param(&params)?;
-    let (items, imgs) = crate::policies::retention(&app, family, None).await?;
-    let mut removed = Vec::new();
+    let mut per_family = Vec::new();
+    let mut all = Vec::new();
     let mut failed = Vec::new();
-    for item in items.iter().filter(|i| i.remove) {
-        let Some(img) = imgs.iter().find(|i| i.id == item.id) else {
-            continue;
-        };
-        match recycle::remove(&app, img, Some(ctx.user_id.clone())).await {
-            Ok(_) => {
-                crate::audit::record_for(
-                    &app,
-                    &ctx,
-                    img,
-                    "image.delete",
-                    format!("retention of family {family}: {}", item.reason),
-                )
-                .await;
-                removed.push(item.id.clone());
+    for family in retention_families(&app, &params, None).await? {
+        let (items, imgs) = crate::policies::retention(&app, &family, None).await?;
+        let mut removed = Vec::new();
+        for item in items.iter().filter(|i| i.remove) {
+            let Some(img) = imgs.iter().find(|i| i.id == item.id) else {
+                continue;
+            };
+            match recycle::remove(&app, img, Some(ctx.user_id.clone())).await {
+                Ok(_) => {
+                    crate::audit::record_for(
+                        &app,
+                        &ctx,
+                        img,
+                        "image.delete",
+                        format!("retention of family {family}: {}", item.reason),
+                    )
+                    .await;
+                    removed.push(item.id.clone());
+                }
+                Err(e) => failed.push(json!({"id": item.id, "error": e.to_string()})),
             }
-            Err(e) => failed.push(json!({"id": item.id, "error": e.to_string()})),
         }
+        all.extend(removed.iter().cloned());
+        per_family.push(json!({"family": family, "images": items, "removed": removed}));
     }
-    Ok(Json(json!({
-        "family": family,
-        "dry_run": false,
-        "images": items,
-        "removed": removed,
-        "failed": failed,
-    })))
+    Ok(Json(retention_answer(
+        &params, per_family, false, "removed", all, failed,
+    )))
 }
