@@ -787,6 +787,25 @@ impl RegistryClient {
         )
         .await
     }
+
+    /// The retention report of `family` (every family when `None`), or with `apply` (admin)
+    /// the removal of what it lists. Always the every-family shape: `{"families": [...]}`.
+    pub async fn retention(&self, family: Option<&str>, apply: bool) -> Result<Value> {
+        let (method, path) = if apply {
+            (reqwest::Method::POST, "/v2/policies/retention/apply")
+        } else {
+            (reqwest::Method::GET, "/v2/policies/retention/report")
+        };
+        let mut rb = self.req(method, path);
+        if let Some(f) = family {
+            rb = rb.query(&[("family", f)]);
+        }
+        let v = self.json(rb, "applying the retention policy").await?;
+        Ok(match family {
+            Some(_) => serde_json::json!({ "families": [v] }),
+            None => v,
+        })
+    }
 }
 
 /// Interoperable import (`stage` + `import`) and converted downloads.

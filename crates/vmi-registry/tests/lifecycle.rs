@@ -1037,8 +1037,23 @@ async fn the_image_client_drives_the_lifecycle_recycle_bin_and_audit_log() {
     let t = setup_with(|c| {
         c.public_url = None;
         c.lifecycle.recycle_retention = "7d".parse().unwrap();
+        c.policies.retention.keep_newest = Some(1);
     })
     .await;
+    let f1 = t
+        .active(
+            ADMIN_TOKEN,
+            json!({"name": "f1", "family": "fam", "version": "1.0.0"}),
+            b"1",
+        )
+        .await;
+    let f2 = t
+        .active(
+            ADMIN_TOKEN,
+            json!({"name": "f2", "family": "fam", "version": "2.0.0"}),
+            b"2",
+        )
+        .await;
     let new = t.active(ADMIN_TOKEN, json!({"name": "new"}), b"n").await;
     let old = t.active(ADMIN_TOKEN, json!({"name": "old"}), b"o").await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1097,6 +1112,25 @@ async fn the_image_client_drives_the_lifecycle_recycle_bin_and_audit_log() {
     );
     let out = run("audit --action image.restore".into()).await;
     assert!(out.contains("image.restore") && out.contains(&old), "{out}");
+
+    // Retention: a dry run over every family, then the removal.
+    let out = run("retention".into()).await;
+    let line = |id: &str| {
+        out.lines()
+            .find(|l| l.contains(id))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(line(&f2).contains(" keep "), "{out}");
+    assert!(line(&f1).contains(" remove "), "{out}");
+    let out = run("retention --family fam --apply".into()).await;
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&f1) && l.contains(" removed ")),
+        "{out}"
+    );
+    assert_eq!(t.image(&f1, ADMIN_TOKEN).await["status"], "pending_delete");
+    assert_eq!(t.image(&f2, ADMIN_TOKEN).await["status"], "active");
 
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();

@@ -1,4 +1,4 @@
-//! `vmi image deprecate | obsolete | retire | undeprecate | restore | audit`.
+//! `vmi image deprecate | obsolete | retire | undeprecate | restore | audit | retention`.
 
 use crate::client::RegistryClient;
 use crate::error::{RegistryError, Result};
@@ -58,6 +58,16 @@ pub enum LifecycleCommand {
         /// Image id.
         image: String,
     },
+    /// Show which versions the retention policy removes (a dry run), per family; with --apply
+    /// (admin) move them to the recycle bin.
+    Retention {
+        /// Only this family (default: every family you can see).
+        #[arg(long)]
+        family: Option<String>,
+        /// Remove what the report lists.
+        #[arg(long)]
+        apply: bool,
+    },
     /// Read the audit log, newest first.
     Audit {
         /// Only events about this image (id or name).
@@ -108,6 +118,57 @@ fn print_lifecycle(out: &mut dyn Write, img: &Value, as_json: bool) -> Result<()
     Ok(())
 }
 
+/// One line per version: family, rank, age, keep or remove (removed), id, name and the reason.
+fn print_retention(out: &mut dyn Write, v: &Value, applied: bool, as_json: bool) -> Result<()> {
+    if as_json {
+        return writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(v).unwrap_or_default()
+        )
+        .map_err(out_err);
+    }
+    for fam in v["families"].as_array().into_iter().flatten() {
+        let removed: Vec<&str> = fam["removed"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for i in fam["images"].as_array().into_iter().flatten() {
+            let id = i["id"].as_str().unwrap_or("-");
+            let verdict = match (i["remove"].as_bool().unwrap_or(false), applied) {
+                (false, _) => "keep",
+                (true, false) => "remove",
+                (true, true) if removed.contains(&id) => "removed",
+                (true, true) => "FAILED",
+            };
+            writeln!(
+                out,
+                "{:<24} {:>4} {:>5}d  {:<7} {:<36}  {:<24}  {}",
+                fam["family"].as_str().unwrap_or("-"),
+                i["rank"].as_u64().unwrap_or(0),
+                i["age_days"].as_i64().unwrap_or(0),
+                verdict,
+                id,
+                i["name"].as_str().unwrap_or("-"),
+                i["reason"].as_str().unwrap_or("")
+            )
+            .map_err(out_err)?;
+        }
+    }
+    for f in v["failed"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "failed: {}: {}",
+            f["id"].as_str().unwrap_or("-"),
+            f["error"].as_str().unwrap_or("")
+        )
+        .map_err(out_err)?;
+    }
+    Ok(())
+}
+
 /// Run one lifecycle subcommand against `c`.
 pub async fn run(
     c: &RegistryClient,
@@ -151,6 +212,10 @@ pub async fn run(
             (image, at.is_none().then_some("retired"))
         }
         LifecycleCommand::Undeprecate { image } => (image, Some("active")),
+        LifecycleCommand::Retention { family, apply } => {
+            let v = c.retention(family.as_deref(), *apply).await?;
+            return print_retention(out, &v, *apply, as_json);
+        }
         LifecycleCommand::Restore { image } => {
             let id = c.resolve(image).await?;
             return print_lifecycle(out, &c.restore(&id).await?, as_json);
