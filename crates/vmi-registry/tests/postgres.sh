@@ -5,7 +5,9 @@
 # database, plus the two-node test. The cluster has TLS on (`ssl=on`) with a certificate for
 # localhost issued by a throwaway CA made here with openssl, so the signing suite also checks
 # `sslmode=verify-full|require|disable` against it; the other tests connect with the default
-# `sslmode=prefer`, i.e. over TLS. `tests/lifecycle.rs` runs as well (two-node lease tests).
+# `sslmode=prefer`, i.e. over TLS. `tests/lifecycle.rs` runs as well (two-node lease tests). A
+# role `vmi_cert` logs in with a client certificate only (`cert` in pg_hba.conf; the server
+# trusts the same CA), for the `sslcert`/`sslkey` test.
 #
 # Usage: bash crates/vmi-registry/tests/postgres.sh
 # Environment: PG_BIN (default: the newest /usr/lib/postgresql/*/bin), PORT (default 19696)
@@ -38,18 +40,33 @@ chmod 600 "$dir/server.key"
 if [ "$(id -u)" = 0 ]; then
     chown postgres "$dir/server.key" "$dir/server.crt"
 fi
+# A client certificate from the same CA for role vmi_cert, which may log in over TLS with a
+# certificate only (`cert` in pg_hba.conf, the first matching line).
+openssl req "${ec[@]}" -keyout "$dir/client.key" -out "$dir/client.csr" -subj /CN=vmi_cert \
+    2>/dev/null
+printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' >"$dir/client-ext"
+openssl x509 -req -in "$dir/client.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 2 -extfile "$dir/client-ext" -out "$dir/client.crt" 2>/dev/null
+chmod 600 "$dir/client.key"
+sed -i '1i hostssl all vmi_cert all cert' "$dir/data/pg_hba.conf"
 "${as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
     -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
-        -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key" start >/dev/null
+        -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key \
+        -c ssl_ca_file=$dir/ca.crt" start >/dev/null
 cleanup() {
     "${as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
     rm -rf "$dir"
 }
 trap cleanup EXIT
+"$pg_bin/psql" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres \
+    -c "CREATE ROLE vmi_cert LOGIN" -c "CREATE DATABASE vmi_cert OWNER vmi_cert" >/dev/null
 cd "$root"
 VMI_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port" \
 VMI_TEST_POSTGRES_TLS_URL="postgres://postgres@localhost:$port" \
 VMI_TEST_POSTGRES_TLS_ROOT="$dir/ca.crt" \
+VMI_TEST_POSTGRES_CERT_URL="postgres://vmi_cert@localhost:$port/vmi_cert" \
+VMI_TEST_POSTGRES_CLIENT_CERT="$dir/client.crt" \
+VMI_TEST_POSTGRES_CLIENT_KEY="$dir/client.key" \
 VMI_TEST_POSTGRES_SOCKET="host=$dir port=$port" \
     cargo test -p vmi-registry --features postgres --test api --test signing --test lifecycle \
         --test import --test lineage

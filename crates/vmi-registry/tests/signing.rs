@@ -1168,3 +1168,65 @@ async fn postgres_connections_use_tls_as_sslmode_asks() {
         vmi_registry::error::chain(&e)
     );
 }
+
+/// With `VMI_TEST_POSTGRES_CERT_URL` (a role the server authenticates with `cert` in
+/// `pg_hba.conf`), `VMI_TEST_POSTGRES_CLIENT_CERT`/`_KEY` (a certificate for it from the CA the
+/// server trusts) and `VMI_TEST_POSTGRES_TLS_ROOT`, as tests/postgres.sh and CI set them: the
+/// catalog connects with `sslcert`/`sslkey`, is refused without them, and a key file others may
+/// read is refused before connecting.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_client_certificates_authenticate_the_catalog() {
+    use std::os::unix::fs::PermissionsExt;
+    use vmi_registry::catalog::postgres::PostgresCatalog;
+    use vmi_registry::catalog::postgres_tls::ConnectOptions;
+    let (Ok(url), Ok(cert), Ok(key), Ok(root)) = (
+        std::env::var("VMI_TEST_POSTGRES_CERT_URL"),
+        std::env::var("VMI_TEST_POSTGRES_CLIENT_CERT"),
+        std::env::var("VMI_TEST_POSTGRES_CLIENT_KEY"),
+        std::env::var("VMI_TEST_POSTGRES_TLS_ROOT"),
+    ) else {
+        eprintln!("VMI_TEST_POSTGRES_CERT_URL/CLIENT_CERT/CLIENT_KEY not set; skipping");
+        return;
+    };
+    let tls = format!("sslmode=verify-full&sslrootcert={root}");
+    let with_cert = format!("{url}?{tls}&sslcert={cert}&sslkey={key}");
+    let o = ConnectOptions::parse(&with_cert).unwrap();
+    let (client, conn) =
+        o.pg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+            o.tls_config().unwrap(),
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dn: Option<String> = row.get(0);
+    assert!(dn.unwrap_or_default().contains("CN=vmi_cert"));
+    PostgresCatalog::connect(&with_cert).await.unwrap();
+    // The server wants the certificate.
+    assert!(PostgresCatalog::connect(&format!("{url}?{tls}"))
+        .await
+        .is_err());
+    // A key that others may read is refused before any connection.
+    let dir = tempfile::tempdir().unwrap();
+    let loose = dir.path().join("loose.key");
+    std::fs::copy(&key, &loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = PostgresCatalog::connect(&format!(
+        "{url}?{tls}&sslcert={cert}&sslkey={}",
+        loose.display()
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        vmi_registry::error::chain(&e).contains("group or world access"),
+        "{}",
+        vmi_registry::error::chain(&e)
+    );
+}

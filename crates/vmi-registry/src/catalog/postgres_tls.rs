@@ -17,16 +17,22 @@
 //! - `pool_size=N`: connections the catalog keeps open at most (a vmi parameter; default
 //!   [`DEFAULT_POOL_SIZE`]).
 //!
-//! Client certificates (`sslcert`, `sslkey`) are not supported and are refused.
+//! - `sslcert=FILE` and `sslkey=FILE` (PEM; both or neither): a client certificate for servers
+//!   that authenticate with `cert` in `pg_hba.conf` or ask for one. As libpq, a key file that
+//!   group or others may read is refused. Unlike libpq, nothing is read from
+//!   `~/.postgresql/postgresql.crt` unless named. `sslpassword` (encrypted keys) and `sslcrl` are
+//!   not supported and are refused.
 
 use crate::error::{RegistryError, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WantsClientCert;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, ConfigBuilder, DigitallySignedStruct, RootCertStore,
+    SignatureScheme,
 };
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -86,6 +92,8 @@ pub struct ConnectOptions {
     pub roots: RootSource,
     /// Pool size.
     pub pool_size: usize,
+    /// Client certificate chain and key files (`sslcert`, `sslkey`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 fn config_err(msg: impl Into<String>) -> RegistryError {
@@ -120,6 +128,7 @@ impl ConnectOptions {
         let mut mode = TlsMode::Prefer;
         let mut roots = RootSource::Default;
         let mut pool_size = DEFAULT_POOL_SIZE;
+        let (mut cert, mut key) = (None, None);
         let mut take = |k: &str, v: &str| -> Result<bool> {
             match k {
                 "sslmode" => {
@@ -155,9 +164,12 @@ impl ConnectOptions {
                             ))
                         })?
                 }
-                "sslcert" | "sslkey" | "sslpassword" | "sslcrl" => {
+                "sslcert" => cert = Some(PathBuf::from(v)),
+                "sslkey" => key = Some(PathBuf::from(v)),
+                "sslpassword" | "sslcrl" => {
                     return Err(config_err(format!(
-                        "database parameter {k}: client certificates are not supported"
+                        "database parameter {k} is not supported (use an unencrypted key file \
+                         readable by this user only)"
                     )))
                 }
                 _ => return Ok(false),
@@ -203,11 +215,21 @@ impl ConnectOptions {
             TlsMode::Prefer => SslMode::Prefer,
             TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
         });
+        let client_cert = match (cert, key) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => {
+                return Err(config_err(
+                    "database parameters sslcert and sslkey go together: name both files",
+                ))
+            }
+        };
         Ok(ConnectOptions {
             pg,
             mode,
             roots,
             pool_size,
+            client_cert,
         })
     }
 
@@ -225,22 +247,49 @@ impl ConnectOptions {
             (TlsMode::VerifyFull, _) => Some(true),
         };
         let Some(check_name) = check_chain else {
-            return Ok(builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
-                .with_no_client_auth());
+            return self.client_auth(
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider))),
+            );
         };
         let roots = Arc::new(load_roots(&self.roots)?);
         let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
             .build()
             .map_err(|e| config_err(format!("TLS: {e}")))?;
         if check_name {
-            return Ok(builder.with_webpki_verifier(webpki).with_no_client_auth());
+            return self.client_auth(builder.with_webpki_verifier(webpki));
         }
-        Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
-            .with_no_client_auth())
+        self.client_auth(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki))),
+        )
+    }
+
+    /// Finish `builder` with the client certificate, if one is configured.
+    fn client_auth(
+        &self,
+        builder: ConfigBuilder<ClientConfig, WantsClientCert>,
+    ) -> Result<ClientConfig> {
+        let Some((cert, key)) = &self.client_cert else {
+            return Ok(builder.with_no_client_auth());
+        };
+        let err = |f: &Path, e: &dyn std::fmt::Display| {
+            config_err(format!("database client certificate {}: {e}", f.display()))
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| err(cert, &e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| err(cert, &e))?;
+        if chain.is_empty() {
+            return Err(err(cert, &"no certificate in the file"));
+        }
+        check_key_permissions(key)?;
+        let k = PrivateKeyDer::from_pem_file(key).map_err(|e| err(key, &e))?;
+        builder
+            .with_client_auth_cert(chain, k)
+            .map_err(|e| err(cert, &e))
     }
 }
 
@@ -280,6 +329,28 @@ where
 
 fn home_root() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt"))
+}
+
+/// libpq's rule for `sslkey`: a key file that its group or others may access is refused (a key
+/// that leaked through permissions is a key that leaked).
+fn check_key_permissions(key: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(key)
+        .map_err(|e| config_err(format!("database client key {}: {e}", key.display())))?;
+    if !meta.is_file() {
+        return Err(config_err(format!(
+            "database client key {} is not a regular file",
+            key.display()
+        )));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(config_err(format!(
+            "database client key {} has group or world access; permissions should be u=rw \
+             (0600) or less",
+            key.display()
+        )));
+    }
+    Ok(())
 }
 
 fn load_roots(src: &RootSource) -> Result<RootCertStore> {
@@ -448,6 +519,8 @@ mod tests {
             "postgres://h/db?sslmode=maybe",
             "postgres://h/db?pool_size=0",
             "postgres://h/db?sslcert=/c.pem",
+            "postgres://h/db?sslkey=/k.pem",
+            "postgres://h/db?sslpassword=x",
         ] {
             assert!(matches!(
                 ConnectOptions::parse(u),
