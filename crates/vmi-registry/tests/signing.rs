@@ -1130,6 +1130,12 @@ async fn postgres_connections_use_tls_as_sslmode_asks() {
             .await
             .unwrap();
         assert_eq!(cat.pool_size(), 16);
+        // sslmode does not apply to a local socket (libpq ignores it there too).
+        PostgresCatalog::connect(&format!(
+            "{sock} user=postgres dbname=postgres sslmode=verify-full sslrootcert={root}"
+        ))
+        .await
+        .unwrap();
     }
     // A root that did not sign the server's certificate is refused.
     let other = tempfile::tempdir().unwrap();

@@ -210,7 +210,15 @@ impl ConnectOptions {
                 crate::config::redact_url(url)
             ))
         })?;
+        // libpq ignores sslmode on Unix-domain sockets (PostgreSQL never offers TLS there), so a
+        // URL that asks for verify-full still connects through a local socket.
+        let unix_only = !pg.get_hosts().is_empty()
+            && pg
+                .get_hosts()
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
         pg.ssl_mode(match mode {
+            _ if unix_only => SslMode::Disable,
             TlsMode::Disable => SslMode::Disable,
             TlsMode::Prefer => SslMode::Prefer,
             TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
@@ -511,6 +519,10 @@ mod tests {
             .unwrap();
         assert_eq!(o.mode, TlsMode::Require);
         assert_eq!(o.roots, RootSource::System);
+        // As libpq: no TLS over a Unix-domain socket, whatever sslmode says.
+        assert_eq!(o.pg.get_ssl_mode(), SslMode::Disable);
+        let o = ConnectOptions::parse("host=db.example user=x sslmode=require").unwrap();
+        assert_eq!(o.pg.get_ssl_mode(), SslMode::Require);
     }
 
     #[test]
