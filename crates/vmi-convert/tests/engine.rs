@@ -308,42 +308,6 @@ fn a_cancelled_conversion_stops_and_leaves_nothing_at_the_destination() {
     }
 }
 
-/// Storage whose reads of the first window wait until released (a slow disk or network).
-#[derive(Debug)]
-struct SlowFirstRead(
-    MemStorage,
-    std::sync::Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
-);
-
-impl Storage for SlowFirstRead {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let first = if offset == 0 {
-            self.1.lock().unwrap().take()
-        } else {
-            None
-        };
-        if let Some(barrier) = first {
-            // Let the test cancel while this read is in flight and the other workers wait
-            // for their turn behind it.
-            barrier.wait();
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.0.sync()
-    }
-}
-
 #[test]
 fn a_cancellation_from_outside_stops_workers_waiting_for_their_turn() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -354,7 +318,22 @@ fn a_cancellation_from_outside_stops_workers_waiting_for_their_turn() {
         let barrier = Arc::new(Barrier::new(2));
         let data = MemStorage::from_bytes((0..32 * MIB).map(|i| (i % 251 + 1) as u8).collect());
         let src = Image::from_storage(
-            Box::new(SlowFirstRead(data, Some(barrier.clone()).into())),
+            Box::new(OnRead(data, {
+                let first = std::sync::Mutex::new(Some(barrier.clone()));
+                move |offset: u64, _: usize| {
+                    let b = if offset == 0 {
+                        first.lock().unwrap().take()
+                    } else {
+                        None
+                    };
+                    if let Some(b) = b {
+                        // Let the test cancel while this read is in flight and the other
+                        // workers wait for their turn behind it.
+                        b.wait();
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            })),
             Path::new("slow.raw"),
             Some(Format::Raw),
             false,
@@ -394,16 +373,19 @@ fn a_failed_conversion_keeps_an_existing_destination() {
     assert_eq!(dir_entries(dir.path()), vec![out]);
 }
 
-/// Storage that panics when reading a chosen offset (a bug in some driver, simulated).
-#[derive(Debug)]
-struct PanicAt(MemStorage, u64);
+/// Memory storage that calls a hook with `(offset, length)` before each read: a driver bug
+/// (the hook panics) or a slow disk (it waits), simulated.
+struct OnRead<F>(MemStorage, F);
 
-impl Storage for PanicAt {
+impl<F> std::fmt::Debug for OnRead<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRead")
+    }
+}
+
+impl<F: Fn(u64, usize) + Send + Sync> Storage for OnRead<F> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        assert!(
-            !(offset..offset + buf.len() as u64).contains(&self.1),
-            "simulated driver bug"
-        );
+        (self.1)(offset, buf.len());
         self.0.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -424,7 +406,15 @@ impl Storage for PanicAt {
 fn a_panic_during_conversion_removes_the_temporary_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.raw");
-    let s = PanicAt(MemStorage::from_bytes(vec![1; 8 * MIB as usize]), 5 * MIB);
+    let s = OnRead(
+        MemStorage::from_bytes(vec![1; 8 * MIB as usize]),
+        |offset: u64, len: usize| {
+            assert!(
+                !(offset..offset + len as u64).contains(&(5 * MIB)),
+                "simulated driver bug"
+            )
+        },
+    );
     let src = Image::from_storage(
         Box::new(s),
         Path::new("buggy.raw"),

@@ -1655,30 +1655,12 @@ async fn the_reaper_requeues_abandoned_uploads_and_spares_recent_unreferenced_da
 #[cfg(feature = "s3")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_keeps_the_data_path_guarantees() {
-    let Ok(endpoint) = std::env::var("VMI_TEST_S3_ENDPOINT") else {
-        eprintln!("s3 test skipped: VMI_TEST_S3_ENDPOINT is not set");
-        return;
-    };
-    let bucket = format!("vmi-test-{}", uuid::Uuid::new_v4().simple());
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "creating the bucket: {}",
-        r.status()
-    );
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path());
-    c.store = Some(format!("s3://{bucket}/registry"));
+    if !support::s3_store(&mut c).await {
+        return;
+    }
     c.reap_grace_secs = 0;
-    c.s3.endpoint = Some(endpoint);
-    c.s3.region = Some("us-east-1".into());
-    c.s3.access_key_id = Some("testing".into());
-    c.s3.secret_access_key = Some("testing".into());
-    c.s3.allow_http = true;
     let reg = Registry::open(c).await.unwrap();
     reg.bootstrap().await.unwrap();
     let t = T { reg, dir };

@@ -846,28 +846,13 @@ async fn vmi_image_import_stages_a_file_or_has_the_registry_download_a_url() {
 #[cfg(feature = "s3")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staging_conversion_and_converted_downloads_work_on_s3() {
-    let Ok(endpoint) = std::env::var("VMI_TEST_S3_ENDPOINT") else {
-        eprintln!("s3 test skipped: VMI_TEST_S3_ENDPOINT is not set");
+    let mut s3 = vmi_registry::Config::default();
+    if !support::s3_store(&mut s3).await {
         return;
-    };
-    let bucket = format!("vmi-import-{}", uuid::Uuid::new_v4().simple());
-    let r = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        r.status().is_success(),
-        "creating the bucket: {}",
-        r.status()
-    );
+    }
     let t = setup_with(|c| {
-        c.store = Some(format!("s3://{bucket}/registry"));
-        c.s3.endpoint = Some(endpoint.clone());
-        c.s3.region = Some("us-east-1".into());
-        c.s3.access_key_id = Some("testing".into());
-        c.s3.secret_access_key = Some("testing".into());
-        c.s3.allow_http = true;
+        c.store = s3.store;
+        c.s3 = s3.s3;
         c.import.convert_to = Some("qcow2".into());
     })
     .await;

@@ -27,27 +27,24 @@ if [ "$(id -u)" = 0 ]; then
     as=(runuser -u postgres --)
 fi
 "${as[@]}" "$pg_bin/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
-# A throwaway CA and a server certificate it issues for localhost and 127.0.0.1.
+# A throwaway CA; it issues the server's certificate (localhost, 127.0.0.1) and a client
+# certificate for role vmi_cert, which may log in over TLS with a certificate only (`cert` in
+# pg_hba.conf, the first matching line).
 ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
 openssl req -x509 "${ec[@]}" -days 2 -keyout "$dir/ca.key" -out "$dir/ca.crt" \
     -subj /CN=vmi-test-ca 2>/dev/null
-openssl req "${ec[@]}" -keyout "$dir/server.key" -out "$dir/server.csr" -subj /CN=localhost \
-    2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$dir/ext"
-openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
-    -CAcreateserial -days 2 -extfile "$dir/ext" -out "$dir/server.crt" 2>/dev/null
-chmod 600 "$dir/server.key"
+issue() { # issue NAME CN EXTENSIONS: NAME.key and NAME.crt (X.509 v3) from the CA
+    openssl req "${ec[@]}" -keyout "$dir/$1.key" -out "$dir/$1.csr" -subj "/CN=$2" 2>/dev/null
+    printf '%b' "$3" >"$dir/$1.ext"
+    openssl x509 -req -in "$dir/$1.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+        -CAcreateserial -days 2 -extfile "$dir/$1.ext" -out "$dir/$1.crt" 2>/dev/null
+    chmod 600 "$dir/$1.key"
+}
+issue server localhost 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n'
+issue client vmi_cert 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n'
 if [ "$(id -u)" = 0 ]; then
     chown postgres "$dir/server.key" "$dir/server.crt"
 fi
-# A client certificate from the same CA for role vmi_cert, which may log in over TLS with a
-# certificate only (`cert` in pg_hba.conf, the first matching line).
-openssl req "${ec[@]}" -keyout "$dir/client.key" -out "$dir/client.csr" -subj /CN=vmi_cert \
-    2>/dev/null
-printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' >"$dir/client-ext"
-openssl x509 -req -in "$dir/client.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
-    -CAcreateserial -days 2 -extfile "$dir/client-ext" -out "$dir/client.crt" 2>/dev/null
-chmod 600 "$dir/client.key"
 sed -i '1i hostssl all vmi_cert all cert' "$dir/data/pg_hba.conf"
 "${as[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
     -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \

@@ -20,3 +20,33 @@ pub async fn test_database() -> Option<String> {
     }
     None
 }
+
+/// Point `c` at a fresh bucket of the S3-compatible server named by `VMI_TEST_S3_ENDPOINT`
+/// (CI and tests/s3.sh start one; any credentials it accepts). False, with a note, when the
+/// variable is not set: the caller skips its test.
+#[cfg(feature = "s3")]
+#[allow(dead_code)] // Not every test file has an S3 test.
+pub async fn s3_store(c: &mut vmi_registry::Config) -> bool {
+    let Ok(endpoint) = std::env::var("VMI_TEST_S3_ENDPOINT") else {
+        eprintln!("s3 test skipped: VMI_TEST_S3_ENDPOINT is not set");
+        return false;
+    };
+    let bucket = format!("vmi-test-{}", uuid::Uuid::new_v4().simple());
+    let r = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("reach the S3 server");
+    assert!(
+        r.status().is_success(),
+        "creating the bucket: {}",
+        r.status()
+    );
+    c.store = Some(format!("s3://{bucket}/registry"));
+    c.s3.endpoint = Some(endpoint);
+    c.s3.region = Some("us-east-1".into());
+    c.s3.access_key_id = Some("testing".into());
+    c.s3.secret_access_key = Some("testing".into());
+    c.s3.allow_http = true;
+    true
+}
