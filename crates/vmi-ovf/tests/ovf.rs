@@ -1337,3 +1337,33 @@ fn archives_written_by_gnu_tar_in_gnu_and_pax_formats_are_read() {
         }
     }
 }
+
+/// qemu-img writes a random Unique Id into every VHD footer; the `.vbox` registry must repeat
+/// it (VirtualBox compares), so it is read from the file, fixed and dynamic alike, and differs
+/// between two disks.
+#[test]
+fn vhd_unique_ids_from_qemu_img_are_read_for_the_vbox_registry() {
+    if !have("qemu-img") {
+        eprintln!("skipped: qemu-img absent");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    for sub in ["fixed", "dynamic", "dynamic"] {
+        let f = dir.path().join(format!("d{}.vhd", seen.len()));
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vpc", "-o"])
+            .arg(format!("subformat={sub}"))
+            .arg(&f)
+            .arg("8M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let uuid = vmi_ovf::native::vbox::medium_uuid(&f)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{sub}: no Unique Id read"));
+        assert!(vmi_ovf::native::vbox::is_uuid(&uuid), "{uuid}");
+        assert!(!seen.contains(&uuid), "{uuid} twice");
+        seen.push(uuid);
+    }
+}

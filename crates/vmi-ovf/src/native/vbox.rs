@@ -391,34 +391,73 @@ const VDI_UUID_OFFSET: usize = 0x188;
 const VDI_SIGNATURE: u32 = 0xbeda_107f;
 /// How much of a VMDK file is searched for an embedded descriptor's `ddb.uuid.image`.
 const VMDK_DESCRIPTOR_SCAN: u64 = 64 * 1024;
+/// VHD footer cookie (Virtual Hard Disk Image Format Specification, "Hard Disk Footer Format").
+const VHD_COOKIE: &[u8; 8] = b"conectix";
+/// Offset of the footer's Unique Id.
+const VHD_UNIQUE_ID_OFFSET: usize = 68;
+/// Size of a VHD footer.
+const VHD_FOOTER_LEN: u64 = 512;
+
+/// The 16 bytes VirtualBox copies into its `RTUUID` as they are, in the text form VirtualBox
+/// prints (the first three fields read little-endian).
+fn rtuuid_text(raw: [u8; 16]) -> Option<String> {
+    let mut b = raw;
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    let s = braced(&b);
+    is_uuid(&s).then_some(s)
+}
+
+/// A VHD's footer Unique Id: from the footer at the end (every VHD) or its copy at offset 0
+/// (dynamic and differencing disks).
+fn vhd_unique_id(f: &mut std::fs::File, head: &[u8]) -> std::io::Result<Option<[u8; 16]>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let id = |footer: &[u8]| -> Option<[u8; 16]> {
+        if footer.get(..8)? != VHD_COOKIE {
+            return None;
+        }
+        footer
+            .get(VHD_UNIQUE_ID_OFFSET..VHD_UNIQUE_ID_OFFSET + 16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+    };
+    let len = f.seek(SeekFrom::End(0))?;
+    if len >= VHD_FOOTER_LEN {
+        let mut footer = [0u8; VHD_FOOTER_LEN as usize];
+        f.seek(SeekFrom::Start(len - VHD_FOOTER_LEN))?;
+        f.read_exact(&mut footer)?;
+        if let Some(u) = id(&footer) {
+            return Ok(Some(u));
+        }
+    }
+    Ok(id(head))
+}
 
 /// The UUID VirtualBox will find inside a disk file, which the media registry must repeat:
-/// a VDI's image UUID (an `RTUUID`: the first three fields little-endian), or a VMDK's
-/// `ddb.uuid.image`. `None` when the file has none (VirtualBox then assigns one).
+/// a VDI's image UUID, a VHD footer's Unique Id (both copied by VirtualBox into an `RTUUID` as
+/// stored, so the first three fields read little-endian), or a VMDK's `ddb.uuid.image`. `None`
+/// when the file has none — VirtualBox then takes the registry's — which includes every VHDX
+/// (VirtualBox's VHDX backend reports no image UUID).
 pub fn medium_uuid(path: &Path) -> Result<Option<String>> {
     use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| OvfError::io("open", path, e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| OvfError::io("open", path, e))?;
     let mut head = Vec::new();
-    f.take(VMDK_DESCRIPTOR_SCAN)
+    (&mut f)
+        .take(VMDK_DESCRIPTOR_SCAN)
         .read_to_end(&mut head)
         .map_err(|e| OvfError::io("read", path, e))?;
+    if let Some(raw) = vhd_unique_id(&mut f, &head).map_err(|e| OvfError::io("read", path, e))? {
+        return Ok(rtuuid_text(raw));
+    }
     let sig = head
         .get(0x40..0x44)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map(u32::from_le_bytes);
     if sig == Some(VDI_SIGNATURE) {
-        let Some(raw) = head
+        return Ok(head
             .get(VDI_UUID_OFFSET..VDI_UUID_OFFSET + 16)
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
-        else {
-            return Ok(None);
-        };
-        let mut b = raw;
-        b[0..4].reverse();
-        b[4..6].reverse();
-        b[6..8].reverse();
-        let s = braced(&b);
-        return Ok(is_uuid(&s).then_some(s));
+            .and_then(rtuuid_text));
     }
     let text = String::from_utf8_lossy(&head);
     for line in text.lines() {
@@ -1198,6 +1237,31 @@ mod tests {
             medium_uuid(&f).unwrap().as_deref(),
             Some("{0a3d1f1e-2f76-4f5a-bb6c-6d7d9f2e8a10}")
         );
+    }
+
+    #[test]
+    fn medium_uuid_reads_a_vhd_footer_as_virtualbox_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = [
+            0x4c, 0x1e, 0x1b, 0x6f, 0x43, 0x8f, 0x63, 0x4d, 0x9d, 0x6a, 0x0d, 0x8b, 0xb2, 0xd3,
+            0xe2, 0xa1,
+        ];
+        let mut footer = vec![0u8; 512];
+        footer[..8].copy_from_slice(VHD_COOKIE);
+        footer[68..84].copy_from_slice(&raw);
+        let want = Some("{6f1b1e4c-8f43-4d63-9d6a-0d8bb2d3e2a1}");
+        // Fixed: the footer only at the end.
+        let f = dir.path().join("fixed.vhd");
+        let mut b = vec![0u8; 4096];
+        b.extend_from_slice(&footer);
+        std::fs::write(&f, &b).unwrap();
+        assert_eq!(medium_uuid(&f).unwrap().as_deref(), want);
+        // Dynamic with a torn end: the copy at offset 0 answers.
+        let f = dir.path().join("dynamic.vhd");
+        let mut b = footer.clone();
+        b.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(&f, &b).unwrap();
+        assert_eq!(medium_uuid(&f).unwrap().as_deref(), want);
     }
 
     #[test]
