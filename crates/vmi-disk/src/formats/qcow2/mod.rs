@@ -175,6 +175,11 @@ struct Inner {
     snap_offset: u64,
     /// Bytes the snapshot table occupies.
     snap_len: u64,
+    /// Guest byte ranges `[start, end)` whose fresh clusters are reserved and being written
+    /// without the lock ([`Qcow2Driver::write_at`]); their L2 entries are set when the data is
+    /// written. Writers of an overlapping range, and everything that needs all metadata
+    /// settled (flush, resize, snapshots, check), wait until they are gone.
+    inflight: Vec<(u64, u64)>,
 }
 
 /// An open qcow2 image.
@@ -183,6 +188,8 @@ pub struct Qcow2Driver {
     st: Arc<dyn Storage>,
     data_file: Option<Box<dyn Storage>>,
     inner: Mutex<Inner>,
+    /// Signalled when a write made without the lock is linked (`Inner::inflight` shrinks).
+    settled: std::sync::Condvar,
     hdr: Header,
     backing: Option<BackingSpec>,
     /// Whether the image declares a backing file now (changes with [`Driver::set_backing`];
@@ -372,6 +379,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         set_dirty: false,
         pending_free: Vec::new(),
         free: Vec::new(),
+        inflight: Vec::new(),
         snaps: snapshots,
         snap_offset: h.snapshots_offset,
         snap_len: snapshot_table_len,
@@ -380,6 +388,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         st,
         data_file,
         inner: Mutex::new(inner),
+        settled: std::sync::Condvar::new(),
         hdr: h,
         has_backing: backing.is_some().into(),
         backing,
@@ -559,6 +568,7 @@ pub(crate) fn create(
         set_dirty: false,
         pending_free: Vec::new(),
         free: Vec::new(),
+        inflight: Vec::new(),
         snaps: Vec::new(),
         snap_offset: 0,
         snap_len: 0,
@@ -578,6 +588,7 @@ pub(crate) fn create(
         st,
         data_file: None,
         inner: Mutex::new(inner),
+        settled: std::sync::Condvar::new(),
         hdr,
         has_backing: backing.is_some().into(),
         backing,
@@ -672,6 +683,20 @@ impl Qcow2Driver {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The lock, once no write made without it overlaps `range` (guest bytes), or once none is
+    /// in flight at all (`None`: flush, resize, snapshots, check need settled metadata).
+    fn lock_settled(&self, range: Option<(u64, u64)>) -> MutexGuard<'_, Inner> {
+        let mut g = self.lock();
+        while g
+            .inflight
+            .iter()
+            .any(|&(s, e)| range.is_none_or(|(a, b)| s < b && a < e))
+        {
+            g = self.settled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g
+    }
 }
 
 impl Driver for Qcow2Driver {
@@ -723,7 +748,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
-        let mut i = self.lock();
+        let mut i = self.lock_settled(None);
         i.check_writable()?;
         if self.data_file.is_some() {
             return Err(Error::unsupported(
@@ -775,13 +800,56 @@ impl Driver for Qcow2Driver {
         self.writable
     }
 
+    /// A write that starts with whole unallocated clusters reserves them under the lock, writes
+    /// the data without it (so several writers copy data at once, as qemu's coroutines do), then
+    /// sets their L2 entries under the lock again: data first, metadata second, as always. The
+    /// range stays in `inflight` meanwhile, so overlapping writers wait and no cluster is
+    /// allocated twice; readers see the old (unallocated) contents until the entries are set.
     fn write_at(&self, buf: &[u8], offset: u64, backing: Option<&Image>) -> Result<()> {
-        self.lock().write(buf, offset, backing)
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::usage("offset overflow"))?;
+        let mut g = self.lock_settled(Some((offset, end)));
+        let run = match self.data_file {
+            None => g.reserve_fresh(buf, offset)?,
+            Some(_) => None,
+        };
+        let Some(run) = run else {
+            return g.write(buf, offset, backing);
+        };
+        g.inflight.push((offset, end));
+        drop(g);
+        let written = buf
+            .get(..run.bytes as usize)
+            .ok_or_else(|| Error::invalid("qcow2 write run exceeds its buffer"))
+            .and_then(|data| {
+                self.st.write_at(data, run.host).map_err(io_err(format!(
+                    "writing {} clusters at {:#x}",
+                    run.bytes / self.hdr.cluster_size(),
+                    run.host
+                )))
+            });
+        let mut g = self.lock();
+        let result = written.and_then(|()| g.link_fresh(&run)).and_then(|()| {
+            match buf.get(run.bytes as usize..) {
+                Some(rest) if !rest.is_empty() => g.write(rest, offset + run.bytes, backing),
+                _ => Ok(()),
+            }
+        });
+        if let Some(i) = g.inflight.iter().position(|&r| r == (offset, end)) {
+            g.inflight.swap_remove(i);
+        }
+        self.settled.notify_all();
+        // On error the reserved clusters stay allocated and unreferenced: a leak `check -r
+        // leaks` repairs, never a reference to unwritten data.
+        result
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, backing: Option<&Image>) -> Result<()> {
         let declared = self.has_backing.load(std::sync::atomic::Ordering::Relaxed);
-        self.lock().write_zeroes(offset, len, backing, declared)
+        let end = offset.saturating_add(len);
+        self.lock_settled(Some((offset, end)))
+            .write_zeroes(offset, len, backing, declared)
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
@@ -789,11 +857,11 @@ impl Driver for Qcow2Driver {
     }
 
     fn flush(&self) -> Result<()> {
-        self.lock().flush()
+        self.lock_settled(None).flush()
     }
 
     fn close(&self) -> Result<()> {
-        let mut i = self.lock();
+        let mut i = self.lock_settled(None);
         i.flush()?;
         if i.set_dirty {
             i.incompatible &= !header::INCOMPAT_DIRTY;
@@ -805,13 +873,13 @@ impl Driver for Qcow2Driver {
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
-        let mut i = self.lock();
+        let mut i = self.lock_settled(None);
         i.resize(new_size)?;
         i.flush()
     }
 
     fn check(&self, mode: CheckMode) -> Result<CheckReport> {
-        let mut i = self.lock();
+        let mut i = self.lock_settled(None);
         if mode != CheckMode::ReadOnly {
             i.check_writable()?;
         }
@@ -851,7 +919,9 @@ impl CompressedWrite for Qcow2Driver {
     }
 
     fn write_compressed(&self, offset: u64, compressed: &[u8]) -> Result<()> {
-        self.lock().write_compressed(offset, compressed)
+        let end = offset.saturating_add(self.hdr.cluster_size());
+        self.lock_settled(Some((offset, end)))
+            .write_compressed(offset, compressed)
     }
 }
 
@@ -869,5 +939,7 @@ pub fn make_empty(img: &Image) -> Result<()> {
                 img.format()
             ))
         })?;
-    drv.lock().make_empty().map_err(|e| e.with_path(img.path()))
+    drv.lock_settled(None)
+        .make_empty()
+        .map_err(|e| e.with_path(img.path()))
 }

@@ -597,7 +597,7 @@ pub fn list(img: &Image) -> Vec<SnapshotInfo> {
 /// The image must be a qcow2 image opened for writing. Names must be unique.
 pub fn create(img: &Image, name: &str) -> Result<SnapshotInfo> {
     driver(img)?
-        .lock()
+        .lock_settled(None)
         .snapshot_create(name)
         .map_err(|e| e.with_path(img.path()))
 }
@@ -605,7 +605,7 @@ pub fn create(img: &Image, name: &str) -> Result<SnapshotInfo> {
 /// Revert the disk to snapshot `key` (id or name; `qemu-img snapshot -a`). The snapshot stays.
 pub fn apply(img: &Image, key: &str) -> Result<()> {
     driver(img)?
-        .lock()
+        .lock_settled(None)
         .snapshot_apply(key)
         .map_err(|e| e.with_path(img.path()))
 }
@@ -613,7 +613,7 @@ pub fn apply(img: &Image, key: &str) -> Result<()> {
 /// Delete snapshot `key` (id or name; `qemu-img snapshot -d`), freeing what only it referenced.
 pub fn delete(img: &Image, key: &str) -> Result<SnapshotInfo> {
     driver(img)?
-        .lock()
+        .lock_settled(None)
         .snapshot_delete(key)
         .map_err(|e| e.with_path(img.path()))
 }

@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// Clusters reserved for a write made without the lock ([`Inner::reserve_fresh`]).
+#[derive(Debug)]
+pub(super) struct FreshRun {
+    /// First guest cluster.
+    pub(super) gc: u64,
+    /// Host offset of the first cluster (the run is contiguous).
+    pub(super) host: u64,
+    /// Bytes reserved: whole clusters.
+    pub(super) bytes: u64,
+}
+
 impl Inner {
     pub(super) fn check_writable(&self) -> Result<()> {
         if !self.writable {
@@ -217,6 +228,46 @@ impl Inner {
             self.set_l2_entry(l2off, idx + i, (host + i * cs) | OFLAG_COPIED, all)?;
         }
         Ok(bytes as usize)
+    }
+
+    /// Reserve the whole unallocated clusters `buf` starts with at `offset` (within one L2
+    /// table): allocated and counted, their L2 entries not yet set. `None` when the write does
+    /// not start with a whole fresh cluster, or freed clusters are waiting for reuse (single
+    /// allocations take those). The caller writes the data, then calls [`Inner::link_fresh`].
+    pub(super) fn reserve_fresh(&mut self, buf: &[u8], offset: u64) -> Result<Option<FreshRun>> {
+        self.begin_write()?;
+        let cs = self.g.cs;
+        if offset % cs != 0 || (buf.len() as u64) < cs || !self.free.is_empty() {
+            return Ok(None);
+        }
+        let gc = offset / cs;
+        let (l2off, idx) = self.l2_for_write(gc)?;
+        if self.l2_entry(l2off, idx)? != (0, 0) {
+            return Ok(None);
+        }
+        let whole = (buf.len() as u64 / cs).min(self.g.l2_entries - idx);
+        let mut k = 1;
+        while k < whole && self.l2_entry(l2off, idx + k)? == (0, 0) {
+            k += 1;
+        }
+        let host = self.alloc(k)?;
+        self.check_no_overlap("data clusters", host, k * cs)?;
+        Ok(Some(FreshRun {
+            gc,
+            host,
+            bytes: k * cs,
+        }))
+    }
+
+    /// Point the L2 entries of a reserved run at its clusters, now that their data is written.
+    pub(super) fn link_fresh(&mut self, run: &FreshRun) -> Result<()> {
+        let cs = self.g.cs;
+        let (l2off, idx) = self.l2_for_write(run.gc)?;
+        let all = self.all_alloc();
+        for i in 0..run.bytes / cs {
+            self.set_l2_entry(l2off, idx + i, (run.host + i * cs) | OFLAG_COPIED, all)?;
+        }
+        Ok(())
     }
 
     /// `declared_backing`: the image names a backing file (opened or not), so unallocated
