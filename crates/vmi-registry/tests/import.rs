@@ -666,6 +666,12 @@ async fn downloads_in_another_format_convert_back_equal_and_are_cached_until_del
             .await;
         assert_eq!(r.status, StatusCode::OK, "{glance}: {}", r.text());
         assert_eq!(r.headers.contains_key("content-md5"), !streamed, "{glance}");
+        // Every download but the streamOptimized VMDK (as long as its compressed grains) says
+        // its length up front; it is the length sent.
+        match r.headers.get("content-length") {
+            Some(l) => assert_eq!(l.to_str().unwrap(), r.body.len().to_string(), "{glance}"),
+            None => assert_eq!(glance, "vmdk", "{glance}: no Content-Length"),
+        }
         if !streamed {
             assert_eq!(r.headers["content-md5"], md5_hex(&r.body).as_str());
         }
@@ -708,6 +714,16 @@ async fn downloads_in_another_format_convert_back_equal_and_are_cached_until_del
             assert_eq!(whole.body, r.body);
         }
     }
+    // A conversion that cannot start (the stored object vanished) is an error response, not a
+    // 200 whose body breaks off.
+    let lost = t.create("qcow2").await;
+    assert_eq!(
+        t.put_data(&lost, "file", bytes.clone()).await.status,
+        StatusCode::NO_CONTENT
+    );
+    std::fs::remove_dir_all(t.dir.path().join("images/images").join(&lost)).unwrap();
+    let r = t.get(&format!("/v2/images/{lost}/file?format=raw")).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.text());
     // The image's own format is the stored bytes; unknown formats are refused.
     let r = t.get(&format!("/v2/images/{id}/file?format=qcow2")).await;
     assert_eq!(r.body, bytes);

@@ -317,9 +317,25 @@ pub async fn download(
         && STREAMABLE.contains(&format.as_str())
         && !headers.contains_key(header::RANGE)
     {
-        // Converted on the fly: no length or digest is known before the end.
-        let rx = convert_streaming(&app, &id, &location, size, from, &format)?;
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        // Converted on the fly: no digest is known before the end, the length only for
+        // formats that fix it (raw, fixed VHD).
+        let s = convert_streaming(&app, &id, &location, size, from, &format)?;
+        let length = match s.length.await {
+            Ok(Ok(length)) => length,
+            Ok(Err(e)) => {
+                return Err(RegistryError::store(
+                    format!("converting image {id} to {format}"),
+                    e,
+                ))
+            }
+            Err(_) => {
+                return Err(RegistryError::store(
+                    format!("converting image {id} to {format}"),
+                    "the conversion stopped before it started",
+                ))
+            }
+        };
+        let stream = futures_util::stream::unfold(s.data, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
         let mut resp = Response::new(Body::from_stream(stream));
@@ -327,6 +343,10 @@ pub async fn download(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
+        if let Some(n) = length {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
         if let Some(w) = warning {
             resp.headers_mut().insert(header::WARNING, w);
         }

@@ -204,8 +204,19 @@ impl Storage for PipeStorage {
     }
 }
 
+/// A conversion streamed to a download.
+pub struct Streaming {
+    /// The converted bytes, in order; an error ends a conversion that failed midway.
+    pub data: mpsc::Receiver<io::Result<Bytes>>,
+    /// Sent once the source is open and the target created: the output's exact length when the
+    /// format fixes it in advance (raw: the virtual size; a fixed VHD: that and its footer), or
+    /// `None` (a streamOptimized VMDK is as long as its compressed grains); an error when the
+    /// conversion cannot start, so the caller can answer with it instead of a broken body.
+    pub length: tokio::sync::oneshot::Receiver<std::result::Result<Option<u64>, String>>,
+}
+
 /// Start converting the stored object `src` (`src_size` bytes of `from`) into Glance format
-/// `to` (one of [`STREAMABLE`]); returns the receiving end of the converted bytes.
+/// `to` (one of [`STREAMABLE`]).
 pub fn convert_streaming(
     app: &App,
     image_id: &str,
@@ -213,7 +224,7 @@ pub fn convert_streaming(
     src_size: u64,
     from: Format,
     to: &str,
-) -> Result<mpsc::Receiver<io::Result<Bytes>>> {
+) -> Result<Streaming> {
     if !STREAMABLE.contains(&to) {
         return Err(RegistryError::BadRequest(format!(
             "{to} cannot be converted on the fly"
@@ -223,9 +234,12 @@ pub fn convert_streaming(
         .ok_or_else(|| RegistryError::BadRequest(format!("cannot convert to '{to}'")))?;
     let options = super::convert::create_options(to)?;
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let (len_tx, len_rx) = tokio::sync::oneshot::channel();
+    let fixed_length = target != Format::Vmdk;
     let data = app.data.clone();
     let (loc, id) = (src.to_string(), image_id.to_string());
     tokio::task::spawn_blocking(move || {
+        let mut len_tx = Some(len_tx);
         let run = || -> std::result::Result<(), String> {
             let storage = data
                 .random_access(&loc, src_size)
@@ -241,19 +255,37 @@ pub fn convert_streaming(
                 &CreateOptions::new(img.virtual_size()).options(options),
             )
             .map_err(|e| e.to_string())?;
+            // Raw and fixed VHD targets are created at their final length.
+            let length = if fixed_length {
+                Some(pipe.len().map_err(|e| e.to_string())?)
+            } else {
+                None
+            };
+            if let Some(l) = len_tx.take() {
+                let _ = l.send(Ok(length));
+            }
             vmi_convert::convert(&img, &dst, &vmi_convert::ConvertOptions::default())
                 .map_err(|e| e.to_string())?;
             dst.close().map_err(|e| e.to_string())?;
             pipe.finish().map_err(|e| e.to_string())
         };
-        if let Err(e) = run() {
+        let result = run();
+        if let (Err(e), Some(l)) = (&result, len_tx.take()) {
+            // Nothing was sent yet: the request answers with the error.
+            let _ = l.send(Err(e.clone()));
+            return;
+        }
+        if let Err(e) = result {
             eprintln!("vmi-registry: converting image {id} to {target} for a download: {e}");
             // The response is already under way: end it with an error so the client sees a
             // truncated transfer rather than a short file that looks complete.
             let _ = tx.blocking_send(Err(io::Error::other(e)));
         }
     });
-    Ok(rx)
+    Ok(Streaming {
+        data: rx,
+        length: len_rx,
+    })
 }
 
 /// A [`PipeStorage`] shared with the code that finishes it.
