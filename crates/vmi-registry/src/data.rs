@@ -138,6 +138,21 @@ impl WholeObjectData {
         }
     }
 
+    /// A multipart upload of a new object under `prefix/image_id/`.
+    async fn start_upload(&self, prefix: &str, image_id: &str) -> Result<Box<dyn UploadSink>> {
+        let location = format!("{prefix}/{image_id}/{}", uuid::Uuid::new_v4());
+        let path = Self::path(&location)?;
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(|e| RegistryError::store("starting an upload", e))?;
+        Ok(Box::new(ObjectUpload {
+            location,
+            writer: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
+        }))
+    }
+
     fn path(location: &str) -> Result<ObjPath> {
         let p = ObjPath::parse(location)
             .map_err(|e| RegistryError::store(format!("bad location '{location}'"), e))?;
@@ -193,17 +208,7 @@ impl UploadSink for ObjectUpload {
 #[async_trait]
 impl ImageData for WholeObjectData {
     async fn begin(&self, image_id: &str) -> Result<Box<dyn UploadSink>> {
-        let location = format!("{IMAGES_PREFIX}/{image_id}/{}", uuid::Uuid::new_v4());
-        let path = Self::path(&location)?;
-        let upload = self
-            .store
-            .put_multipart(&path)
-            .await
-            .map_err(|e| RegistryError::store("starting an upload", e))?;
-        Ok(Box::new(ObjectUpload {
-            location,
-            writer: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
-        }))
+        self.start_upload(IMAGES_PREFIX, image_id).await
     }
 
     async fn begin_in(&self, area: &str, image_id: &str) -> Result<Box<dyn UploadSink>> {
@@ -213,17 +218,7 @@ impl ImageData for WholeObjectData {
                 "not a data area",
             ));
         }
-        let location = format!("{area}/{image_id}/{}", uuid::Uuid::new_v4());
-        let path = Self::path(&location)?;
-        let upload = self
-            .store
-            .put_multipart(&path)
-            .await
-            .map_err(|e| RegistryError::store("starting an upload", e))?;
-        Ok(Box::new(ObjectUpload {
-            location,
-            writer: WriteMultipart::new_with_chunk_size(upload, PART_BYTES),
-        }))
+        self.start_upload(area, image_id).await
     }
 
     async fn read(&self, location: &str, range: Option<Range<u64>>) -> Result<ByteStream> {

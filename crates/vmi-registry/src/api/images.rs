@@ -9,7 +9,6 @@
 use super::{media_type, parse_json};
 use crate::auth::Context;
 use crate::catalog::{save_changes, Cmp, Field, Filter, ImageQuery, MemberFilter, SortKey, Viewer};
-use crate::digest::HashPipeline;
 use crate::error::{RegistryError, Result};
 use crate::model::{
     now, ImageRecord, MemberStatus, Status, Visibility, CONTAINER_FORMATS, DISK_FORMATS,
@@ -801,17 +800,7 @@ pub async fn upload(
         ));
     }
     let cap = app.config.image_size_cap;
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > cap {
-            return Err(RegistryError::PayloadTooLarge(format!(
-                "Image exceeds the storage quota: {len} > {cap} bytes"
-            )));
-        }
-    }
+    check_declared_length(&headers, cap)?;
     let transition = || {
         RegistryError::Conflict(format!(
             "Image status transition from {} to saving is not allowed",
@@ -848,45 +837,31 @@ pub async fn upload(
     }
 }
 
+/// Refuse a request body whose declared `Content-Length` exceeds `cap` before reading it.
+pub(crate) fn check_declared_length(headers: &HeaderMap, cap: u64) -> Result<()> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > cap {
+            return Err(RegistryError::PayloadTooLarge(format!(
+                "Image exceeds the storage quota: {len} > {cap} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Stream the body to a new object while hashing, inspect it, and make the image active.
 pub(crate) async fn receive(
     app: &App,
     img: &ImageRecord,
-    mut stream: BoxStream<'static, Result<Bytes>>,
+    stream: BoxStream<'static, Result<Bytes>>,
     cap: u64,
     expected_sha256: Option<&str>,
 ) -> Result<()> {
-    let mut sink = app.data.begin(&img.id).await?;
-    let mut hasher = HashPipeline::new();
-    let mut total: u64 = 0;
-    let streamed: Result<()> = async {
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            total = total.saturating_add(chunk.len() as u64);
-            if total > cap {
-                return Err(RegistryError::PayloadTooLarge(format!(
-                    "Image exceeds the storage quota of {cap} bytes"
-                )));
-            }
-            hasher
-                .push(chunk.clone())
-                .await
-                .map_err(|e| RegistryError::io("hashing", e))?;
-            sink.write(chunk).await?;
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = streamed {
-        sink.abort().await;
-        return Err(e);
-    }
-    let location = sink.location().to_string();
-    sink.finish().await?;
-    let digests = hasher
-        .finish()
-        .await
-        .map_err(|e| RegistryError::io("hashing", e))?;
+    let (location, digests) = crate::import::store_stream(app, &img.id, None, stream, cap).await?;
     let discard = |e: RegistryError| async {
         if let Err(d) = app.data.delete(&location).await {
             eprintln!(

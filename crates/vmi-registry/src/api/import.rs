@@ -72,17 +72,7 @@ pub async fn stage(
     let img = load_visible(&app, &ctx, &id).await?;
     policy::check_modify(&ctx, &img)?;
     let cap = app.config.image_size_cap;
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > cap {
-            return Err(RegistryError::PayloadTooLarge(format!(
-                "Image exceeds the storage quota: {len} > {cap} bytes"
-            )));
-        }
-    }
+    super::images::check_declared_length(&headers, cap)?;
     if img.status != Status::Queued {
         return Err(RegistryError::Conflict(format!(
             "Image status transition from {} to uploading is not allowed",

@@ -6,24 +6,14 @@ use super::lifecycle::{
     audit_sql, AuditEvent, AuditQuery, LifecycleCatalog, RecycleEntry, DUE_SQL, PROP_DELETE_AT,
     PROP_STATE,
 };
-use super::sql::SqlValue;
-use super::sqlite::SqliteCatalog;
+use super::sqlite::{to_sqlite, SqliteCatalog};
 use crate::error::{RegistryError, Result};
 use crate::model::Status;
 use async_trait::async_trait;
-use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, OptionalExtension, Row, TransactionBehavior};
 
 fn db(what: &'static str) -> impl Fn(rusqlite::Error) -> RegistryError {
     move |e| RegistryError::catalog(what, e)
-}
-
-fn to_sqlite(v: SqlValue) -> Value {
-    match v {
-        SqlValue::Int(Some(i)) => Value::Integer(i),
-        SqlValue::Text(Some(s)) => Value::Text(s),
-        SqlValue::Int(None) | SqlValue::Text(None) => Value::Null,
-    }
 }
 
 fn status_of(i: usize, s: String) -> rusqlite::Result<Status> {

@@ -9,7 +9,7 @@
 //! links can never close a cycle between them.
 
 use super::sql::SqlValue;
-use super::sqlite::SqliteCatalog;
+use super::sqlite::{to_sqlite, SqliteCatalog};
 use super::Viewer;
 use crate::error::{RegistryError, Result};
 use crate::lineage::version::Version;
@@ -18,7 +18,6 @@ use crate::lineage::{
 };
 use crate::model::{ImageRecord, Status};
 use async_trait::async_trait;
-use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, OptionalExtension, Row, TransactionBehavior};
 
 /// Lineage records and family names.
@@ -296,14 +295,6 @@ pub(crate) fn mirror_sql(rec: &LineageRecord) -> [(String, Vec<SqlValue>); 4] {
     ]
 }
 
-fn sqlite_value(v: SqlValue) -> Value {
-    match v {
-        SqlValue::Int(Some(i)) => Value::Integer(i),
-        SqlValue::Text(Some(s)) => Value::Text(s),
-        SqlValue::Int(None) | SqlValue::Text(None) => Value::Null,
-    }
-}
-
 fn sqlite_row(r: &Row<'_>) -> rusqlite::Result<LineageRow> {
     let mut cols: [Option<String>; 9] = Default::default();
     for (i, c) in cols.iter_mut().enumerate() {
@@ -384,11 +375,11 @@ impl LineageCatalog for SqliteCatalog {
             }
             tx.execute(
                 &insert_sql(),
-                params_from_iter(lineage_values(&rec).into_iter().map(sqlite_value)),
+                params_from_iter(lineage_values(&rec).into_iter().map(to_sqlite)),
             )
             .map_err(&f)?;
             for (sql, p) in mirror_sql(&rec) {
-                tx.execute(&sql, params_from_iter(p.into_iter().map(sqlite_value)))
+                tx.execute(&sql, params_from_iter(p.into_iter().map(to_sqlite)))
                     .map_err(&f)?;
             }
             tx.commit().map_err(&f)
@@ -408,10 +399,7 @@ impl LineageCatalog for SqliteCatalog {
             let f = sq("listing lineage children");
             let mut st = c.prepare(&sql).map_err(&f)?;
             let rows: Vec<LineageRow> = st
-                .query_map(
-                    params_from_iter(p.into_iter().map(sqlite_value)),
-                    sqlite_row,
-                )
+                .query_map(params_from_iter(p.into_iter().map(to_sqlite)), sqlite_row)
                 .map_err(&f)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(&f)?;
@@ -426,7 +414,7 @@ impl LineageCatalog for SqliteCatalog {
             let f = sq("listing families");
             let mut st = c.prepare(&sql).map_err(&f)?;
             let v = st
-                .query_map(params_from_iter(p.into_iter().map(sqlite_value)), |r| {
+                .query_map(params_from_iter(p.into_iter().map(to_sqlite)), |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })
                 .map_err(&f)?

@@ -6,36 +6,16 @@ use super::lineage::{
     already, children_sql, cycle, families_sql, insert_sql, lineage_values, mirror_sql, too_deep,
     FamilyQuery, LineageCatalog, LineageRow, LINEAGE_COLS,
 };
-use super::postgres::PostgresCatalog;
-use super::sql::{numbered, SqlValue};
+use super::postgres::{params, refs, PostgresCatalog};
+use super::sql::numbered;
 use super::Viewer;
 use crate::error::{RegistryError, Result};
 use crate::lineage::{LineageRecord, MAX_CYCLE_WALK};
 use async_trait::async_trait;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
 /// Advisory lock key held while recording lineage ("vmilin" in ASCII).
 const LINEAGE_LOCK: i64 = 0x766d_696c_696e;
-
-type Param = Box<dyn ToSql + Sync + Send>;
-
-fn params(vals: Vec<SqlValue>) -> Vec<Param> {
-    vals.into_iter()
-        .map(|v| -> Param {
-            match v {
-                SqlValue::Int(i) => Box::new(i),
-                SqlValue::Text(s) => Box::new(s),
-            }
-        })
-        .collect()
-}
-
-fn refs(p: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
-    p.iter()
-        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
-        .collect()
-}
 
 fn pg(what: &'static str) -> impl Fn(tokio_postgres::Error) -> RegistryError {
     move |e| RegistryError::catalog(what, e)

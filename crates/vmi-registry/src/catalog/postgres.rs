@@ -82,9 +82,11 @@ pub(crate) fn db(what: &'static str) -> impl Fn(tokio_postgres::Error) -> Regist
     }
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
+/// A boxed query parameter.
+pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
 
-fn params(vals: Vec<SqlValue>) -> Vec<Param> {
+/// Query parameters from shared-SQL values.
+pub(crate) fn params(vals: Vec<SqlValue>) -> Vec<Param> {
     vals.into_iter()
         .map(|v| -> Param {
             match v {
@@ -95,7 +97,8 @@ fn params(vals: Vec<SqlValue>) -> Vec<Param> {
         .collect()
 }
 
-fn refs(p: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+/// The parameters as tokio-postgres takes them.
+pub(crate) fn refs(p: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
     p.iter()
         .map(|b| b.as_ref() as &(dyn ToSql + Sync))
         .collect()

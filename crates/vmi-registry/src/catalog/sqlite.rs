@@ -70,7 +70,8 @@ fn uint(v: Option<i64>) -> Option<u64> {
     v.and_then(|v| u64::try_from(v).ok())
 }
 
-fn to_sqlite(v: SqlValue) -> Value {
+/// A shared-SQL value as rusqlite takes it.
+pub(crate) fn to_sqlite(v: SqlValue) -> Value {
     match v {
         SqlValue::Int(Some(i)) => Value::Integer(i),
         SqlValue::Text(Some(s)) => Value::Text(s),

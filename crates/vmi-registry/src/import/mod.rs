@@ -197,7 +197,7 @@ where
             total = total.saturating_add(chunk.len() as u64);
             if total > cap {
                 return Err(RegistryError::PayloadTooLarge(format!(
-                    "Image exceeds the size limit of {cap} bytes"
+                    "Image exceeds the storage quota of {cap} bytes"
                 )));
             }
             hasher
