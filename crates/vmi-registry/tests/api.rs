@@ -5,9 +5,8 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::http::{Method, Request, StatusCode};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use md5::Md5;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256, Sha512};
@@ -18,17 +17,7 @@ use vmi_registry::{Config, Registry};
 const ADMIN_TOKEN: &str = "admin-static-token";
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
 
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
+use support::Resp;
 
 struct T {
     reg: Registry,
@@ -65,18 +54,6 @@ async fn setup() -> T {
 }
 
 impl T {
-    async fn call(&self, req: Request<Body>) -> Resp {
-        let r = self.reg.router().oneshot(req).await.unwrap();
-        let status = r.status();
-        let headers = r.headers().clone();
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            body,
-        }
-    }
-
     async fn req(
         &self,
         method: Method,
@@ -86,17 +63,7 @@ impl T {
         body: impl Into<Body>,
         extra: &[(&str, &str)],
     ) -> Resp {
-        let mut b = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            b = b.header("x-auth-token", t);
-        }
-        if let Some(c) = ctype {
-            b = b.header("content-type", c);
-        }
-        for (k, v) in extra {
-            b = b.header(*k, *v);
-        }
-        self.call(b.body(body.into()).unwrap()).await
+        support::send(&self.reg, method, uri, token, ctype, body.into(), extra).await
     }
 
     async fn get(&self, uri: &str, token: &str) -> Resp {

@@ -6,15 +6,12 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use bytes::Bytes;
-use http_body_util::BodyExt;
+use axum::http::{Method, StatusCode};
 use md5::Md5;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256, Sha512};
 use std::path::Path;
 use std::sync::Arc;
-use tower::ServiceExt;
 use vmi_registry::catalog::import::{ImportTask, TaskState};
 use vmi_registry::clock::{Clock, ManualClock};
 use vmi_registry::model::Status;
@@ -24,20 +21,7 @@ use vmi_testkit::qemu::{qemu_compare, qemu_convert, qemu_create};
 const TOKEN: &str = "admin-static-token";
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
 
-struct Resp {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
+use support::Resp;
 
 struct T {
     reg: Registry,
@@ -74,30 +58,16 @@ impl T {
         body: impl Into<Body>,
         extra: &[(&str, &str)],
     ) -> Resp {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("x-auth-token", TOKEN);
-        if let Some(c) = ctype {
-            b = b.header("content-type", c);
-        }
-        for (k, v) in extra {
-            b = b.header(*k, *v);
-        }
-        let r = self
-            .reg
-            .router()
-            .oneshot(b.body(body.into()).unwrap())
-            .await
-            .unwrap();
-        let status = r.status();
-        let headers = r.headers().clone();
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        support::send(
+            &self.reg,
+            method,
+            uri,
+            Some(TOKEN),
+            ctype,
+            body.into(),
+            extra,
+        )
+        .await
     }
 
     async fn get(&self, uri: &str) -> Resp {

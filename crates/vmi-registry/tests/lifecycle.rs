@@ -5,14 +5,11 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode};
-use bytes::Bytes;
+use axum::http::{Method, StatusCode};
 use chrono::{DateTime, Duration, Utc};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
-use tower::ServiceExt;
 use vmi_registry::clock::ManualClock;
 use vmi_registry::lifecycle::job::Job;
 use vmi_registry::lifecycle::LifecycleState;
@@ -21,21 +18,7 @@ use vmi_registry::{Config, Registry};
 const ADMIN_TOKEN: &str = "admin-static-token";
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
 
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
+use support::Resp;
 
 struct T {
     reg: Registry,
@@ -98,27 +81,7 @@ impl T {
         ctype: Option<&str>,
         body: impl Into<Body>,
     ) -> Resp {
-        let mut b = Request::builder().method(method).uri(uri);
-        if let Some(t) = token {
-            b = b.header("x-auth-token", t);
-        }
-        if let Some(c) = ctype {
-            b = b.header("content-type", c);
-        }
-        let r = self
-            .reg
-            .router()
-            .oneshot(b.body(body.into()).unwrap())
-            .await
-            .unwrap();
-        let status = r.status();
-        let headers = r.headers().clone();
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        support::send(&self.reg, method, uri, token, ctype, body.into(), &[]).await
     }
 
     async fn get(&self, uri: &str, token: &str) -> Resp {

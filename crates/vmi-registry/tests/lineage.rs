@@ -7,8 +7,6 @@ mod support;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
@@ -18,27 +16,7 @@ use vmi_registry::{Config, Registry};
 const ADMIN: &str = "admin-static-token";
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
 
-struct Resp {
-    status: StatusCode,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-
-    #[track_caller]
-    fn expect(self, status: StatusCode) -> Value {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        self.json()
-    }
-}
+use support::Resp;
 
 struct T {
     reg: Registry,
@@ -71,22 +49,7 @@ impl T {
         ctype: Option<&str>,
         body: impl Into<Body>,
     ) -> Resp {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("x-auth-token", token);
-        if let Some(c) = ctype {
-            b = b.header("content-type", c);
-        }
-        let r = self
-            .reg
-            .router()
-            .oneshot(b.body(body.into()).unwrap())
-            .await
-            .unwrap();
-        let status = r.status();
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        Resp { status, body }
+        support::send(&self.reg, method, uri, Some(token), ctype, body.into(), &[]).await
     }
 
     async fn get(&self, uri: &str, token: &str) -> Resp {

@@ -10,13 +10,11 @@
 mod support;
 
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
-use tower::ServiceExt;
 use vmi_registry::clock::ManualClock;
 use vmi_registry::signing::crypto::{encode_signature, HashMethod, PrivateKey};
 use vmi_registry::{Config, Registry};
@@ -24,20 +22,7 @@ use vmi_registry::{Config, Registry};
 const ADMIN_TOKEN: &str = "admin-static-token";
 const PATCH: &str = "application/openstack-images-v2.1-json-patch";
 
-struct Resp {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
+use support::Resp;
 
 struct T {
     reg: Registry,
@@ -88,30 +73,16 @@ impl T {
         body: impl Into<Body>,
         extra: &[(&str, &str)],
     ) -> Resp {
-        let mut b = Request::builder().method(method).uri(uri);
-        if !token.is_empty() {
-            b = b.header("x-auth-token", token);
-        }
-        if let Some(c) = ctype {
-            b = b.header("content-type", c);
-        }
-        for (k, v) in extra {
-            b = b.header(*k, *v);
-        }
-        let r = self
-            .reg
-            .router()
-            .oneshot(b.body(body.into()).unwrap())
-            .await
-            .unwrap();
-        let status = r.status();
-        let headers = r.headers().clone();
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        support::send(
+            &self.reg,
+            method,
+            uri,
+            Some(token),
+            ctype,
+            body.into(),
+            extra,
+        )
+        .await
     }
 
     async fn post(&self, uri: &str, token: &str, v: Value) -> Resp {

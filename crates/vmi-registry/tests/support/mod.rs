@@ -50,3 +50,65 @@ pub async fn s3_store(c: &mut vmi_registry::Config) -> bool {
     c.s3.allow_http = true;
     true
 }
+
+/// A response of the in-process router, body collected.
+#[allow(dead_code)] // Each test file uses what it needs.
+pub struct Resp {
+    pub status: axum::http::StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+#[allow(dead_code)]
+impl Resp {
+    /// The body as JSON (`null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON, after asserting the status.
+    #[track_caller]
+    pub fn expect(self, status: axum::http::StatusCode) -> serde_json::Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        self.json()
+    }
+}
+
+/// Send one request through `reg`'s router in process: `token` (when not empty) as
+/// `X-Auth-Token`, `ctype` as `Content-Type`, then the `extra` headers.
+pub async fn send(
+    reg: &vmi_registry::Registry,
+    method: axum::http::Method,
+    uri: &str,
+    token: Option<&str>,
+    ctype: Option<&str>,
+    body: axum::body::Body,
+    extra: &[(&str, &str)],
+) -> Resp {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut b = axum::http::Request::builder().method(method).uri(uri);
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        b = b.header("x-auth-token", t);
+    }
+    if let Some(c) = ctype {
+        b = b.header("content-type", c);
+    }
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    let r = reg.router().oneshot(b.body(body).unwrap()).await.unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
