@@ -275,7 +275,31 @@ fn option_table(format: Format) -> &'static [OptionHelp] {
                 "Preallocation mode (allowed values: off, metadata, falloc, full)",
             ),
         ],
-        Format::Iso => &[],
+        Format::Qed => &[
+            SIZE,
+            BACKING_FILE,
+            BACKING_FMT,
+            ("cluster_size", "size", "Cluster size (in bytes)"),
+            ("table_size", "size", "L1/L2 table size (in clusters)"),
+        ],
+        Format::Parallels => &[
+            SIZE,
+            ("cluster_size", "size", "Parallels image cluster size"),
+        ],
+        Format::Luks => &[
+            SIZE,
+            (
+                "key-secret",
+                "str",
+                "ID of secret providing LUKS passphrase",
+            ),
+            ("cipher-alg", "str", "Name of encryption cipher algorithm"),
+            ("cipher-mode", "str", "Name of encryption cipher mode"),
+            ("ivgen-alg", "str", "Name of IV generator algorithm"),
+            ("hash-alg", "str", "Name of encryption hash algorithm"),
+            ("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+        ],
+        Format::Iso | Format::Qcow | Format::Dmg | Format::Bochs | Format::Cloop => &[],
     }
 }
 

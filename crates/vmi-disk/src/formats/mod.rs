@@ -1,8 +1,15 @@
 //! The format registry: one folder per format, each exposing `probe`, `open` and `create` (and
 //! `measure` where qemu-img has it). Adding a format means a new folder and a few lines here.
 
+pub mod bochs;
+pub mod cloop;
+pub mod dmg;
 pub mod iso;
+pub mod luks;
+pub mod parallels;
+pub mod qcow;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
@@ -37,15 +44,36 @@ pub enum Format {
     Vdi,
     /// ISO 9660 / UDF optical image, read as raw.
     Iso,
+    /// QEMU copy-on-write version 1 (qemu's `qcow`).
+    Qcow,
+    /// QEMU Enhanced Disk.
+    Qed,
+    /// Parallels disk image (v1 "WithoutFreeSpace", v2 "WithouFreSpacExt").
+    Parallels,
+    /// Apple disk image (UDIF, the `koly` trailer).
+    Dmg,
+    /// Bochs growing disk image.
+    Bochs,
+    /// Compressed loopback image (cloop).
+    Cloop,
+    /// LUKS encrypted volume (v1 and v2).
+    Luks,
 }
 
 /// Every format, in probing order.
-pub const ALL_FORMATS: [Format; 7] = [
+pub const ALL_FORMATS: [Format; 14] = [
     Format::Qcow2,
+    Format::Qcow,
+    Format::Qed,
     Format::Vmdk,
     Format::Vpc,
     Format::Vhdx,
     Format::Vdi,
+    Format::Parallels,
+    Format::Dmg,
+    Format::Bochs,
+    Format::Cloop,
+    Format::Luks,
     Format::Iso,
     Format::Raw,
 ];
@@ -61,12 +89,22 @@ impl Format {
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
             Format::Iso => "iso",
+            Format::Qcow => "qcow",
+            Format::Qed => "qed",
+            Format::Parallels => "parallels",
+            Format::Dmg => "dmg",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
+            Format::Luks => "luks",
         }
     }
 
-    /// Whether vmi can create images of this format.
+    /// Whether vmi can create images of this format (qemu-img creates all but these).
     pub fn can_create(self) -> bool {
-        !matches!(self, Format::Iso)
+        !matches!(
+            self,
+            Format::Iso | Format::Qcow | Format::Dmg | Format::Bochs | Format::Cloop
+        )
     }
 }
 
@@ -87,6 +125,13 @@ impl FromStr for Format {
             "vhdx" => Format::Vhdx,
             "vdi" => Format::Vdi,
             "iso" => Format::Iso,
+            "qcow" => Format::Qcow,
+            "qed" => Format::Qed,
+            "parallels" => Format::Parallels,
+            "dmg" => Format::Dmg,
+            "bochs" => Format::Bochs,
+            "cloop" => Format::Cloop,
+            "luks" => Format::Luks,
             _ => return Err(Error::usage(format!("unknown format '{s}'"))),
         })
     }
@@ -167,6 +212,13 @@ pub fn probe_all(input: &ProbeInput) -> Vec<(Format, Confidence)> {
             Format::Vhdx => vhdx::probe(input),
             Format::Vdi => vdi::probe(input),
             Format::Iso => iso::probe(input),
+            Format::Qcow => qcow::probe(input),
+            Format::Qed => qed::probe(input),
+            Format::Parallels => parallels::probe(input),
+            Format::Dmg => dmg::probe(input),
+            Format::Bochs => bochs::probe(input),
+            Format::Cloop => cloop::probe(input),
+            Format::Luks => luks::probe(input),
         };
         if let Some(c) = c {
             found.push((f, c));
@@ -189,6 +241,13 @@ pub fn open_driver(
         Format::Vpc => vhd::open(storage, ctx),
         Format::Vhdx => vhdx::open(storage, ctx),
         Format::Vdi => vdi::open(storage, ctx),
+        Format::Qcow => qcow::open(storage, ctx),
+        Format::Qed => qed::open(storage, ctx),
+        Format::Parallels => parallels::open(storage, ctx),
+        Format::Dmg => dmg::open(storage, ctx),
+        Format::Bochs => bochs::open(storage, ctx),
+        Format::Cloop => cloop::open(storage, ctx),
+        Format::Luks => luks::open(storage, ctx),
     }
 }
 
@@ -207,7 +266,12 @@ pub fn create_driver(
         Format::Vpc => vhd::create(storage, ctx, opts),
         Format::Vhdx => vhdx::create(storage, ctx, opts),
         Format::Vdi => vdi::create(storage, ctx, opts),
-        Format::Iso => Err(Error::unsupported("creating ISO images")),
+        Format::Qed => qed::create(storage, ctx, opts),
+        Format::Parallels => parallels::create(storage, ctx, opts),
+        Format::Luks => luks::create(storage, ctx, opts),
+        f @ (Format::Iso | Format::Qcow | Format::Dmg | Format::Bochs | Format::Cloop) => {
+            Err(Error::unsupported(format!("creating {f} images")))
+        }
     }
 }
 

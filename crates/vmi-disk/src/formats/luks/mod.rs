@@ -1,0 +1,32 @@
+//! LUKS encrypted volumes (v1 and v2).
+//!
+//! Placeholder: the format is known to the format registry but not yet probed or opened; opening
+//! it is refused with "format luks is not supported".
+
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::formats::{Confidence, CreateContext, Format, OpenContext, ProbeInput};
+use crate::options::CreateOptions;
+use crate::storage::Storage;
+
+pub(crate) fn probe(_input: &ProbeInput) -> Option<Confidence> {
+    None
+}
+
+pub(crate) fn open(_storage: Box<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn Driver>> {
+    Err(Error::unsupported(format!(
+        "format {} is not supported",
+        Format::Luks
+    )))
+}
+
+pub(crate) fn create(
+    _storage: Box<dyn Storage>,
+    _ctx: &CreateContext,
+    _opts: &CreateOptions,
+) -> Result<Box<dyn Driver>> {
+    Err(Error::unsupported(format!(
+        "creating {} images",
+        Format::Luks
+    )))
+}
