@@ -868,13 +868,24 @@ impl Driver for ParallelsDriver {
         Err(Error::unsupported("resizing parallels images"))
     }
 
+    /// After a repair the report describes the repaired image (what is left), with the repairs
+    /// counted in the `*_fixed` fields and every finding kept in the messages.
     fn check(&self, mode: CheckMode) -> Result<CheckReport> {
         let mut st = self.lock();
-        let r = self.check_locked(&mut st, mode)?;
+        let before = self.check_locked(&mut st, mode)?;
+        if mode == CheckMode::ReadOnly {
+            return Ok(before);
+        }
         if mode == CheckMode::RepairAll {
             st.needs_repair = false;
         }
-        Ok(r)
+        let mut after = self.check_locked(&mut st, CheckMode::ReadOnly)?;
+        after.corruptions_fixed = before.corruptions_fixed;
+        after.leaks_fixed = before.leaks_fixed;
+        let mut messages = before.messages;
+        messages.append(&mut after.messages);
+        after.messages = messages;
+        Ok(after)
     }
 
     fn as_any(&self) -> &dyn Any {
