@@ -554,6 +554,12 @@ fn writes_never_take_the_extension_cluster() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// Recompute the extension checksum after corrupting a field behind it.
+fn reseal(b: &mut [u8], e: usize) {
+    let sum = Md5::digest(&b[e + 24..e + MIB as usize]);
+    b[e + 8..e + 24].copy_from_slice(&sum);
+}
+
 /// Corrupt one thing in the extension; qemu and vmi must both refuse the read-only open.
 #[test]
 fn corrupt_format_extensions_are_refused_like_qemu_refuses_them() {
@@ -561,7 +567,7 @@ fn corrupt_format_extensions_are_refused_like_qemu_refuses_them() {
     let (path, good) = image_with_extension(dir.path());
     let ext_at = good.len() - MIB as usize;
     type Corrupt = fn(&mut Vec<u8>, usize);
-    let cases: [(&str, Corrupt); 6] = [
+    let cases: [(&str, Corrupt); 9] = [
         ("checksum", |b, e| b[e + 8] ^= 1),
         ("magic", |b, e| b[e] ^= 1),
         ("bitmap size", |b, e| {
@@ -578,6 +584,18 @@ fn corrupt_format_extensions_are_refused_like_qemu_refuses_them() {
             put32(b, e + 76, 2);
             let sum = Md5::digest(&b[e + 24..e + MIB as usize]);
             b[e + 8..e + 24].copy_from_slice(&sum);
+        }),
+        ("feature flags", |b, e| {
+            b[e + 32] = 1;
+            reseal(b, e);
+        }),
+        ("unknown feature", |b, e| {
+            b[e + 24] ^= 1;
+            reseal(b, e);
+        }),
+        ("feature data size", |b, e| {
+            put32(b, e + 40, 0x7fff_0000);
+            reseal(b, e);
         }),
         ("offset", |b, _| {
             let past_end = (b.len() / 512) as u64;
@@ -684,4 +702,48 @@ fn seeded_mutations_of_an_image_never_panic() {
             vmi_disk::fuzzing::exercise(Some(Format::Parallels), &b);
         }
     }
+}
+
+/// Writable opens of mutated images (which repair before writing) never panic either.
+#[test]
+fn seeded_mutations_opened_for_writing_never_panic() {
+    let (v1, _) = v1_image();
+    for i in 0..600u64 {
+        let mut b = v1.clone();
+        let r = pattern(1000 + i, 16);
+        for k in 0..3 {
+            let at = (u64::from(r[k * 2]) << 8 | u64::from(r[k * 2 + 1])) as usize % 128;
+            b[at] = r[8 + k];
+        }
+        let storage = Box::new(vmi_disk::storage::MemStorage::from_bytes(b));
+        let Ok(img) = Image::from_storage(
+            storage,
+            Path::new("m.prl"),
+            Some(Format::Parallels),
+            true,
+            &vmi_disk::Gate::deny_all(),
+        ) else {
+            continue;
+        };
+        let size = img.virtual_size();
+        if size > 0 {
+            let _ = img.write_at(&[1; 700], (u64::from(r[12]) * 997) % size.max(1));
+            let _ = img.write_zeroes(0, size.min(8192));
+        }
+        let _ = img.driver().check(CheckMode::RepairAll);
+        let _ = img.close();
+    }
+}
+
+/// A bitmap data cluster past the end of the file: qemu would read zeroes there, vmi refuses.
+#[test]
+fn bitmap_data_cluster_outside_the_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut b) = image_with_extension(dir.path());
+    let e = b.len() - MIB as usize;
+    put64(&mut b, e + 80, 1 << 40);
+    reseal(&mut b, e);
+    fs::write(&path, &b).unwrap();
+    let err = open_ro(&path).unwrap_err();
+    assert!(err.to_string().contains("outside the image file"), "{err}");
 }
