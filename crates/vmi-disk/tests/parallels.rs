@@ -747,3 +747,29 @@ fn bitmap_data_cluster_outside_the_file_is_refused() {
     let err = open_ro(&path).unwrap_err();
     assert!(err.to_string().contains("outside the image file"), "{err}");
 }
+
+/// Both tools writing into one image, in turn: each sees the other's data and the image stays
+/// clean for qemu.
+#[test]
+fn qemu_io_and_vmi_write_into_the_same_image_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.prl");
+    let img = Image::create(&path, Format::Parallels, &opts("cluster_size=64k", 8 * MIB)).unwrap();
+    img.write_at(&[0x11; 70_000], 100).unwrap();
+    img.close().unwrap();
+    vmi_testkit::qemu::qemu_io(&path, "parallels", "write -P 0x22 1M 128k");
+    vmi_testkit::qemu::qemu_io(&path, "parallels", "write -P 0x33 64k 4k");
+    let img = open_rw(&path).unwrap();
+    img.write_at(&[0x44; 512], 7 * MIB + 512).unwrap();
+    img.close().unwrap();
+    vmi_testkit::qemu::qemu_io(&path, "parallels", "read -P 0x44 7340544 512");
+    vmi_testkit::qemu::qemu_io(&path, "parallels", "read -P 0x22 1M 128k");
+    assert_qemu_check_clean(&path, "parallels");
+    let got = read_image(&open_ro(&path).unwrap());
+    let mut expect = vec![0u8; 8 * MIB as usize];
+    expect[100..70_100].fill(0x11);
+    expect[MIB as usize..MIB as usize + 128 * 1024].fill(0x22);
+    expect[64 * 1024..68 * 1024].fill(0x33);
+    expect[7 * MIB as usize + 512..7 * MIB as usize + 1024].fill(0x44);
+    assert!(got == expect);
+}

@@ -227,3 +227,50 @@ impl Layout {
         self.data_start * SECTOR
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(v2: bool, tracks: u32, entries: u32, sectors: u64, data_off: u32) -> RawHeader {
+        RawHeader {
+            magic: if v2 { *MAGIC_V2 } else { *MAGIC_V1 },
+            version: HEADER_VERSION.into(),
+            heads: 16.into(),
+            cylinders: 0.into(),
+            tracks: tracks.into(),
+            bat_entries: entries.into(),
+            nb_sectors: sectors.into(),
+            inuse: 0.into(),
+            data_off: data_off.into(),
+            flags: 0.into(),
+            ext_off: 0.into(),
+        }
+    }
+
+    #[test]
+    fn v1_size_keeps_only_the_low_32_bits() {
+        let l = header(false, 8, 4, (1 << 32) | 32, 0)
+            .validate(4096)
+            .unwrap();
+        assert_eq!((l.total_sectors, l.off_multiplier), (32, 1));
+        // A zero data offset in v1 means right after the BAT.
+        assert_eq!((l.data_start, l.data_off_ok), (1, true));
+    }
+
+    #[test]
+    fn v2_data_offset_below_the_cluster_aligned_bat_end_is_flagged_not_fatal() {
+        let l = header(true, 128, 10, 1280, 1).validate(1 << 20).unwrap();
+        assert_eq!((l.data_start, l.data_off_ok), (128, false));
+        let l = header(true, 128, 10, 1280, 128).validate(1 << 20).unwrap();
+        assert_eq!((l.data_start, l.data_off_ok), (128, true));
+    }
+
+    #[test]
+    fn entry_offsets_count_clusters_in_v2_and_sectors_in_v1() {
+        let v2 = header(true, 128, 10, 1280, 128).validate(1 << 20).unwrap();
+        assert_eq!(v2.entry_offset(3), 3 * 128 * 512);
+        let v1 = header(false, 128, 10, 1280, 0).validate(1 << 20).unwrap();
+        assert_eq!(v1.entry_offset(3), 3 * 512);
+    }
+}
