@@ -774,6 +774,10 @@ impl Driver for ParallelsDriver {
 
     fn write_at(&self, buf: &[u8], offset: u64, backing: Option<&Image>) -> Result<()> {
         self.ensure_writable()?;
+        // FIXME: the lock is held across the data writes, so parallel writers (a converting
+        // engine's workers) take turns. The proper fix reserves the host cluster under the lock,
+        // writes the data without it, and takes the lock again to set the BAT entry, with
+        // in-flight clusters tracked so that two writers of one new cluster do not both allocate.
         let mut st = self.lock();
         self.repair_if_needed(&mut st)?;
         for (c, within, n, done) in self.pieces(offset, buf.len() as u64) {
