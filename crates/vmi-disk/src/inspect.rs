@@ -8,6 +8,7 @@
 //! (a polyglot). It never opens any file but the one inspected.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::vmdk::{Embedded, VmdkDriver};
 use crate::formats::{Confidence, Format};
 use crate::gate::Gate;
 use crate::image::{probe_matches, Image};
@@ -38,6 +39,13 @@ pub enum ViolationKind {
     FormatMismatch,
     /// The header is malformed.
     Invalid,
+    /// The content is a format vmi knows but cannot open (its data cannot be vouched for).
+    UnsupportedFormat,
+    /// A raw disk whose MBR partition table is not one a disk would carry (the checks of
+    /// format_inspector's GPT inspector).
+    PartitionTable,
+    /// A VMDK's embedded descriptor says something other than "this one sparse extent".
+    Descriptor,
 }
 
 /// One reason an image is unsafe.
@@ -123,6 +131,23 @@ pub fn inspect(
             });
         }
     }
+    if format == Format::Raw {
+        let mut mbr = [0u8; 512];
+        let len = storage
+            .len()
+            .map_err(|e| Error::io("reading file size", e))?;
+        if len >= 512 {
+            storage
+                .read_at(&mut mbr, 0)
+                .map_err(|e| Error::io("reading the first sector", e))?;
+            if let Some(detail) = mbr_problem(&mbr) {
+                violations.push(Violation {
+                    kind: ViolationKind::PartitionTable,
+                    detail,
+                });
+            }
+        }
+    }
     let mut virtual_size = None;
     match Image::from_storage(storage, name, Some(format), false, &Gate::deny_all()) {
         Ok(img) => {
@@ -134,6 +159,9 @@ pub fn inspect(
                         detail: format!("names backing file '{}'", b.name.escape_debug()),
                     });
                 }
+            }
+            if let Some(v) = img.driver().as_any().downcast_ref::<VmdkDriver>() {
+                violations.extend(embedded_descriptor_problems(v));
             }
             let info = img.driver().info();
             if format == Format::Vmdk {
@@ -170,10 +198,158 @@ fn classify_open_error(e: &Error) -> Violation {
         ErrorKind::Refused if msg.contains("data file") => ViolationKind::DataFile,
         ErrorKind::Refused if msg.contains("extent") => ViolationKind::Extents,
         ErrorKind::Refused if msg.contains("backing") => ViolationKind::BackingFile,
+        ErrorKind::Unsupported
+            if msg.starts_with("format ") && msg.ends_with("is not supported") =>
+        {
+            ViolationKind::UnsupportedFormat
+        }
         ErrorKind::Unsupported => ViolationKind::UnknownFeatures,
         _ => ViolationKind::Invalid,
     };
     Violation { kind, detail: msg }
+}
+
+/// The MBR rules of OpenStack format_inspector's GPT inspector, for a raw disk whose first sector
+/// ends in the MBR signature and is not a FAT boot sector: every boot flag is 0x00 or 0x80, at least
+/// one partition is defined, and a protective (0xEE) entry is the only one, starts at LBA 1 and
+/// CHS 0/2/0.
+fn mbr_problem(mbr: &[u8; 512]) -> Option<String> {
+    const FAT_MEDIA_FIXED: u8 = 0xf8;
+    if mbr[510..512] != [0x55, 0xaa] || (mbr[0x10] == 2 && mbr[0x15] == FAT_MEDIA_FIXED) {
+        return None;
+    }
+    let mut defined = Vec::new();
+    let mut protective = false;
+    for i in 0..4 {
+        let e = &mbr[446 + 16 * i..446 + 16 * (i + 1)];
+        if e[0] != 0x00 && e[0] != 0x80 {
+            return Some(format!(
+                "MBR partition entry {i} has invalid boot flag {:#04x}",
+                e[0]
+            ));
+        }
+        if e[4] != 0 {
+            defined.push(i);
+        }
+        if e[4] == 0xee {
+            protective = true;
+            if e[1..4] != [0x00, 0x02, 0x00] {
+                return Some("GPT protective MBR entry has an invalid start CHS".into());
+            }
+            if e[8..12] != 1u32.to_le_bytes() {
+                return Some("GPT protective MBR entry has an invalid start LBA".into());
+            }
+        }
+    }
+    if protective && defined != [0] {
+        return Some("GPT protective MBR defines extra partitions".into());
+    }
+    if defined.is_empty() {
+        return Some("MBR signature present but no partition defined".into());
+    }
+    None
+}
+
+/// The embedded descriptor of a monolithicSparse or streamOptimized VMDK must describe exactly the
+/// file it is in: at sector 1, only comment, `key=value`, `ddb.*` and extent lines, and exactly
+/// one extent line, `RW|RDONLY <capacity> SPARSE "<name>"` with a plain file name. Anything else
+/// (an added FLAT extent naming a host file, a replaced extent, an unknown access word like
+/// `wronly`, no extent at all) is a disk another reader would assemble differently.
+fn embedded_descriptor_problems(d: &VmdkDriver) -> Vec<Violation> {
+    let bad = |kind, detail: String| Violation { kind, detail };
+    let (offset, text) = match d.embedded_descriptor() {
+        Embedded::NotHosted => return Vec::new(),
+        Embedded::Absent => {
+            return vec![bad(
+                ViolationKind::Descriptor,
+                "the VMDK has no embedded descriptor".into(),
+            )]
+        }
+        Embedded::Text { offset, text } => (offset, text),
+    };
+    let mut out = Vec::new();
+    if offset != 512 {
+        out.push(bad(
+            ViolationKind::Descriptor,
+            format!("the embedded descriptor is at byte {offset}, not at sector 1"),
+        ));
+    }
+    let text = String::from_utf8_lossy(text);
+    let mut extents = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let first = line.split_whitespace().next().unwrap_or("");
+        let header_field = line
+            .split_once('=')
+            .is_some_and(|(k, _)| !k.trim().is_empty() && !k.trim().contains(char::is_whitespace));
+        if matches!(
+            first.to_ascii_lowercase().as_str(),
+            "rw" | "rdonly" | "noaccess"
+        ) {
+            extents.push(line);
+        } else if !line.starts_with("ddb") && !header_field {
+            out.push(bad(
+                ViolationKind::Descriptor,
+                format!(
+                    "embedded descriptor line {} is not a descriptor line: '{}'",
+                    n + 1,
+                    line.escape_debug()
+                ),
+            ));
+        }
+    }
+    match extents.as_slice() {
+        [] => out.push(bad(
+            ViolationKind::Extents,
+            "the embedded descriptor names no extent".into(),
+        )),
+        [one] if is_own_extent(one, d.capacity()) => {}
+        many => {
+            for e in many.iter().filter(|e| !is_own_extent(e, d.capacity())) {
+                out.push(bad(
+                    ViolationKind::Extents,
+                    format!(
+                        "the embedded descriptor names an extent other than this file: '{}'",
+                        e.escape_debug()
+                    ),
+                ));
+            }
+            if many.len() > 1 {
+                out.push(bad(
+                    ViolationKind::Extents,
+                    format!(
+                        "the embedded descriptor names {} extents, not one",
+                        many.len()
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// `RW|RDONLY <sectors> SPARSE "<name>"`, the sectors being the image's capacity and the name a
+/// plain file name.
+fn is_own_extent(line: &str, capacity: u64) -> bool {
+    let Some((head, rest)) = line.split_once('"') else {
+        return false;
+    };
+    let Some((name, tail)) = rest.split_once('"') else {
+        return false;
+    };
+    let words: Vec<&str> = head.split_whitespace().collect();
+    let [access, sectors, kind] = words.as_slice() else {
+        return false;
+    };
+    matches!(*access, "RW" | "RDONLY")
+        && kind.eq_ignore_ascii_case("sparse")
+        && sectors.parse::<u64>().ok().and_then(|s| s.checked_mul(512)) == Some(capacity)
+        && !name.is_empty()
+        && !name.contains(['/', '\\'])
+        && tail.trim().is_empty()
 }
 
 #[cfg(test)]

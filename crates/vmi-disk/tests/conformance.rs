@@ -16,3 +16,17 @@ fn raw_conforms() {
         },
     );
 }
+
+#[test]
+fn qed_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        Format::Qed,
+        "",
+        Caps {
+            random_writes: true,
+            grow: true,
+        },
+    );
+}

@@ -763,10 +763,12 @@ pub async fn delete_tag(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The vmi format a Glance `disk_format` must be, when vmi knows it.
+/// The vmi format a Glance `disk_format` must be, when vmi knows it. Amazon's kernel, ramdisk
+/// and machine images are raw bytes; `ploop` is Virtuozzo's Parallels disk.
 pub(crate) fn expected_format(disk_format: &str) -> Option<Format> {
     match disk_format {
-        "raw" => Some(Format::Raw),
+        "raw" | "ami" | "ari" | "aki" => Some(Format::Raw),
+        "ploop" => Some(Format::Parallels),
         "qcow2" => Some(Format::Qcow2),
         "vmdk" => Some(Format::Vmdk),
         "vhd" => Some(Format::Vpc),

@@ -227,11 +227,12 @@ fn be32(b: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// Quick check for probing: magic and a supported version with sane cluster bits.
+/// Quick check for probing: the magic and any version but 1 (qcow). A version or header qcow2
+/// cannot open still claims the file, weakly (see [`parse_fixed`]).
 pub fn looks_like_qcow2(head: &[u8]) -> bool {
-    matches!(be32(head, 0), Ok(MAGIC))
-        && matches!(be32(head, 4), Ok(2 | 3))
-        && matches!(be32(head, 20), Ok(b) if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&b))
+    // Version 1 is the older qcow format (its own driver); any other version is qcow2's, known
+    // or not, so that an unknown version is refused as qcow2 rather than read as raw.
+    matches!(be32(head, 0), Ok(MAGIC)) && !matches!(be32(head, 4), Ok(1))
 }
 
 /// Parse the fixed header from `buf` (the first bytes of the file, at least `V2_HEADER_LEN`).

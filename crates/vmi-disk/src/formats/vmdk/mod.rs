@@ -726,7 +726,43 @@ pub(crate) fn companion_files(path: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// What an image opened from a hosted sparse extent (monolithicSparse, streamOptimized) carries
+/// as its embedded descriptor, for inspection: the extent lines of such a descriptor are not used
+/// to read the image, but other readers (libvmdk, older qemu) follow them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Embedded<'a> {
+    /// The image was opened from a text descriptor, not from a sparse extent.
+    NotHosted,
+    /// The header records no descriptor, or the area is all zeroes.
+    Absent,
+    /// The text found at this byte offset of the file.
+    Text {
+        /// Byte offset of the descriptor in the file.
+        offset: u64,
+        /// The text, up to its first NUL.
+        text: &'a [u8],
+    },
+}
+
 impl VmdkDriver {
+    /// The embedded descriptor of an image opened from its sparse extent.
+    pub fn embedded_descriptor(&self) -> Embedded<'_> {
+        let hosted = self.extents.len() == 1 && self.extents[0].type_name.is_empty();
+        match (&self.text, hosted) {
+            (_, false) => Embedded::NotHosted,
+            (None, true) => Embedded::Absent,
+            (Some(t), true) => Embedded::Text {
+                offset: t.offset,
+                text: &t.text,
+            },
+        }
+    }
+
+    /// The guest size of the image (the sparse header's capacity for hosted sparse extents).
+    pub fn capacity(&self) -> u64 {
+        self.size
+    }
+
     /// The descriptor (embedded or standalone): CID, createType, `ddb.*` keys, extent lines.
     pub fn descriptor(&self) -> Descriptor {
         Descriptor {

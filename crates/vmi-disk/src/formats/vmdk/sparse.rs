@@ -283,7 +283,7 @@ impl SparseExtent {
             .map_err(|e| Error::io("reading sparse extent header", e))?;
         let mut header = Header::parse(&buf)?;
         if header.gd_offset == GD_AT_END {
-            header = read_footer(storage, file_len)?;
+            header = read_footer(storage, file_len, &header)?;
         }
         if header.compressed() && header.flags & FLAG_MARKERS == 0 {
             return Err(Error::unsupported("compressed VMDK grains without markers"));
@@ -770,7 +770,10 @@ fn read_directory(
 
 /// Read the footer of a stream-optimized extent (VMDK 1.1, "The Footer"): the last three sectors
 /// are a footer marker, a copy of the header with the real `gdOffset`, and the end-of-stream marker.
-fn read_footer(storage: &dyn Storage, file_len: u64) -> Result<Header> {
+/// As OpenStack's format_inspector requires, both markers are zero-padded and the footer agrees
+/// with the header on everything but `gdOffset`'s place (version, descriptor location and size):
+/// a footer that moves the descriptor would show readers that trust it another disk.
+fn read_footer(storage: &dyn Storage, file_len: u64, head: &Header) -> Result<Header> {
     if file_len < 4 * SECTOR {
         return Err(Error::invalid(format!(
             "header says the grain directory is at the end, but the extent ({file_len} bytes) has no room for a footer"
@@ -792,7 +795,23 @@ fn read_footer(storage: &dyn Storage, file_len: u64) -> Result<Header> {
             "stream-optimized extent does not end with an end-of-stream marker",
         ));
     }
+    if marker[16..].iter().chain(&eos[16..]).any(|&b| b != 0) {
+        return Err(Error::invalid(
+            "stream-optimized footer or end-of-stream marker is not zero-padded",
+        ));
+    }
     let h = Header::parse(footer).map_err(|e| e.context("footer"))?;
+    if h.version != head.version {
+        return Err(Error::invalid(format!(
+            "footer version {} differs from the header's {}",
+            h.version, head.version
+        )));
+    }
+    if h.descriptor != head.descriptor {
+        return Err(Error::invalid(
+            "footer places the embedded descriptor elsewhere than the header",
+        ));
+    }
     if h.gd_offset == GD_AT_END {
         return Err(Error::invalid(
             "footer's grain directory offset is also GD_AT_END",
