@@ -322,3 +322,174 @@ fn mutated_headers_never_panic() {
         let _ = open_bytes(dir.path(), &b, None);
     }
 }
+
+/// `qemu-io` with the passphrase on an encrypted qcow2 image.
+fn qemu_io_qcow2(img: &Path, cmd: &str) {
+    let obj = format!("secret,id=sec0,data={PASS}");
+    let spec = format!(
+        "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+        p(img)
+    );
+    let out = std::process::Command::new("qemu-io")
+        .args(["--object", &obj, "--image-opts", &spec, "-c", cmd])
+        .output()
+        .expect("qemu-io is installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("failed"),
+        "qemu-io {cmd}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_check_qcow2(img: &Path) -> (i32, String) {
+    let obj = format!("secret,id=sec0,data={PASS}");
+    let spec = format!(
+        "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+        p(img)
+    );
+    let (code, out, err) = qemu_img_status(&["check", "--object", &obj, "--image-opts", &spec]);
+    (code, format!("{out}{err}"))
+}
+
+#[test]
+fn qemu_encrypted_qcow2_reads_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = raw_source(dir.path(), 2 * MIB);
+    let q = dir.path().join("q.qcow2");
+    let obj = format!("secret,id=sec0,data={PASS}");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "--object",
+        &obj,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096",
+        p(&raw),
+        p(&q),
+    ]);
+    // Partial-cluster writes by qemu land at host offsets unrelated to guest offsets.
+    qemu_io_qcow2(&q, "write -P 0x5a 1536k 1000");
+    qemu_io_qcow2(&q, "write -P 0xa5 7 513");
+    let mut expect = read_file(&raw);
+    expect[1536 * 1024..1536 * 1024 + 1000].fill(0x5a);
+    expect[7..520].fill(0xa5);
+    let img = open_key(&q, PASS).expect("open");
+    assert_eq!(img.format(), Format::Qcow2);
+    assert!(read_image(&img) == expect, "guest data differs");
+    let info = img.driver().info().format_specific;
+    assert_eq!(info["data"]["encrypt"]["format"], "luks");
+    assert_eq!(info["data"]["encrypt"]["cipher-mode"], "xts");
+    // Without the key: info works, reading says how to give the key.
+    let locked = Image::open(&q, &OpenOptions::new()).expect("open for info");
+    let mut buf = [0u8; 16];
+    let e = locked.read_at(&mut buf, 0).expect_err("no key");
+    assert!(e.to_string().contains("encrypt.key-secret"), "{e}");
+    let e = open_key(&q, "nope").expect_err("wrong key");
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+}
+
+#[test]
+fn vmi_encrypted_qcow2_reads_identically_in_qemu_img_and_checks_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = raw_source(dir.path(), 3 * MIB);
+    let data = read_file(&raw);
+    let q = dir.path().join("v.qcow2");
+    let o = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
+             encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv";
+    let img = Image::create(&q, Format::Qcow2, &create_opts(o, 3 * MIB, PASS)).expect("create");
+    let chunk = 70_000 + 1;
+    for (k, c) in data.chunks(chunk).enumerate() {
+        if c.iter().any(|&b| b != 0) {
+            img.write_at(c, (k * chunk) as u64).expect("write");
+        }
+    }
+    img.close().expect("close");
+    let (code, out) = qemu_compare_luks(&q, "qcow2", &raw);
+    assert_eq!(code, 0, "qemu-img compare: {out}");
+    let (code, out) = qemu_check_qcow2(&q);
+    assert_eq!(code, 0, "qemu-img check: {out}");
+    // vmi rewrites parts of clusters qemu then reads.
+    let img = Image::open(&q, &OpenOptions::new().write(true).secret(secret(PASS))).expect("rw");
+    img.write_at(&[0x77; 300], 65536 + 100)
+        .expect("partial write");
+    img.close().expect("close");
+    let mut expect = data.clone();
+    expect[65636..65936].fill(0x77);
+    let patched = dir.path().join("patched.raw");
+    fs::write(&patched, &expect).expect("write");
+    let (code, out) = qemu_compare_luks(&q, "qcow2", &patched);
+    assert_eq!(code, 0, "after a partial write: {out}");
+    let img = open_key(&q, PASS).expect("reopen");
+    assert!(read_image(&img) == expect, "vmi reads back other data");
+    assert!(
+        img.driver().compressed_writer().is_none(),
+        "no compressed writes into encrypted images"
+    );
+}
+
+#[test]
+fn legacy_aes_qcow2_is_refused_as_unsupported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = dir.path().join("aes.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&q), "1M"]);
+    let mut b = read_file(&q);
+    b[32..36].copy_from_slice(&1u32.to_be_bytes());
+    fs::write(&q, &b).expect("write");
+    let e = Image::open(&q, &OpenOptions::new()).expect_err("legacy AES");
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("legacy AES"), "{e}");
+    let e = Image::create(
+        &dir.path().join("new.qcow2"),
+        Format::Qcow2,
+        &create_opts("encrypt.format=aes,encrypt.key-secret=sec0", MIB, PASS),
+    )
+    .expect_err("creating legacy AES");
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+}
+
+#[test]
+fn qcow2_crypto_header_pointers_out_of_bounds_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = dir.path().join("h.qcow2");
+    Image::create(
+        &q,
+        Format::Qcow2,
+        &create_opts(
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=1",
+            MIB,
+            PASS,
+        ),
+    )
+    .expect("create")
+    .close()
+    .expect("close");
+    let good = read_file(&q);
+    // The extension follows the 112-byte v3 header: kind, length, offset, length.
+    let ext = 112;
+    assert_eq!(&good[ext..ext + 4], &0x0537_be77u32.to_be_bytes());
+    for (what, off, len) in [
+        ("past the end", good.len() as u64, 4096u64),
+        ("unaligned", 0x10001, 4096),
+        ("huge", 0x10000, u64::MAX - 10),
+        ("at the header", 0, 4096),
+    ] {
+        let mut b = good.clone();
+        b[ext + 8..ext + 16].copy_from_slice(&off.to_be_bytes());
+        b[ext + 16..ext + 24].copy_from_slice(&len.to_be_bytes());
+        fs::write(&q, &b).expect("write");
+        let e = open_key(&q, PASS).expect_err(what);
+        assert!(
+            matches!(e.kind(), ErrorKind::Invalid | ErrorKind::Limit),
+            "{what}: {e}"
+        );
+    }
+    let mut b = good.clone();
+    b[32..36].copy_from_slice(&0u32.to_be_bytes());
+    fs::write(&q, &b).expect("write");
+    let e = open_key(&q, PASS).expect_err("crypto extension without crypt_method");
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+}

@@ -391,3 +391,128 @@ impl Driver for LuksDriver {
 pub fn is_wrong_key(e: &Error) -> bool {
     e.kind() == ErrorKind::Refused && e.message().contains("cannot unlock")
 }
+
+/// The LUKS header inside a qcow2 image (`encrypt.format=luks`, header extension 0x0537be77):
+/// what `info` shows, and the data clusters' view when the key was given.
+#[derive(Debug)]
+pub(crate) struct Embedded {
+    /// qemu's `encrypt` block of the qcow2 format-specific data.
+    pub info: serde_json::Value,
+    /// Encrypted view of the image file (IVs from host offsets); `None` without the key.
+    pub data: Option<Arc<dyn Storage>>,
+    path: std::path::PathBuf,
+}
+
+/// Most bytes a qcow2 image's LUKS header area may span: 64 MiB (qemu writes about 2 MiB).
+const MAX_EMBEDDED_HEADER: u64 = 64 << 20;
+
+impl Embedded {
+    /// The data view, or the "give its key" error.
+    pub(crate) fn data(&self) -> Result<&Arc<dyn Storage>> {
+        self.data
+            .as_ref()
+            .ok_or_else(|| missing_key(&self.path, "encrypt."))
+    }
+}
+
+/// Open the LUKS header at `offset` (`len` bytes, cluster-aligned inside a file of `file_len`
+/// bytes) of a qcow2 image and unlock it with the context's secret.
+pub(crate) fn open_embedded(
+    st: &Arc<dyn Storage>,
+    ctx: &OpenContext,
+    offset: u64,
+    len: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<Embedded> {
+    if offset == 0 || offset % cluster_size != 0 {
+        return Err(Error::invalid(format!(
+            "qcow2 LUKS header offset {offset:#x} is not a non-zero multiple of the cluster size"
+        )));
+    }
+    if len > MAX_EMBEDDED_HEADER {
+        return Err(Error::limit(format!(
+            "qcow2 LUKS header of {len} bytes, more than {MAX_EMBEDDED_HEADER}"
+        )));
+    }
+    if offset.checked_add(len).is_none_or(|e| e > file_len) {
+        return Err(Error::invalid(format!(
+            "qcow2 LUKS header at {offset:#x} ({len} bytes) lies past the end of the file"
+        )));
+    }
+    let vol = Volume::read(st.as_ref(), offset, len, false)?;
+    let data: Option<Arc<dyn Storage>> = match &ctx.secret {
+        Some(s) => {
+            let cipher = vol.unlock(st.as_ref(), offset, s)?;
+            Some(Arc::new(CryptStorage::new(
+                Arc::clone(st),
+                Arc::new(cipher),
+                0,
+            )))
+        }
+        None if ctx.writable => return Err(missing_key(&ctx.path, "encrypt.")),
+        None => None,
+    };
+    Ok(Embedded {
+        info: encrypt_info(vol.info()),
+        data,
+        path: ctx.path.clone(),
+    })
+}
+
+/// qemu's qcow2 `encrypt` block: the LUKS info with `"format": "luks"` after the UUID.
+fn encrypt_info(luks: serde_json::Value) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    if let serde_json::Value::Object(m) = luks {
+        for (k, v) in m {
+            let uuid = k == "uuid";
+            out.insert(k, v);
+            if uuid {
+                out.insert("format".into(), "luks".into());
+            }
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// A new qcow2 LUKS header from `-o encrypt.*` options, when `encrypt.format=luks` (or the old
+/// `encryption=on`, refused as qemu refuses creating legacy AES): the header area, and the
+/// cipher for data clusters.
+pub(crate) fn create_embedded(o: &FormatOptions) -> Result<Option<(Vec<u8>, SectorCipher)>> {
+    if o.bool("encryption")?.unwrap_or(false) {
+        return Err(Error::unsupported(
+            "encryption=on (legacy qcow2 AES) is not supported: use encrypt.format=luks",
+        ));
+    }
+    match o.str("encrypt.format").as_deref() {
+        None => Ok(None),
+        Some("luks") => NewLuks::from_options(o, "encrypt.")?.build().map(Some),
+        Some("aes") => Err(Error::unsupported(
+            "encrypt.format=aes (legacy qcow2 AES) is not supported: use encrypt.format=luks",
+        )),
+        Some(f) => Err(Error::usage(format!(
+            "encrypt.format={f}: only luks is supported"
+        ))),
+    }
+}
+
+/// The encrypted view of a new qcow2 image's file.
+pub(crate) fn embedded_data(st: &Arc<dyn Storage>, cipher: SectorCipher) -> Arc<dyn Storage> {
+    Arc::new(CryptStorage::new(Arc::clone(st), Arc::new(cipher), 0))
+}
+
+/// `Embedded` for a newly created qcow2 image.
+pub(crate) fn embedded_new(
+    st: &Arc<dyn Storage>,
+    offset: u64,
+    len: u64,
+    data: Arc<dyn Storage>,
+    path: &std::path::Path,
+) -> Result<Embedded> {
+    let vol = Volume::read(st.as_ref(), offset, len, false)?;
+    Ok(Embedded {
+        info: encrypt_info(vol.info()),
+        data: Some(data),
+        path: path.to_path_buf(),
+    })
+}
