@@ -5,7 +5,8 @@ use anyhow::Context as _;
 use clap::ValueEnum;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use vmi_disk::{BackingMode, Format, FormatOptions, Gate, Image, OpenOptions};
+use std::sync::OnceLock;
+use vmi_disk::{BackingMode, Format, FormatOptions, Gate, Image, OpenOptions, Secret, Secrets};
 
 /// Flags that decide which files named inside an image may be opened.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +42,159 @@ impl GateArgs {
     }
 }
 
+/// Flags that give the keys of encrypted images, as qemu-img takes them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// Define a secret, as qemu-img does: `secret,id=ID,data=STRING`, `secret,id=ID,file=PATH`
+    /// (the file's bytes, verbatim), with `format=base64` when the value is base64. Images name
+    /// it with `key-secret=ID` (`-f luks`) or `encrypt.key-secret=ID` (qcow2). May be repeated.
+    #[arg(long, global = true, value_name = "OBJECT")]
+    pub object: Vec<String>,
+
+    /// The passphrase of encrypted images, read verbatim from PATH: used when no
+    /// `key-secret` names another secret (reading, creating and converting).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+
+    /// Image arguments are option strings, as qemu-img's --image-opts:
+    /// `driver=luks,key-secret=sec0,file.filename=disk.luks`.
+    #[arg(long, global = true)]
+    pub image_opts: bool,
+}
+
+/// The id `--key-file`'s secret is known by to `-o key-secret=`.
+const KEY_FILE_ID: &str = "key-file";
+
+/// The keys given on the command line, set once by `main` before any command runs.
+#[derive(Debug, Default)]
+struct Keys {
+    secrets: Secrets,
+    key_file: Option<Secret>,
+    image_opts: bool,
+}
+
+static KEYS: OnceLock<Keys> = OnceLock::new();
+
+fn keys() -> &'static Keys {
+    KEYS.get_or_init(Keys::default)
+}
+
+/// Parse `--object` and read `--key-file`, once, before the command runs.
+pub fn init_keys(a: &KeyArgs) -> anyhow::Result<()> {
+    let mut secrets = Secrets::new();
+    for o in &a.object {
+        let (id, secret) = parse_secret_object(o)?;
+        secrets.insert(&id, secret)?;
+    }
+    let key_file = match &a.key_file {
+        Some(p) => {
+            let bytes =
+                std::fs::read(p).with_context(|| format!("reading key file {}", p.display()))?;
+            let s = Secret::new(bytes);
+            secrets.insert(KEY_FILE_ID, s.clone())?;
+            Some(s)
+        }
+        None => None,
+    };
+    let _ = KEYS.set(Keys {
+        secrets,
+        key_file,
+        image_opts: a.image_opts,
+    });
+    Ok(())
+}
+
+/// Parse one `--object secret,id=...,data=...|file=...[,format=raw|base64]`.
+pub fn parse_secret_object(spec: &str) -> anyhow::Result<(String, Secret)> {
+    use base64::Engine as _;
+    let mut o = FormatOptions::new();
+    let (kind, rest) = spec.split_once(',').unwrap_or((spec, ""));
+    let kind = kind.strip_prefix("qom-type=").unwrap_or(kind);
+    if kind != "secret" {
+        anyhow::bail!("--object {kind}: only secret objects are supported");
+    }
+    o.parse(rest).with_context(|| "invalid --object secret")?;
+    let id = o
+        .str("id")
+        .ok_or_else(|| anyhow::anyhow!("--object secret needs id=ID"))?;
+    let raw = match (o.str("data"), o.str("file")) {
+        (Some(d), None) => d.into_bytes(),
+        (None, Some(f)) => {
+            std::fs::read(&f).with_context(|| format!("reading secret {id} from {f}"))?
+        }
+        _ => anyhow::bail!("--object secret {id}: give exactly one of data= and file="),
+    };
+    let bytes = match o.str("format").as_deref() {
+        None | Some("raw") => raw,
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(raw.trim_ascii())
+            .map_err(|_| anyhow::anyhow!("--object secret {id}: data is not valid base64"))?,
+        Some(f) => anyhow::bail!("--object secret {id}: unknown format '{f}' (raw, base64)"),
+    };
+    if o.str("keyid").is_some() || o.str("iv").is_some() {
+        anyhow::bail!("--object secret {id}: encrypted secrets (keyid=, iv=) are not supported");
+    }
+    o.finish("secret")
+        .map_err(|e| anyhow::anyhow!("--object secret {id}: {}", e.message()))?;
+    Ok((id, Secret::new(bytes)))
+}
+
+/// With `--key-file`, make an encrypted image being created use it when its options name no
+/// other secret (`-f luks`, or qcow2 with `encrypt.format=luks`).
+pub fn apply_key_file(opts: &mut FormatOptions, format: Format) {
+    if keys().key_file.is_none() {
+        return;
+    }
+    let key = match format {
+        Format::Luks => "key_secret",
+        Format::Qcow2 if opts.contains("encrypt.format") => "encrypt.key_secret",
+        _ => return,
+    };
+    if !opts.contains(key) {
+        opts.set(key, KEY_FILE_ID);
+    }
+}
+
+/// Resolve an image argument: with `--image-opts` an option string naming the file, driver and
+/// key secret; otherwise a path, keyed by `--key-file` if given.
+fn resolve_image_arg(
+    path: &Path,
+    format: Option<Format>,
+) -> anyhow::Result<(PathBuf, Option<Format>, Option<Secret>)> {
+    let k = keys();
+    // A plain path (no `=`) stays a path even with --image-opts: backing files, -n targets.
+    if !k.image_opts || !path.to_string_lossy().contains('=') {
+        return Ok((path.to_path_buf(), format, k.key_file.clone()));
+    }
+    let spec = path
+        .to_str()
+        .context("--image-opts argument is not UTF-8")?;
+    let mut o = FormatOptions::new();
+    o.parse(spec)
+        .with_context(|| format!("invalid --image-opts '{spec}'"))?;
+    let file = o
+        .str("file.filename")
+        .or_else(|| o.str("filename"))
+        .ok_or_else(|| anyhow::anyhow!("--image-opts '{spec}' names no file.filename"))?;
+    if let Some(d) = o.str("file.driver") {
+        if d != "file" {
+            anyhow::bail!("--image-opts: file.driver={d} is not supported (only file)");
+        }
+    }
+    let fmt = match o.str("driver") {
+        Some(d) => Some(d.parse::<Format>()?),
+        None => format,
+    };
+    let id = o.str("key_secret").or_else(|| o.str("encrypt.key_secret"));
+    let secret = match id {
+        Some(id) => Some(k.secrets.get(&id)?),
+        None => k.key_file.clone(),
+    };
+    o.finish("--image-opts")
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    Ok((PathBuf::from(file), fmt, secret))
+}
+
 /// `--output` of the commands that have a machine-readable form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum OutputFormat {
@@ -64,6 +218,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Parse every `-o` argument into one set of options.
 pub fn parse_options(args: &[String]) -> anyhow::Result<FormatOptions> {
     let mut opts = FormatOptions::new();
+    opts.set_secrets(keys().secrets.clone());
     for a in args {
         opts.parse(a)
             .with_context(|| format!("invalid -o argument '{a}'"))?;
@@ -86,12 +241,14 @@ pub fn open(
     backing: BackingMode,
     writable: bool,
 ) -> anyhow::Result<Image> {
+    let (path, format, secret) = resolve_image_arg(path, format)?;
     let opts = OpenOptions::new()
         .format(format)
         .gate(gate)
         .backing(backing)
-        .write(writable);
-    Image::open(path, &opts).map_err(with_gate_hint)
+        .write(writable)
+        .secret(secret);
+    Image::open(&path, &opts).map_err(with_gate_hint)
 }
 
 /// Add the flag that widens the gate to a refusal for a file outside the allowed folder (the

@@ -47,6 +47,8 @@ Exit codes:
 struct Cli {
     #[command(flatten)]
     gate: GateArgs,
+    #[command(flatten)]
+    keys: common::KeyArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,10 +91,16 @@ enum Command {
 
 fn main() -> ExitCode {
     // The global flags take their values with `=`, so the first plain word is the command.
-    let is_compare = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .is_some_and(|a| a == "compare");
+    // `--object` and `--key-file` take the next word as their value.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let is_compare = args
+        .iter()
+        .enumerate()
+        .find(|(i, a)| {
+            !a.starts_with('-')
+                && (*i == 0 || !matches!(args[i - 1].as_str(), "--object" | "--key-file"))
+        })
+        .is_some_and(|(_, a)| a == "compare");
     let error_code = if is_compare {
         EXIT_COMPARE_ERROR
     } else {
@@ -127,6 +135,7 @@ fn main() -> ExitCode {
 /// Run one command; `Ok` carries the exit code of a command that completed (check and compare
 /// report their findings through it).
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    common::init_keys(&cli.keys)?;
     let gate = &cli.gate;
     match cli.command {
         Command::Create(a) => cmd::create::run(gate, a),

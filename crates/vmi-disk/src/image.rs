@@ -9,6 +9,7 @@ use crate::formats::{
 };
 use crate::gate::{Gate, Referral};
 use crate::options::CreateOptions;
+use crate::secret::Secret;
 use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ pub struct OpenOptions {
     writable: bool,
     gate: Gate,
     backing: BackingMode,
+    secret: Option<Secret>,
 }
 
 impl OpenOptions {
@@ -55,6 +57,12 @@ impl OpenOptions {
     /// What to do with a backing file.
     pub fn backing(mut self, mode: BackingMode) -> Self {
         self.backing = mode;
+        self
+    }
+    /// The key of an encrypted image (LUKS, qcow2 `encrypt.format=luks`): its passphrase.
+    /// Without one, an encrypted image opens for `info` but its data cannot be read.
+    pub fn secret(mut self, secret: Option<Secret>) -> Self {
+        self.secret = secret;
         self
     }
     /// The gate in use.
@@ -152,9 +160,14 @@ impl Image {
             opts.backing,
             0,
             &mut seen,
+            opts.secret.clone(),
         )
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the recursion carries the whole open request; a struct would only rename it"
+    )]
     fn open_at(
         path: &Path,
         format: Option<Format>,
@@ -163,6 +176,7 @@ impl Image {
         mode: BackingMode,
         depth: usize,
         seen: &mut Vec<PathBuf>,
+        secret: Option<Secret>,
     ) -> Result<Image> {
         if depth > gate.depth_limit() {
             return Err(Error::limit(format!(
@@ -180,13 +194,23 @@ impl Image {
         seen.push(canon);
         let storage = FileStorage::open(path, writable)
             .map_err(|e| Error::io("opening", e).with_path(path))?;
-        let mut img = Self::from_storage_at(Box::new(storage), path, format, writable, gate)?;
+        let mut img =
+            Self::from_storage_at(Box::new(storage), path, format, writable, gate, secret)?;
         if let (Some(spec), BackingMode::Open) = (img.driver.backing().cloned(), mode) {
             let bpath = gate
                 .resolve(Referral::Backing, path, &spec.name)
                 .map_err(|e| e.with_path(path))?;
-            let b = Self::open_at(&bpath, spec.format, false, gate, mode, depth + 1, seen)
-                .map_err(|e| e.context(format!("backing file of {}", path.display())))?;
+            let b = Self::open_at(
+                &bpath,
+                spec.format,
+                false,
+                gate,
+                mode,
+                depth + 1,
+                seen,
+                None,
+            )
+            .map_err(|e| e.context(format!("backing file of {}", path.display())))?;
             img.driver
                 .verify_backing(&b)
                 .map_err(|e| e.with_path(path))?;
@@ -206,7 +230,19 @@ impl Image {
         writable: bool,
         gate: &Gate,
     ) -> Result<Image> {
-        let mut img = Self::from_storage_at(storage, path, format, writable, gate)?;
+        Self::from_storage_keyed(storage, path, format, writable, gate, None)
+    }
+
+    /// [`Image::from_storage`] with the key of an encrypted image.
+    pub fn from_storage_keyed(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        format: Option<Format>,
+        writable: bool,
+        gate: &Gate,
+        secret: Option<Secret>,
+    ) -> Result<Image> {
+        let mut img = Self::from_storage_at(storage, path, format, writable, gate, secret)?;
         img.backing_skipped = img.driver.backing().is_some();
         Ok(img)
     }
@@ -217,6 +253,7 @@ impl Image {
         format: Option<Format>,
         writable: bool,
         gate: &Gate,
+        secret: Option<Secret>,
     ) -> Result<Image> {
         let (format, probed) = match format {
             Some(f) => (f, None),
@@ -229,6 +266,7 @@ impl Image {
             path: path.to_path_buf(),
             writable,
             gate: gate.clone(),
+            secret,
         };
         let driver = formats::open_driver(format, storage, &ctx).map_err(|e| e.with_path(path))?;
         Ok(Image {

@@ -19,6 +19,7 @@ pub mod image;
 mod inflate;
 pub mod inspect;
 pub mod options;
+pub mod secret;
 pub mod storage;
 
 pub use check::{CheckMode, CheckReport};
@@ -32,3 +33,4 @@ pub use image::{
     probe, probe_matches, BackingMode, BlockKind, BlockStatus, Image, OpenOptions, Probe,
 };
 pub use options::{parse_size, CreateOptions, FormatOptions};
+pub use secret::{Secret, Secrets};

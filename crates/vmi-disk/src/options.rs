@@ -4,6 +4,7 @@
 
 use crate::driver::BackingSpec;
 use crate::error::{Error, Result};
+use crate::secret::{Secret, Secrets};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -49,6 +50,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
 pub struct FormatOptions {
     values: BTreeMap<String, String>,
     used: Mutex<Vec<String>>,
+    /// Secrets that `key-secret`-style options name by id.
+    secrets: Secrets,
 }
 
 impl Clone for FormatOptions {
@@ -56,6 +59,7 @@ impl Clone for FormatOptions {
         FormatOptions {
             values: self.values.clone(),
             used: Mutex::new(Vec::new()),
+            secrets: self.secrets.clone(),
         }
     }
 }
@@ -181,6 +185,22 @@ impl FormatOptions {
                 unknown.join(", ")
             )))
         }
+    }
+
+    /// Make `secrets` available to options that name a secret by id ([`FormatOptions::secret`]).
+    pub fn set_secrets(&mut self, secrets: Secrets) {
+        self.secrets = secrets;
+    }
+
+    /// Take an option that names a secret (`key-secret=sec0`) and return that secret.
+    pub fn secret(&self, key: &str) -> Result<Option<Secret>> {
+        self.str(key)
+            .map(|id| {
+                self.secrets
+                    .get(&id)
+                    .map_err(|e| e.context(format!("option {key}")))
+            })
+            .transpose()
     }
 
     /// Iterate over all options (for help and measure).

@@ -139,7 +139,8 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         vmi_convert::convert(&src, &dst, &opts).with_context(what)?;
         dst.close()?;
     } else {
-        let options = common::parse_options(&a.options)?;
+        let mut options = common::parse_options(&a.options)?;
+        common::apply_key_file(&mut options, a.out_format);
         let backing = match &a.backing {
             None => None,
             Some(name) => {

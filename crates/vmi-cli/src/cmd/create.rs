@@ -50,7 +50,8 @@ pub fn run(_gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
     let Some(file) = a.file.as_deref() else {
         bail!("create: FILE is required (vmi create [-f FMT] FILE [SIZE])");
     };
-    let opts = common::parse_options(&a.options)?;
+    let mut opts = common::parse_options(&a.options)?;
+    common::apply_key_file(&mut opts, a.format);
     let backing_name = a.backing.clone().or_else(|| opts.str("backing_file"));
     let mut backing_format = match (a.backing_format, opts.str("backing_fmt")) {
         (Some(f), _) => Some(f),
@@ -296,6 +297,11 @@ fn option_table(format: Format) -> &'static [OptionHelp] {
             ("cipher-alg", "str", "Name of encryption cipher algorithm"),
             ("cipher-mode", "str", "Name of encryption cipher mode"),
             ("ivgen-alg", "str", "Name of IV generator algorithm"),
+            (
+                "ivgen-hash-alg",
+                "str",
+                "Name of IV generator hash algorithm",
+            ),
             ("hash-alg", "str", "Name of encryption hash algorithm"),
             ("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
         ],

@@ -96,6 +96,12 @@ fn file_length(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
 }
 
+/// Whether the format-specific data describes an encrypted image (a LUKS volume, or qcow2 with
+/// an `encrypt` block), for qemu-img's `encrypted` line.
+fn is_encrypted(fs: &Value) -> bool {
+    fs["type"] == "luks" || !fs["data"]["encrypt"].is_null()
+}
+
 /// qemu-img's JSON object for one image.
 fn info_json(img: &Image) -> Value {
     let info = img.driver().info();
@@ -120,6 +126,9 @@ fn info_json(img: &Image) -> Value {
         if let Some(f) = b.format {
             o.insert("backing-filename-format".into(), json!(f));
         }
+    }
+    if is_encrypted(&info.format_specific) {
+        o.insert("encrypted".into(), json!(true));
     }
     if !info.format_specific.is_null() {
         o.insert("format-specific".into(), info.format_specific.clone());
@@ -196,6 +205,9 @@ fn print_human(img: &Image) -> anyhow::Result<()> {
         if let Some(f) = b.format {
             outln!("backing file format: {f}")?;
         }
+    }
+    if is_encrypted(&info.format_specific) {
+        outln!("encrypted: yes")?;
     }
     if info.dirty {
         outln!("dirty flag: true")?;

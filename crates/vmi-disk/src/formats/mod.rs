@@ -181,6 +181,8 @@ pub struct OpenContext {
     pub writable: bool,
     /// The policy for referenced files.
     pub gate: Gate,
+    /// The passphrase of an encrypted image, when the caller has one.
+    pub secret: Option<crate::secret::Secret>,
 }
 
 /// Everything a creating driver may use besides the options.

@@ -273,6 +273,10 @@ fn scan(
             count_bitmaps(i, &mut s, ext, file_len);
         }
     }
+    if let Some((off, len)) = hdr.crypto_header {
+        // The LUKS header and key material (qcow2 `encrypt.format=luks`).
+        s.inc(cs, off, len);
+    }
     s.report.allocated_clusters = Some(allocated);
     s.report.fragmented_clusters = Some(fragmented);
     s.report.compressed_clusters = Some(compressed);

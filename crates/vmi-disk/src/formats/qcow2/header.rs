@@ -101,6 +101,12 @@ pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Header extension: full disk encryption header pointer (spec: 0x0537be77).
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// `crypt_method`: no encryption.
+pub const CRYPT_NONE: u32 = 0;
+/// `crypt_method`: legacy AES-CBC with the guest sector as IV (insecure; refused).
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS, the header at [`EXT_CRYPTO`]'s pointer.
+pub const CRYPT_LUKS: u32 = 2;
 /// Header extension: external data file name (spec: 0x44415441).
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -198,6 +204,9 @@ pub struct Header {
     pub feature_names: Vec<(u8, u8, String)>,
     /// The bitmaps extension's data, when present (kept for `check`; vmi does not write bitmaps).
     pub bitmaps: Option<Vec<u8>>,
+    /// Full disk encryption header pointer (spec: 0x0537be77): offset and length of the LUKS
+    /// header inside the file.
+    pub crypto_header: Option<(u64, u64)>,
 }
 
 impl Header {
@@ -269,10 +278,17 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
     }
     let size = raw.size.get();
     let crypt = raw.crypt_method.get();
-    if crypt != 0 {
-        return Err(Error::unsupported(format!(
-            "encrypted qcow2 images (crypt_method {crypt})"
-        )));
+    match crypt {
+        CRYPT_NONE | CRYPT_LUKS => {}
+        CRYPT_AES => return Err(Error::unsupported(
+            "qcow2 legacy AES encryption (encrypt.format=aes, crypt_method 1) is not supported: \
+                 it is insecure and qemu no longer writes it; re-encrypt with encrypt.format=luks",
+        )),
+        _ => {
+            return Err(Error::invalid(format!(
+                "qcow2 crypt_method {crypt} is unknown"
+            )))
+        }
     }
     let l1_size = raw.l1_size.get();
     let l1_table_offset = raw.l1_table_offset.get();
@@ -351,8 +367,22 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header> {
         data_file: None,
         feature_names: Vec::new(),
         bitmaps: None,
+        crypto_header: None,
     };
     parse_extensions(buf, &mut h)?;
+    match (crypt, h.crypto_header) {
+        (CRYPT_LUKS, None) => {
+            return Err(Error::invalid(
+                "qcow2 image is LUKS-encrypted (crypt_method 2) but has no crypto header extension",
+            ))
+        }
+        (CRYPT_NONE, Some(_)) => {
+            return Err(Error::invalid(
+                "qcow2 crypto header extension in an image that is not LUKS-encrypted",
+            ))
+        }
+        _ => {}
+    }
     if unknown != 0 {
         let bits: Vec<String> = (0..64)
             .filter(|b| unknown & (1u64 << b) != 0)
@@ -453,7 +483,17 @@ fn parse_extensions(buf: &[u8], h: &mut Header) -> Result<()> {
             }
             EXT_BITMAPS => h.bitmaps = Some(data.to_vec()),
             EXT_CRYPTO => {
-                return Err(Error::unsupported("encrypted qcow2 images (crypto header)"));
+                let words = (len == 16).then_some(data).and_then(|d| {
+                    let off = u64::from_be_bytes(d.get(..8)?.try_into().ok()?);
+                    let n = u64::from_be_bytes(d.get(8..16)?.try_into().ok()?);
+                    Some((off, n))
+                });
+                let Some(ptr) = words else {
+                    return Err(Error::invalid(format!(
+                        "qcow2 crypto header extension is {len} bytes, not 16"
+                    )));
+                };
+                h.crypto_header = Some(ptr);
             }
             _ => {} // Unknown extensions are ignored (spec: "may be ignored").
         }
@@ -487,6 +527,8 @@ pub struct NewHeader<'a> {
     pub refcount_table_clusters: u32,
     /// Backing file name and format.
     pub backing: Option<(&'a str, Option<Format>)>,
+    /// LUKS header (offset, length) for `encrypt.format=luks`.
+    pub crypto: Option<(u64, u64)>,
 }
 
 /// The feature name table vmi writes (spec: "Feature name table").
@@ -543,7 +585,15 @@ pub fn serialize(n: &NewHeader) -> Result<Vec<u8>> {
             Compression::Zstd => 1,
         };
     }
+    if n.crypto.is_some() {
+        raw.crypt_method.set(CRYPT_LUKS);
+    }
     let mut out = raw.as_bytes()[..hlen as usize].to_vec();
+    if let Some((off, len)) = n.crypto {
+        let mut d = off.to_be_bytes().to_vec();
+        d.extend_from_slice(&len.to_be_bytes());
+        put_ext(&mut out, EXT_CRYPTO, &d);
+    }
     if let Some((_, Some(fmt))) = n.backing {
         put_ext(&mut out, EXT_BACKING_FORMAT, fmt.name().as_bytes());
     }
@@ -674,6 +724,7 @@ mod tests {
             refcount_table_offset: 65536,
             refcount_table_clusters: 1,
             backing: Some(("base.qcow2", Some(Format::Qcow2))),
+            crypto: None,
         })
         .unwrap()
     }
@@ -750,6 +801,7 @@ mod tests {
             refcount_table_offset: 512,
             refcount_table_clusters: 1,
             backing: Some(("old.img", Some(Format::Raw))),
+            crypto: None,
         };
         let mut buf = serialize(&n).unwrap();
         buf.resize(512, 0);

@@ -22,6 +22,7 @@ mod write;
 use crate::check::{CheckMode, CheckReport};
 use crate::driver::{BackingSpec, CompressedWrite, Driver, FormatInfo, MapKind, Mapping};
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::luks;
 use crate::formats::{Confidence, CreateContext, Format, Measurement, OpenContext, ProbeInput};
 use crate::gate::Referral;
 use crate::image::Image;
@@ -141,6 +142,9 @@ enum Piece {
 #[derive(Debug)]
 struct Inner {
     st: Arc<dyn Storage>,
+    /// Where guest data clusters are read and written: `st`, or its decrypting view for
+    /// `encrypt.format=luks`.
+    data: Arc<dyn Storage>,
     g: Geo,
     size: u64,
     l1: Vec<u64>,
@@ -197,6 +201,8 @@ pub struct Qcow2Driver {
     has_backing: std::sync::atomic::AtomicBool,
     writable: bool,
     dirty_at_open: bool,
+    /// The LUKS header of an encrypted image (`encrypt.format=luks`).
+    crypto: Option<luks::Embedded>,
 }
 
 fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -344,6 +350,15 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     } else {
         None
     };
+    let crypto = match h.crypto_header {
+        Some(_) if data_file.is_some() => {
+            return Err(Error::unsupported(
+                "encrypted qcow2 images with an external data file",
+            ))
+        }
+        Some((off, len)) => Some(luks::open_embedded(&st, ctx, off, len, cs, file_len)?),
+        None => None,
+    };
     let backing = h.backing_name.clone().map(|name| BackingSpec {
         name,
         format: h.backing_format.as_deref().and_then(|f| f.parse().ok()),
@@ -357,8 +372,13 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         ));
     }
     let end = file_len.div_ceil(cs) * cs;
+    let data = match crypto.as_ref().map(luks::Embedded::data) {
+        Some(Ok(d)) => Arc::clone(d),
+        _ => Arc::clone(&st),
+    };
     let inner = Inner {
         st: Arc::clone(&st),
+        data,
         g,
         size: h.size,
         l1,
@@ -394,6 +414,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         backing,
         writable: ctx.writable,
         dirty_at_open,
+        crypto,
     };
     if ctx.writable {
         let mut i = drv.lock();
@@ -506,7 +527,13 @@ pub(crate) fn create(
     opts: &CreateOptions,
 ) -> Result<Box<dyn Driver>> {
     let n = parse_create_options(opts)?;
+    let encrypt = luks::create_embedded(&opts.options)?;
     opts.options.finish("qcow2")?;
+    if encrypt.is_some() && n.prealloc != "off" {
+        return Err(Error::unsupported(
+            "preallocation with encrypt.format=luks (preallocated clusters would decrypt to noise)",
+        ));
+    }
     let cs = 1u64 << n.cluster_bits;
     let bytes = header::serialize(&header::NewHeader {
         version: n.version,
@@ -523,6 +550,7 @@ pub(crate) fn create(
         refcount_table_offset: cs,
         refcount_table_clusters: 1,
         backing: n.backing.as_ref().map(|b| (b.name.as_str(), b.format)),
+        crypto: None,
     })?;
     let st: Arc<dyn Storage> = Arc::from(storage);
     // Only a file with old contents is truncated: on ext4 a truncate to size 0, even of a new
@@ -548,6 +576,7 @@ pub(crate) fn create(
     }
     let mut inner = Inner {
         st: Arc::clone(&st),
+        data: Arc::clone(&st),
         g,
         size: opts.size,
         l1: vec![0; l1_size as usize],
@@ -577,6 +606,37 @@ pub(crate) fn create(
     inner.rc_add(cs, 1)?;
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
     inner.l1_offset = inner.alloc(l1_clusters)?;
+    let mut crypto = None;
+    if let Some((area, cipher)) = encrypt {
+        // The LUKS header clusters follow the L1 table, as qemu places them; the header then
+        // points at them (extension 0x0537be77) and says crypt_method 2.
+        let len = area.len() as u64;
+        let off = inner.alloc(len.div_ceil(cs))?;
+        st.write_at(&area, off)
+            .map_err(io_err("writing the LUKS header".into()))?;
+        let hdr = header::serialize(&header::NewHeader {
+            version: n.version,
+            cluster_bits: n.cluster_bits,
+            size: opts.size,
+            refcount_order: n.refcount_order,
+            compatible: if n.lazy {
+                header::COMPAT_LAZY_REFCOUNTS
+            } else {
+                0
+            },
+            compression: n.compression,
+            extended_l2: n.extended_l2,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            backing: n.backing.as_ref().map(|b| (b.name.as_str(), b.format)),
+            crypto: Some((off, len)),
+        })?;
+        st.write_at(&hdr, 0)
+            .map_err(io_err("writing qcow2 header".into()))?;
+        let data = luks::embedded_data(&st, cipher);
+        inner.data = Arc::clone(&data);
+        crypto = Some(luks::embedded_new(&st, off, len, data, &_ctx.path)?);
+    }
     if n.prealloc != "off" {
         inner.preallocate(&n.prealloc)?;
     }
@@ -594,6 +654,7 @@ pub(crate) fn create(
         backing,
         writable: true,
         dirty_at_open: false,
+        crypto,
     }))
 }
 
@@ -709,8 +770,17 @@ impl Driver for Qcow2Driver {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Mapping> {
+        if let Some(c) = &self.crypto {
+            c.data()?;
+        }
         let (p, n) = self.lock().map(offset, len)?;
-        let file = usize::from(self.data_file.is_some());
+        // Encrypted data clusters are read through file 1, the decrypting view.
+        let file = usize::from(self.data_file.is_some() || self.crypto.is_some());
+        if let (Piece::Compressed(_), Some(_)) = (p, &self.crypto) {
+            return Err(Error::unsupported(
+                "compressed clusters in an encrypted qcow2 image",
+            ));
+        }
         let kind = match p {
             Piece::Data(host) => MapKind::Data { file, offset: host },
             Piece::Zero => MapKind::Zero,
@@ -727,6 +797,10 @@ impl Driver for Qcow2Driver {
     fn file(&self, index: usize) -> Result<&dyn Storage> {
         match (index, &self.data_file) {
             (0, _) => Ok(self.st.as_ref()),
+            (1, None) if self.crypto.is_some() => match &self.crypto {
+                Some(c) => Ok(c.data()?.as_ref()),
+                None => Err(Error::invalid("qcow2 image has no file 1")),
+            },
             (1, Some(d)) => Ok(d.as_ref()),
             _ => Err(Error::invalid(format!("qcow2 image has no file {index}"))),
         }
@@ -788,6 +862,10 @@ impl Driver for Qcow2Driver {
                 "refcount-bits": 1u64 << i.g.refcount_order,
             })
         };
+        let mut data = data;
+        if let (Some(c), Some(m)) = (&self.crypto, data.as_object_mut()) {
+            m.insert("encrypt".into(), c.info.clone());
+        }
         FormatInfo {
             cluster_size: Some(i.g.cs),
             dirty: self.dirty_at_open || i.incompatible & header::INCOMPAT_DIRTY != 0,
@@ -818,12 +896,13 @@ impl Driver for Qcow2Driver {
             return g.write(buf, offset, backing);
         };
         g.inflight.push((offset, end));
+        let data_st = Arc::clone(&g.data);
         drop(g);
         let written = buf
             .get(..run.bytes as usize)
             .ok_or_else(|| Error::invalid("qcow2 write run exceeds its buffer"))
             .and_then(|data| {
-                self.st.write_at(data, run.host).map_err(io_err(format!(
+                data_st.write_at(data, run.host).map_err(io_err(format!(
                     "writing {} clusters at {:#x}",
                     run.bytes / self.hdr.cluster_size(),
                     run.host
@@ -853,7 +932,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn compressed_writer(&self) -> Option<&dyn CompressedWrite> {
-        self.writable.then_some(self as &dyn CompressedWrite)
+        (self.writable && self.crypto.is_none()).then_some(self as &dyn CompressedWrite)
     }
 
     fn flush(&self) -> Result<()> {

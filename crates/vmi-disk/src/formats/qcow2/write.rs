@@ -105,7 +105,7 @@ impl Inner {
                 if bitmap & (1 << sc) != 0 {
                     let at = host + sc * sub;
                     let n = sub.min(file_len.saturating_sub(at)) as usize;
-                    self.st
+                    self.data
                         .read_at(&mut buf[range.start..range.start + n], at)
                         .map_err(io_err(format!("reading subcluster at {at:#x}")))?;
                 } else if let Some(b) = backing {
@@ -124,7 +124,7 @@ impl Inner {
         if host != 0 {
             let file_len = self.file_len()?;
             let n = cs.min(file_len.saturating_sub(host)) as usize;
-            self.st
+            self.data
                 .read_at(&mut buf[..n], host)
                 .map_err(io_err(format!("reading cluster at {host:#x}")))?;
             return Ok(buf);
@@ -173,7 +173,7 @@ impl Inner {
                 self.check_no_overlap("data cluster", host, cs)?;
             }
             if owned && in_place {
-                self.st
+                self.data
                     .write_at(piece, host + in_off)
                     .map_err(io_err(format!("writing data at {:#x}", host + in_off)))?;
                 if e & OFLAG_COPIED == 0 {
@@ -189,7 +189,7 @@ impl Inner {
                 };
                 data.resize(cs as usize, 0);
                 let target = if owned { host } else { self.alloc_one()? };
-                self.st
+                self.data
                     .write_at(&data, target)
                     .map_err(io_err(format!("writing cluster at {target:#x}")))?;
                 let all = self.all_alloc();
@@ -220,7 +220,7 @@ impl Inner {
         let data = buf
             .get(..bytes as usize)
             .ok_or_else(|| Error::invalid("qcow2 write run exceeds its buffer"))?;
-        self.st
+        self.data
             .write_at(data, host)
             .map_err(io_err(format!("writing {k} clusters at {host:#x}")))?;
         let all = self.all_alloc();

@@ -768,6 +768,7 @@ mod tests {
             path: PathBuf::from("t.vdi"),
             writable,
             gate: Gate::deny_all(),
+            secret: None,
         };
         open(Box::new(MemStorage::from_bytes(bytes)), &ctx)
     }

@@ -583,6 +583,7 @@ fn parent_cid(ctx: &CreateContext, spec: &BackingSpec) -> Result<u32> {
         path: path.clone(),
         writable: false,
         gate: Gate::new(),
+        secret: None,
     };
     let parent = open(Box::new(storage), &octx)
         .map_err(|e| e.context("the backing file of a vmdk image must be a vmdk image"))?;
