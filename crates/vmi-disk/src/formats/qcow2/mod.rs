@@ -15,13 +15,14 @@ mod check;
 mod compress;
 mod header;
 mod l2;
+mod overlap;
 mod refcount;
 pub mod snapshot;
 mod write;
 
 use crate::check::{CheckMode, CheckReport};
 use crate::driver::{BackingSpec, CompressedWrite, Driver, FormatInfo, MapKind, Mapping};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::formats::{Confidence, CreateContext, Format, Measurement, OpenContext, ProbeInput};
 use crate::gate::Referral;
 use crate::image::Image;
@@ -180,6 +181,16 @@ struct Inner {
     /// written. Writers of an overlapping range, and everything that needs all metadata
     /// settled (flush, resize, snapshots, check), wait until they are gone.
     inflight: Vec<(u64, u64)>,
+    /// Where the active L2 tables and refcount blocks are, for the overlap checks.
+    meta: overlap::MetaIndex,
+    /// The image is corrupt (bit set on disk, or found so this session): writes are refused.
+    corrupt: bool,
+    /// `check -r` is rebuilding a corrupt image: its own writes may proceed.
+    repairing: bool,
+    /// The bitmaps extension as the header holds it (spec: "Bitmaps extension").
+    bitmaps_ext: Option<Vec<u8>>,
+    /// (offset, bytes) of the bitmap directory, for the overlap checks.
+    bitmap_dir: Option<(u64, u64)>,
 }
 
 /// An open qcow2 image.
@@ -350,12 +361,6 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     });
     let g = Geo::new(&h, data_file.is_some());
     let dirty_at_open = h.incompatible & header::INCOMPAT_DIRTY != 0;
-    if ctx.writable && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            "qcow2 image is marked corrupt (incompatible bit 1); it can only be opened read-only",
-        ));
-    }
     let end = file_len.div_ceil(cs) * cs;
     let inner = Inner {
         st: Arc::clone(&st),
@@ -383,6 +388,11 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         snaps: snapshots,
         snap_offset: h.snapshots_offset,
         snap_len: snapshot_table_len,
+        meta: overlap::MetaIndex::default(),
+        corrupt: h.incompatible & header::INCOMPAT_CORRUPT != 0,
+        repairing: false,
+        bitmap_dir: h.bitmaps.as_deref().and_then(overlap::bitmap_directory),
+        bitmaps_ext: h.bitmaps.clone(),
     };
     let drv = Qcow2Driver {
         st,
@@ -395,7 +405,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         writable: ctx.writable,
         dirty_at_open,
     };
-    if ctx.writable {
+    // A corrupt image opens for writing only so that `check -r` can repair it: every other
+    // write is refused with `ErrorKind::Corrupt` (qemu allows it for `qemu-img check` only).
+    if ctx.writable && !drv.lock().corrupt {
         let mut i = drv.lock();
         if i.autoclear != 0 {
             // Autoclear bits vouch for structures vmi does not maintain (bitmaps): a writable
@@ -409,7 +421,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             // Refcounts may be stale (lazy refcounts, crash): rebuild them before any allocation.
             let snaps = i.snaps.clone();
             let snap_len = i.snap_len;
-            check::rebuild_refcounts(&mut i, &snaps, snap_len, &drv.hdr)?;
+            check::rebuild_refcounts(&mut i, &snaps, snap_len)?;
             i.incompatible &= !header::INCOMPAT_DIRTY;
             i.header_dirty = true;
         }
@@ -572,6 +584,11 @@ pub(crate) fn create(
         snaps: Vec::new(),
         snap_offset: 0,
         snap_len: 0,
+        meta: overlap::MetaIndex::default(),
+        corrupt: false,
+        repairing: false,
+        bitmaps_ext: None,
+        bitmap_dir: None,
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -750,6 +767,9 @@ impl Driver for Qcow2Driver {
     fn set_backing(&self, backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
         let mut i = self.lock_settled(None);
         i.check_writable()?;
+        if i.corrupt {
+            return Err(i.corrupt_error());
+        }
         if self.data_file.is_some() {
             return Err(Error::unsupported(
                 "changing the backing file of a qcow2 image with an external data file",
@@ -887,7 +907,7 @@ impl Driver for Qcow2Driver {
         i.flush()?;
         let snaps = i.snaps.clone();
         let snap_len = i.snap_len;
-        check::check(&mut i, &snaps, snap_len, &self.hdr, mode)
+        check::check(&mut i, &snaps, snap_len, mode)
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -2,6 +2,7 @@
 //! backing image, zero, compressed or subcluster contents), zero clusters, compressed clusters,
 //! preallocation, resize, and the write-back order that keeps a crash from corrupting the image.
 
+use super::overlap::Meta;
 use super::*;
 
 /// Clusters reserved for a write made without the lock ([`Inner::reserve_fresh`]).
@@ -27,6 +28,9 @@ impl Inner {
     /// bit says refcounts may be stale; vmi keeps them exact but follows the protocol).
     pub(super) fn begin_write(&mut self) -> Result<()> {
         self.check_writable()?;
+        if self.corrupt && !self.repairing {
+            return Err(self.corrupt_error());
+        }
         if self.g.lazy_refcounts
             && !self.set_dirty
             && self.incompatible & header::INCOMPAT_DIRTY == 0
@@ -48,17 +52,30 @@ impl Inner {
             Error::invalid(format!("qcow2 guest cluster {gc} lies beyond the L1 table"))
         })?;
         let off = l1e & L1E_OFFSET_MASK;
+        if off == 0 && l1e != 0 {
+            // qemu's check reads the header as this L2 table; writing through it would corrupt.
+            return Err(self.signal_corruption(format!(
+                "L1 entry {l1i} ({l1e:#x}) has flags but no L2 table offset"
+            )));
+        }
         if off == 0 {
             let new = self.alloc_one()?;
             self.insert_l2(new, vec![0; (cs / 8) as usize], true)?;
             self.l1[l1i] = new | OFLAG_COPIED;
+            self.meta_l1_changed(l1e, new);
             self.l1_dirty = true;
             return Ok((new, idx));
         }
         if l1e & OFLAG_COPIED != 0 {
             return Ok((off, idx));
         }
-        if self.rc_get(off)? == 1 {
+        let rc = self.rc_get(off)?;
+        if rc == 0 {
+            return Err(self.signal_corruption(format!(
+                "L2 table at {off:#x} is in use but its refcount is 0"
+            )));
+        }
+        if rc == 1 {
             self.l1[l1i] = off | OFLAG_COPIED;
             self.l1_dirty = true;
             return Ok((off, idx));
@@ -71,9 +88,11 @@ impl Inner {
             .map(|c| c.data.clone())
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
         let new = self.alloc_one()?;
+        self.pre_write(&[], new, cs)?;
         self.insert_l2(new, data, true)?;
         self.pending_free.push(off);
         self.l1[l1i] = new | OFLAG_COPIED;
+        self.meta_l1_changed(l1e, new);
         self.l1_dirty = true;
         Ok((new, idx))
     }
@@ -168,9 +187,19 @@ impl Inner {
             } else {
                 !(self.g.version >= 3 && e & OFLAG_ZERO != 0)
             };
-            let owned = plain && host != 0 && self.rc_get(host)? == 1;
+            let rc = if plain && host != 0 {
+                self.rc_get(host)?
+            } else {
+                0
+            };
+            if plain && host != 0 && rc == 0 {
+                return Err(self.signal_corruption(format!(
+                    "data cluster at {host:#x} is in use but its refcount is 0"
+                )));
+            }
+            let owned = plain && host != 0 && rc == 1;
             if owned {
-                self.check_no_overlap("data cluster", host, cs)?;
+                self.pre_write(&[], host, cs)?;
             }
             if owned && in_place {
                 self.st
@@ -189,6 +218,7 @@ impl Inner {
                 };
                 data.resize(cs as usize, 0);
                 let target = if owned { host } else { self.alloc_one()? };
+                self.pre_write(&[], target, cs)?;
                 self.st
                     .write_at(&data, target)
                     .map_err(io_err(format!("writing cluster at {target:#x}")))?;
@@ -216,7 +246,7 @@ impl Inner {
         }
         let host = self.alloc(k)?;
         let bytes = k * cs;
-        self.check_no_overlap("data clusters", host, bytes)?;
+        self.pre_write(&[], host, bytes)?;
         let data = buf
             .get(..bytes as usize)
             .ok_or_else(|| Error::invalid("qcow2 write run exceeds its buffer"))?;
@@ -251,7 +281,7 @@ impl Inner {
             k += 1;
         }
         let host = self.alloc(k)?;
-        self.check_no_overlap("data clusters", host, k * cs)?;
+        self.pre_write(&[], host, k * cs)?;
         Ok(Some(FreshRun {
             gc,
             host,
@@ -373,6 +403,7 @@ impl Inner {
                 return Err(Error::invalid("compressed allocation lost contiguity"));
             }
         }
+        self.pre_write(&[], start, len)?;
         self.st
             .write_at(data, start)
             .map_err(io_err(format!("writing compressed cluster at {start:#x}")))?;
@@ -410,6 +441,7 @@ impl Inner {
 
     pub(super) fn resize(&mut self, new_size: u64) -> Result<()> {
         self.begin_write()?;
+        self.require_consistent("resize it")?;
         let cs = self.g.cs;
         if new_size < self.size {
             let mut off = new_size;
@@ -467,6 +499,8 @@ impl Inner {
             self.write_rb(off)?;
         }
         if self.reftable_dirty {
+            let bytes = self.reftable.len() as u64 * 8;
+            self.pre_write(&[Meta::RefcountTable], self.reftable_offset, bytes)?;
             self.st
                 .write_at(&u64s_to_bytes(&self.reftable), self.reftable_offset)
                 .map_err(io_err("writing refcount table".into()))?;
@@ -507,6 +541,20 @@ impl Inner {
         if !self.writable {
             return Ok(());
         }
+        if self.corrupt && !self.repairing {
+            // Nothing more reaches a corrupt image (qemu makes it unusable); unwritten changes
+            // are dropped and reported.
+            let dirty = self.l1_dirty
+                || self.reftable_dirty
+                || self.header_dirty
+                || self.l2.values().any(|c| c.dirty)
+                || self.rb.values().any(|c| c.dirty);
+            return if dirty {
+                Err(self.corrupt_error())
+            } else {
+                Ok(())
+            };
+        }
         self.write_refcounts()?;
         let dirty: Vec<u64> = self
             .l2
@@ -518,6 +566,8 @@ impl Inner {
             self.write_l2(off)?;
         }
         if self.l1_dirty {
+            let bytes = self.l1.len() as u64 * 8;
+            self.pre_write(&[Meta::ActiveL1], self.l1_offset, bytes)?;
             self.st
                 .write_at(&u64s_to_bytes(&self.l1), self.l1_offset)
                 .map_err(io_err("writing L1 table".into()))?;
@@ -571,6 +621,7 @@ impl Inner {
             cleared.push(0);
         }
         self.l1 = cleared;
+        self.meta.invalidate();
         self.l1_dirty = true;
         self.flush()?;
         // Freed tables may be reused as data from now on: forget cached copies.
