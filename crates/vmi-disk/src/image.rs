@@ -146,6 +146,7 @@ impl Image {
         let mut seen = Vec::new();
         Self::open_at(
             path,
+            None,
             opts.format,
             opts.writable,
             &gate,
@@ -155,8 +156,11 @@ impl Image {
         )
     }
 
+    /// `opened`: the file, already opened by the gate (backing files); else `path` is opened.
+    #[expect(clippy::too_many_arguments, reason = "one private recursive helper")]
     fn open_at(
         path: &Path,
+        opened: Option<std::fs::File>,
         format: Option<Format>,
         writable: bool,
         gate: &Gate,
@@ -178,15 +182,29 @@ impl Image {
             return Err(Error::invalid("backing chain loops back to this image").with_path(path));
         }
         seen.push(canon);
-        let storage = FileStorage::open(path, writable)
-            .map_err(|e| Error::io("opening", e).with_path(path))?;
+        let storage = match opened {
+            Some(f) => FileStorage::from_open_file(f, path, writable),
+            None => FileStorage::open(path, writable)
+                .map_err(|e| Error::io("opening", e).with_path(path))?,
+        };
         let mut img = Self::from_storage_at(Box::new(storage), path, format, writable, gate)?;
         if let (Some(spec), BackingMode::Open) = (img.driver.backing().cloned(), mode) {
-            let bpath = gate
-                .resolve(Referral::Backing, path, &spec.name)
+            // Checked and opened in one step (no window for a swapped symlink).
+            let opened = gate
+                .open(Referral::Backing, path, &spec.name, false)
                 .map_err(|e| e.with_path(path))?;
-            let b = Self::open_at(&bpath, spec.format, false, gate, mode, depth + 1, seen)
-                .map_err(|e| e.context(format!("backing file of {}", path.display())))?;
+            let bpath = opened.path;
+            let b = Self::open_at(
+                &bpath,
+                Some(opened.file),
+                spec.format,
+                false,
+                gate,
+                mode,
+                depth + 1,
+                seen,
+            )
+            .map_err(|e| e.context(format!("backing file of {}", path.display())))?;
             img.driver
                 .verify_backing(&b)
                 .map_err(|e| e.with_path(path))?;

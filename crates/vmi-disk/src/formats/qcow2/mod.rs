@@ -348,10 +348,10 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
                 "writing qcow2 images with an external data file",
             ));
         }
-        let p = ctx.gate.resolve(Referral::DataFile, &ctx.path, &name)?;
-        let f = FileStorage::open(&p, false)
-            .map_err(|e| Error::io(format!("opening external data file {}", p.display()), e))?;
-        Some(Box::new(f))
+        let o = ctx.gate.open(Referral::DataFile, &ctx.path, &name, false)?;
+        Some(Box::new(FileStorage::from_open_file(
+            o.file, &o.path, false,
+        )))
     } else {
         None
     };
