@@ -429,7 +429,7 @@ fn snapshots_are_listed_and_active_data_stays_right() {
 }
 
 #[test]
-fn resize_grows_and_refuses_to_drop_allocated_clusters() {
+fn resize_grows_and_shrinking_discards_what_lies_past_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("r.qcow2");
     let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=512", MIB)).unwrap();
@@ -437,12 +437,10 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
     // Growing past what the first L1 cluster maps moves the L1 table.
     img.resize(200 * MIB).unwrap();
     img.write_at(&[8; 512], 200 * MIB - 512).unwrap();
-    let e = img.resize(MIB / 2).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
-    img.close().unwrap();
-    assert_qemu_check_clean(&q, "qcow2");
-    let img = open_rw(&q);
-    img.write_zeroes(200 * MIB - 512, 512).unwrap();
+    assert_eq!(
+        img.resize(MIB / 2 + 1).unwrap_err().kind(),
+        ErrorKind::Usage
+    );
     img.resize(MIB).unwrap();
     img.close().unwrap();
     assert_qemu_check_clean(&q, "qcow2");
@@ -450,6 +448,90 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
     let mut buf = [0u8; 512];
     open_ro(&q).read_at(&mut buf, MIB - 512).unwrap();
     assert_eq!(buf, [7; 512]);
+    // Growing again shows zeroes where the discarded data was.
+    let img = open_rw(&q);
+    img.resize(200 * MIB).unwrap();
+    img.close().unwrap();
+    open_ro(&q).read_at(&mut buf, 200 * MIB - 512).unwrap();
+    assert_eq!(buf, [0; 512]);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn shrinking_matches_qemu_img_resize_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    // (options, size, data written by qemu-io, new size, snapshot taken first)
+    let cases: &[(&str, u64, &str, u64, bool)] = &[
+        ("", 64 * MIB, "write -P 0x21 0 64M", 24 * MIB + 4096, false),
+        (
+            "cluster_size=4096",
+            8 * MIB,
+            "write -P 0x22 1M 6M",
+            2 * MIB,
+            false,
+        ),
+        (
+            "cluster_size=512",
+            4 * MIB,
+            "write -P 0x23 0 4M",
+            33280,
+            false,
+        ),
+        (
+            "extended_l2=on",
+            16 * MIB,
+            "write -P 0x24 0 16M",
+            3 * MIB + 512,
+            false,
+        ),
+        ("", 64 * MIB, "write -P 0x25 0 64M", 8 * MIB, true),
+        (
+            "compat=0.10",
+            16 * MIB,
+            "write -P 0x26 0 16M",
+            5 * MIB,
+            false,
+        ),
+    ];
+    for &(o, size, data, new, snap) in cases {
+        let q = dir.path().join("vmi.qcow2");
+        let qq = dir.path().join("qemu.qcow2");
+        let _ = std::fs::remove_file(&q);
+        let _ = std::fs::remove_file(&qq);
+        qemu_create(&q, "qcow2", o, size);
+        qemu_io(&q, "qcow2", data);
+        if snap {
+            qemu_img(&["snapshot", "-c", "s1", s(&q)]);
+        }
+        std::fs::copy(&q, &qq).unwrap();
+        qemu_img(&["resize", "--shrink", s(&qq), &new.to_string()]);
+        let img = open_rw(&q);
+        img.resize(new).unwrap();
+        img.close().unwrap();
+        assert_qemu_check_clean(&q, "qcow2");
+        assert_eq!(qemu_info(&q, "qcow2")["virtual-size"], new, "{o}");
+        assert_qemu_identical(&q, "qcow2", &qq, "qcow2");
+        let (vlen, qlen) = (
+            std::fs::metadata(&q).unwrap().len(),
+            std::fs::metadata(&qq).unwrap().len(),
+        );
+        assert!(
+            vlen <= qlen + 65536,
+            "{o}: vmi file {vlen} bytes, qemu {qlen}"
+        );
+        if snap {
+            // The snapshot keeps the discarded data.
+            let view = vmi_disk::formats::qcow2::snapshot::open_snapshot(
+                &q,
+                &OpenOptions::new().format(Some(Format::Qcow2)),
+                "s1",
+            )
+            .unwrap();
+            let mut buf = vec![0u8; 4096];
+            view.read_at(&mut buf, size - 4096).unwrap();
+            assert!(buf.iter().all(|&b| b == 0x25));
+        }
+    }
 }
 
 #[test]

@@ -443,18 +443,19 @@ impl Inner {
         self.begin_write()?;
         self.require_consistent("resize it")?;
         let cs = self.g.cs;
+        if new_size % SECTOR != 0 {
+            return Err(Error::usage(format!(
+                "qcow2 size {new_size} is not a multiple of {SECTOR} (qemu-img refuses it too)"
+            )));
+        }
+        if self.g.version < 3 && !self.snaps.is_empty() {
+            // v2 snapshot entries do not record their disk size (qemu refuses likewise).
+            return Err(Error::unsupported(
+                "resizing a qcow2 v2 (compat=0.10) image that has internal snapshots",
+            ));
+        }
         if new_size < self.size {
-            let mut off = new_size;
-            while off < self.size {
-                let (p, n) = self.map(off, self.size - off)?;
-                // Zero clusters hold nothing to lose.
-                if !matches!(p, Piece::Unallocated | Piece::Zero) {
-                    return Err(Error::usage(format!(
-                        "cannot shrink to {new_size}: guest offset {off} is allocated"
-                    )));
-                }
-                off += n;
-            }
+            self.shrink(new_size)?;
             self.size = new_size;
             self.header_dirty = true;
             return Ok(());
@@ -485,6 +486,129 @@ impl Inner {
         }
         self.size = new_size;
         self.header_dirty = true;
+        Ok(())
+    }
+
+    /// Discard every guest cluster that starts at or past `new_size` (qemu's
+    /// `qcow2_cluster_discard` with a full discard, then `qcow2_shrink_l1_table`): their entries
+    /// become unallocated and their clusters lose this image's reference; L2 tables wholly past
+    /// the end are dropped from the L1 table (which keeps its size on disk, as qemu keeps it).
+    /// Clusters shared with snapshots keep the snapshots' references. Afterwards the file is cut
+    /// after the last cluster still in use.
+    fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let per = self.g.l2_entries;
+        let first_gone = new_size.div_ceil(cs);
+        let old_clusters = self.size.div_ceil(cs);
+        let keep_l1 = new_size.div_ceil(per * cs);
+        // Partly kept L2 table: clear the entries past the end (copying the table when it is
+        // shared with a snapshot).
+        if first_gone < old_clusters && first_gone % per != 0 {
+            let l1i = first_gone / per;
+            let has_table = self
+                .l1
+                .get(l1i as usize)
+                .is_some_and(|e| e & L1E_OFFSET_MASK != 0);
+            if has_table {
+                let stop = ((l1i + 1) * per).min(old_clusters);
+                for gc in first_gone..stop {
+                    if self.lookup(gc)? == Some((0, 0)) {
+                        continue;
+                    }
+                    let (l2off, idx) = self.l2_for_write(gc)?;
+                    let (e, _) = self.l2_entry(l2off, idx)?;
+                    self.set_l2_entry(l2off, idx, 0, 0)?;
+                    self.release(e)?;
+                }
+            }
+        }
+        // Whole L2 tables past the end.
+        for l1i in keep_l1..self.l1.len() as u64 {
+            let l1e = self.l1[l1i as usize];
+            let off = l1e & L1E_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if self.rc_get(off)? == 1 {
+                // Only this image reaches the table: its entries' references go with it.
+                for idx in 0..per {
+                    let (e, _) = self.l2_entry(off, idx)?;
+                    self.release(e)?;
+                }
+            }
+            self.pending_free.push(off);
+            self.l1[l1i as usize] = 0;
+            self.meta_l1_changed(l1e, 0);
+            self.l1_dirty = true;
+        }
+        // References go once the new tables are on disk; then forget the dropped tables (their
+        // clusters may be reused as data) and cut the file after the last cluster in use.
+        self.size = new_size;
+        self.header_dirty = true;
+        self.flush()?;
+        let kept: std::collections::HashSet<u64> =
+            self.l1.iter().map(|e| e & L1E_OFFSET_MASK).collect();
+        self.l2.retain(|off, _| kept.contains(off));
+        self.trim_tail()
+    }
+
+    /// Cut the file after the last cluster whose refcount is not zero (qemu truncates the file
+    /// after a shrink the same way).
+    fn trim_tail(&mut self) -> Result<()> {
+        let cs = self.g.cs;
+        self.drop_empty_refblocks()?;
+        let mut c = self.end / cs;
+        while c > 0 && self.rc_get((c - 1) * cs)? == 0 {
+            c -= 1;
+        }
+        let end = c * cs;
+        if end < self.end {
+            self.end = end;
+            self.free.retain(|&f| f < end);
+            if self.ctail >= end {
+                self.ctail = 0;
+            }
+            if self.file_len()? > end {
+                self.st
+                    .set_len(end)
+                    .map_err(io_err("truncating after shrink".into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unhook refcount blocks that count nothing but themselves (qemu's
+    /// `qcow2_shrink_reftable`), so the file can be cut after a shrink. Only blocks that hold
+    /// their own refcount are dropped: their cluster is then free with nothing left to update.
+    fn drop_empty_refblocks(&mut self) -> Result<()> {
+        let cs = self.g.cs;
+        let per = self.g.rc_per_block;
+        let order = self.g.refcount_order;
+        let file_len = self.file_len()?;
+        let mut dropped = false;
+        for ti in 0..self.reftable.len() as u64 {
+            let te = self.reftable[ti as usize];
+            let off = te & REFT_OFFSET_MASK;
+            if off == 0 || off / cs / per != ti || off.saturating_add(cs) > file_len {
+                continue;
+            }
+            self.load_rb(off)?;
+            let own = (off / cs) % per;
+            let empty = self.rb.get(&off).is_some_and(|c| {
+                (0..per).all(|k| k == own || refcount::get(&c.data, k, order) == 0)
+            });
+            if empty {
+                self.reftable[ti as usize] = 0;
+                self.meta_reftable_changed(te, 0);
+                self.rb.remove(&off);
+                self.reftable_dirty = true;
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.write_refcounts()?;
+            self.st.sync().map_err(io_err("syncing".into()))?;
+        }
         Ok(())
     }
 
