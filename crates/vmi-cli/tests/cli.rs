@@ -685,6 +685,23 @@ vmitest!(qcow2_made_by_qemu_resizes_and_maps, |d| {
     assert_map_has_qemus_fields(&map, &qemu_map(&img, "qcow2"));
 });
 
+vmitest!(
+    issue_13_resize_shrink_discards_qcow2_data_past_the_end,
+    |d| {
+        let img = d.path("q.qcow2");
+        qemu_create(&img, "qcow2", "", 8 << 20);
+        vmi_testkit::qemu_io(&img, "qcow2", "write -P 0x31 0 8M");
+        let r = d.vmi(&["resize", "q.qcow2", "-6M"]);
+        r.code(1);
+        assert!(r.stderr.contains("--shrink"), "{r:#?}");
+        d.vmi(&["resize", "--shrink", "q.qcow2", "-6M"]).ok();
+        assert_eq!(qemu_info(&img, "qcow2")["virtual-size"], 2 << 20);
+        vmi_testkit::assert_qemu_check_clean(&img, "qcow2");
+        assert!(file_size(&img) < 3 << 20, "{}", file_size(&img));
+        vmi_testkit::qemu_io(&img, "qcow2", "read -P 0x31 0 2M");
+    }
+);
+
 vmitest!(convert_with_the_sources_backing_is_a_shallow_copy, |d| {
     let base = d.path("base.qcow2");
     let top = d.path("top.qcow2");

@@ -5,8 +5,21 @@
 //! `json:{...}` (CVE-2024-32498, CVE-2022-47951). The gate denies backing and data files unless the
 //! caller allowed them, confines every allowed path to one directory (after resolving symlinks and
 //! `..`), and always refuses protocol prefixes.
+//!
+//! Checking a path and opening it are one step ([`Gate::open`]): the file is opened relative to a
+//! descriptor of the allowed directory with Linux's `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_MAGICLINKS)`, so the kernel resolves every component (symlinks and `..` included)
+//! and refuses any that leaves the directory. A symlink swapped in after a check cannot redirect
+//! the open, because there is no separate check. Where `openat2` is missing (Linux before 5.6,
+//! `ENOSYS`), the path is walked one component at a time with `O_NOFOLLOW | O_DIRECTORY`,
+//! refusing symlinks and `..` above the directory.
 
 use crate::error::{Error, Result};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Deepest backing chain vmi opens: deep enough for layered templates, small enough that a hostile
@@ -128,11 +141,26 @@ impl Gate {
         g
     }
 
-    /// Resolve `name`, found inside `referrer`, to a host path the caller may open, or refuse.
+    /// Resolve `name`, found inside `referrer`, to a host path, or refuse.
     ///
     /// Relative names resolve against the referrer's folder, as qemu does. The result is
-    /// canonical (symlinks resolved) and inside the allowed directory.
+    /// canonical (symlinks resolved) and was inside the allowed directory when it was checked;
+    /// opening it by name later races with whoever can change the directory, so use
+    /// [`Gate::open`] to open a referenced file.
     pub fn resolve(&self, what: Referral, referrer: &Path, name: &str) -> Result<PathBuf> {
+        self.open(what, referrer, name, false).map(|o| o.path)
+    }
+
+    /// Open `name`, found inside `referrer`, beneath the allowed directory in one step, or
+    /// refuse: the kernel resolves the path relative to the directory and refuses symlinks or
+    /// `..` that leave it, so nothing can be swapped in between the check and the open.
+    pub fn open(
+        &self,
+        what: Referral,
+        referrer: &Path,
+        name: &str,
+        writable: bool,
+    ) -> Result<Opened> {
         let noun = what.noun();
         check_reference_syntax(what, name)?;
         let allowed = match what {
@@ -153,11 +181,6 @@ impl Gate {
             .with_path(referrer));
         }
         let base = parent_dir(referrer);
-        let joined = if Path::new(name).is_absolute() {
-            PathBuf::from(name)
-        } else {
-            base.join(name)
-        };
         let root = match what {
             Referral::Extent => base.clone(),
             _ => self.root.clone().unwrap_or_else(|| base.clone()),
@@ -170,29 +193,217 @@ impl Gate {
         let canon_root = root
             .canonicalize()
             .map_err(|e| Error::io(format!("resolving allowed directory {}", root.display()), e))?;
-        let canon = joined.canonicalize().map_err(|e| {
-            Error::io(format!("opening {noun} '{}'", joined.display()), e).with_path(referrer)
-        })?;
-        if !canon.starts_with(&canon_root) {
-            return Err(Error::refused(format!(
-                "{noun} '{}' resolves to {}, outside the allowed directory {}",
+        let joined = if Path::new(name).is_absolute() {
+            PathBuf::from(name)
+        } else {
+            let canon_base = base.canonicalize().map_err(|e| {
+                Error::io(format!("resolving folder {}", base.display()), e).with_path(referrer)
+            })?;
+            canon_base.join(name)
+        };
+        let outside = || {
+            Error::refused(format!(
+                "{noun} '{}' resolves outside the allowed directory {}",
                 name.escape_debug(),
-                canon.display(),
                 canon_root.display()
             ))
-            .with_path(referrer));
-        }
-        let meta = std::fs::metadata(&canon)
-            .map_err(|e| Error::io(format!("opening {noun} '{}'", canon.display()), e))?;
+            .with_path(referrer)
+        };
+        // The part below the allowed directory, as written: the kernel resolves it beneath.
+        let abs_root = std::path::absolute(&root).unwrap_or_else(|_| root.clone());
+        let rel = joined
+            .strip_prefix(&canon_root)
+            .or_else(|_| joined.strip_prefix(&abs_root))
+            .map_err(|_| outside())?;
+        let dir = open_dir(&canon_root).map_err(|e| {
+            Error::io(
+                format!("opening allowed directory {}", canon_root.display()),
+                e,
+            )
+        })?;
+        let file = match open_beneath(&dir, rel, writable) {
+            Ok(f) => f,
+            Err(e) if escaped(&e) => return Err(outside()),
+            Err(e) => {
+                return Err(
+                    Error::io(format!("opening {noun} '{}'", joined.display()), e)
+                        .with_path(referrer),
+                )
+            }
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("opening {noun} '{}'", joined.display()), e))?;
         if !meta.is_file() {
             return Err(Error::refused(format!(
                 "{noun} '{}' is not a regular file",
-                canon.display()
+                joined.display()
             ))
             .with_path(referrer));
         }
-        Ok(canon)
+        // The path the descriptor was reached by (for messages and loop detection).
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| canon_root.join(rel));
+        if !path.starts_with(&canon_root) {
+            return Err(outside());
+        }
+        Ok(Opened { file, path })
     }
+}
+
+/// A file the gate opened, with the canonical path it was reached by.
+#[derive(Debug)]
+pub struct Opened {
+    /// The open file (read-only, or read-write when asked).
+    pub file: File,
+    /// Canonical path of the file when it was opened.
+    pub path: PathBuf,
+}
+
+/// Whether an open failed because the path left the directory (`openat2`'s `EXDEV`, a magic link's
+/// `ELOOP`, the walk's refusals).
+fn escaped(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// A descriptor of the directory `dir` (`O_PATH`: it only anchors lookups).
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let c = cstr(dir)?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; the returned descriptor is
+    // checked and then owned by the `OwnedFd`.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct open_how` of `linux/openat2.h` (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Flags of the final open: read-only or read-write, never creating, never a controlling tty.
+fn access_flags(writable: bool) -> libc::c_int {
+    let mode = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    mode | libc::O_CLOEXEC | libc::O_NOCTTY
+}
+
+/// Open `rel` beneath `dir`: `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`, or the
+/// component walk where the kernel lacks it.
+pub(crate) fn open_beneath(dir: &OwnedFd, rel: &Path, writable: bool) -> io::Result<File> {
+    match openat2_beneath(dir, rel, writable) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => walk_beneath(dir, rel, writable),
+        other => other,
+    }
+}
+
+fn openat2_beneath(dir: &OwnedFd, rel: &Path, writable: bool) -> io::Result<File> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let c = cstr(rel)?;
+    let how = OpenHow {
+        flags: access_flags(writable) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2(2) reads `c` (NUL-terminated, alive for the call) and `how` (a
+    // `struct open_how` of exactly the size passed); `dir` is an open descriptor we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd)
+        .map_err(|_| io::Error::other("openat2 returned a bad descriptor"))?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// One `openat` relative to `dir`, never following a symlink in the last component.
+fn openat_nofollow(
+    dir: libc::c_int,
+    name: &std::ffi::OsStr,
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
+    let c = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))?;
+    // SAFETY: `c` is a NUL-terminated single component alive for the call; `dir` is an open
+    // descriptor; the result is checked and then owned.
+    let fd = unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The fallback: walk `rel` one component at a time from `dir`, each directory opened with
+/// `O_NOFOLLOW | O_DIRECTORY` (a symlink anywhere is refused with `ELOOP`), `..` going back to
+/// the directory it came from and refused (`EXDEV`) above `dir`.
+pub(crate) fn walk_beneath(dir: &OwnedFd, rel: &Path, writable: bool) -> io::Result<File> {
+    let mut stack: Vec<OwnedFd> = Vec::new();
+    let comps: Vec<Component> = rel.components().collect();
+    let Some((last, parents)) = comps.split_last() else {
+        return Err(io::Error::from_raw_os_error(libc::EISDIR));
+    };
+    let cur = |stack: &Vec<OwnedFd>| stack.last().map_or(dir.as_raw_fd(), |f| f.as_raw_fd());
+    for c in parents {
+        match c {
+            Component::Normal(n) => {
+                let fd = openat_nofollow(cur(&stack), n, libc::O_PATH | libc::O_DIRECTORY)
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ENOTDIR) => io::Error::from_raw_os_error(libc::ELOOP),
+                        _ => e,
+                    })?;
+                stack.push(fd);
+            }
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if stack.pop().is_none() {
+                    return Err(io::Error::from_raw_os_error(libc::EXDEV));
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(io::Error::from_raw_os_error(libc::EXDEV))
+            }
+        }
+    }
+    let Component::Normal(n) = last else {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    };
+    let fd = openat_nofollow(cur(&stack), n, access_flags(writable))?;
+    Ok(File::from(fd))
 }
 
 /// Reject names that can never be safe, whatever the policy: protocol prefixes, empty names, NUL
@@ -325,6 +536,122 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::Refused, "{name}");
         }
         check_reference_syntax(Referral::Extent, "disk-flat.vmdk").unwrap();
+    }
+
+    #[test]
+    fn open_refuses_a_symlink_pointing_outside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../secret", root.join("rel")).unwrap();
+        let g = Gate::new().allow_backing(true).confine_to(&root);
+        for name in ["abs", "rel"] {
+            let e = g
+                .open(Referral::Backing, &root.join("top"), name, false)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Refused, "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn open_refuses_dot_dot_leaving_the_root_and_follows_it_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+        std::fs::write(root.join("base"), b"base").unwrap();
+        let g = Gate::new().allow_backing(true).confine_to(&root);
+        let top = root.join("sub/top");
+        let e = g
+            .open(Referral::Backing, &top, "../../secret", false)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+        let e = g
+            .open(
+                Referral::Backing,
+                &top,
+                &dir.path().join("secret").display().to_string(),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+        let o = g.open(Referral::Backing, &top, "../base", false).unwrap();
+        assert_eq!(std::io::read_to_string(o.file).unwrap(), "base");
+        assert_eq!(o.path, root.join("base").canonicalize().unwrap());
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_during_opens_never_lets_one_escape() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(root.join("sub/base"), b"inside").unwrap();
+        std::fs::write(outside.join("base"), b"outside").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (root, outside, stop) = (root.clone(), outside.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::fs::rename(root.join("sub"), root.join("real")).unwrap();
+                    if n % 2 == 0 {
+                        std::os::unix::fs::symlink(&outside, root.join("sub")).unwrap();
+                    } else {
+                        std::os::unix::fs::symlink("../outside", root.join("sub")).unwrap();
+                    }
+                    std::fs::remove_file(root.join("sub")).unwrap();
+                    std::fs::rename(root.join("real"), root.join("sub")).unwrap();
+                    n += 1;
+                }
+            })
+        };
+        let g = Gate::new().allow_backing(true).confine_to(&root);
+        let top = root.join("top");
+        let rootfd = open_dir(&root).unwrap();
+        for _ in 0..2000 {
+            // Whatever `sub` is at the moment, an open either reads the file inside or fails.
+            match g.open(Referral::Backing, &top, "sub/base", false) {
+                Ok(o) => assert_eq!(std::io::read_to_string(o.file).unwrap(), "inside"),
+                Err(e) => assert!(
+                    matches!(e.kind(), ErrorKind::Refused | ErrorKind::Io),
+                    "{e}"
+                ),
+            }
+            // The same through the component walk (the fallback without openat2).
+            match walk_beneath(&rootfd, Path::new("sub/base"), false) {
+                Ok(f) => assert_eq!(std::io::read_to_string(f).unwrap(), "inside"),
+                Err(e) => assert!(
+                    escaped(&e) || e.kind() == std::io::ErrorKind::NotFound,
+                    "{e}"
+                ),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+    }
+
+    #[test]
+    fn the_component_walk_refuses_symlinks_and_dot_dot_above_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"f").unwrap();
+        std::fs::write(dir.path().join("secret"), b"secret").unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
+        std::os::unix::fs::symlink("b/f", root.join("a/link")).unwrap();
+        let fd = open_dir(&root).unwrap();
+        let f = walk_beneath(&fd, Path::new("a/./b/../b/f"), false).unwrap();
+        assert_eq!(std::io::read_to_string(f).unwrap(), "f");
+        for bad in ["../secret", "a/../../secret", "up/secret", "a/link"] {
+            let e = walk_beneath(&fd, Path::new(bad), false).unwrap_err();
+            assert!(escaped(&e), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -154,6 +154,7 @@ impl Image {
         let mut seen = Vec::new();
         Self::open_at(
             path,
+            None,
             opts.format,
             opts.writable,
             &gate,
@@ -164,12 +165,11 @@ impl Image {
         )
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the recursion carries the whole open request; a struct would only rename it"
-    )]
+    /// `opened`: the file, already opened by the gate (backing files); else `path` is opened.
+    #[expect(clippy::too_many_arguments, reason = "one private recursive helper")]
     fn open_at(
         path: &Path,
+        opened: Option<std::fs::File>,
         format: Option<Format>,
         writable: bool,
         gate: &Gate,
@@ -192,16 +192,22 @@ impl Image {
             return Err(Error::invalid("backing chain loops back to this image").with_path(path));
         }
         seen.push(canon);
-        let storage = FileStorage::open(path, writable)
-            .map_err(|e| Error::io("opening", e).with_path(path))?;
+        let storage = match opened {
+            Some(f) => FileStorage::from_open_file(f, path, writable),
+            None => FileStorage::open(path, writable)
+                .map_err(|e| Error::io("opening", e).with_path(path))?,
+        };
         let mut img =
             Self::from_storage_at(Box::new(storage), path, format, writable, gate, secret)?;
         if let (Some(spec), BackingMode::Open) = (img.driver.backing().cloned(), mode) {
-            let bpath = gate
-                .resolve(Referral::Backing, path, &spec.name)
+            // Checked and opened in one step (no window for a swapped symlink).
+            let opened = gate
+                .open(Referral::Backing, path, &spec.name, false)
                 .map_err(|e| e.with_path(path))?;
+            let bpath = opened.path;
             let b = Self::open_at(
                 &bpath,
+                Some(opened.file),
                 spec.format,
                 false,
                 gate,

@@ -429,7 +429,7 @@ fn snapshots_are_listed_and_active_data_stays_right() {
 }
 
 #[test]
-fn resize_grows_and_refuses_to_drop_allocated_clusters() {
+fn resize_grows_and_shrinking_discards_what_lies_past_the_end() {
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("r.qcow2");
     let img = Image::create(&q, Format::Qcow2, &opts("cluster_size=512", MIB)).unwrap();
@@ -437,12 +437,10 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
     // Growing past what the first L1 cluster maps moves the L1 table.
     img.resize(200 * MIB).unwrap();
     img.write_at(&[8; 512], 200 * MIB - 512).unwrap();
-    let e = img.resize(MIB / 2).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
-    img.close().unwrap();
-    assert_qemu_check_clean(&q, "qcow2");
-    let img = open_rw(&q);
-    img.write_zeroes(200 * MIB - 512, 512).unwrap();
+    assert_eq!(
+        img.resize(MIB / 2 + 1).unwrap_err().kind(),
+        ErrorKind::Usage
+    );
     img.resize(MIB).unwrap();
     img.close().unwrap();
     assert_qemu_check_clean(&q, "qcow2");
@@ -450,6 +448,90 @@ fn resize_grows_and_refuses_to_drop_allocated_clusters() {
     let mut buf = [0u8; 512];
     open_ro(&q).read_at(&mut buf, MIB - 512).unwrap();
     assert_eq!(buf, [7; 512]);
+    // Growing again shows zeroes where the discarded data was.
+    let img = open_rw(&q);
+    img.resize(200 * MIB).unwrap();
+    img.close().unwrap();
+    open_ro(&q).read_at(&mut buf, 200 * MIB - 512).unwrap();
+    assert_eq!(buf, [0; 512]);
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn shrinking_matches_qemu_img_resize_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    // (options, size, data written by qemu-io, new size, snapshot taken first)
+    let cases: &[(&str, u64, &str, u64, bool)] = &[
+        ("", 64 * MIB, "write -P 0x21 0 64M", 24 * MIB + 4096, false),
+        (
+            "cluster_size=4096",
+            8 * MIB,
+            "write -P 0x22 1M 6M",
+            2 * MIB,
+            false,
+        ),
+        (
+            "cluster_size=512",
+            4 * MIB,
+            "write -P 0x23 0 4M",
+            33280,
+            false,
+        ),
+        (
+            "extended_l2=on",
+            16 * MIB,
+            "write -P 0x24 0 16M",
+            3 * MIB + 512,
+            false,
+        ),
+        ("", 64 * MIB, "write -P 0x25 0 64M", 8 * MIB, true),
+        (
+            "compat=0.10",
+            16 * MIB,
+            "write -P 0x26 0 16M",
+            5 * MIB,
+            false,
+        ),
+    ];
+    for &(o, size, data, new, snap) in cases {
+        let q = dir.path().join("vmi.qcow2");
+        let qq = dir.path().join("qemu.qcow2");
+        let _ = std::fs::remove_file(&q);
+        let _ = std::fs::remove_file(&qq);
+        qemu_create(&q, "qcow2", o, size);
+        qemu_io(&q, "qcow2", data);
+        if snap {
+            qemu_img(&["snapshot", "-c", "s1", s(&q)]);
+        }
+        std::fs::copy(&q, &qq).unwrap();
+        qemu_img(&["resize", "--shrink", s(&qq), &new.to_string()]);
+        let img = open_rw(&q);
+        img.resize(new).unwrap();
+        img.close().unwrap();
+        assert_qemu_check_clean(&q, "qcow2");
+        assert_eq!(qemu_info(&q, "qcow2")["virtual-size"], new, "{o}");
+        assert_qemu_identical(&q, "qcow2", &qq, "qcow2");
+        let (vlen, qlen) = (
+            std::fs::metadata(&q).unwrap().len(),
+            std::fs::metadata(&qq).unwrap().len(),
+        );
+        assert!(
+            vlen <= qlen + 65536,
+            "{o}: vmi file {vlen} bytes, qemu {qlen}"
+        );
+        if snap {
+            // The snapshot keeps the discarded data.
+            let view = vmi_disk::formats::qcow2::snapshot::open_snapshot(
+                &q,
+                &OpenOptions::new().format(Some(Format::Qcow2)),
+                "s1",
+            )
+            .unwrap();
+            let mut buf = vec![0u8; 4096];
+            view.read_at(&mut buf, size - 4096).unwrap();
+            assert!(buf.iter().all(|&b| b == 0x25));
+        }
+    }
 }
 
 #[test]
@@ -783,14 +865,186 @@ fn dirty_image_gets_refcounts_rebuilt_on_writable_open() {
 }
 
 #[test]
-fn corrupt_image_opens_read_only_but_not_for_writing() {
+fn corrupt_image_is_written_only_by_check_repair_which_clears_the_bit() {
     let dir = tempfile::tempdir().unwrap();
     let q = small_image(dir.path(), "corrupt.qcow2");
     let f = std::fs::OpenOptions::new().write(true).open(&q).unwrap();
     f.write_all_at(&2u64.to_be_bytes(), 72).unwrap();
     let _ = open_ro(&q);
-    let e = Image::open(&q, &OpenOptions::new().write(true)).unwrap_err();
+    let before = read_file(&q);
+    let img = open_rw(&q);
+    let e = img.write_at(&[1; 512], 0).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(img.resize(8 * MIB).unwrap_err().kind(), ErrorKind::Corrupt);
+    img.close().unwrap();
+    assert_eq!(read_file(&q), before, "a refused write changed the file");
+    // The image is consistent apart from the bit: check -r clears it, as qemu-img check -r does.
+    vmi_check(&q, CheckMode::RepairLeaks);
+    assert_eq!(
+        qemu_info(&q, "qcow2")["format-specific"]["data"]["corrupt"],
+        false
+    );
+    let img = open_rw(&q);
+    img.write_at(&[1; 512], 0).unwrap();
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+/// qemu-img check's counts as (corruptions, leaks, check errors).
+fn qemu_counts(p: &Path) -> (u64, u64, u64) {
+    let (_, j) = qemu_check(p, "qcow2");
+    let count = |k: &str| j[k].as_u64().unwrap_or(0);
+    (count("corruptions"), count("leaks"), count("check-errors"))
+}
+
+fn vmi_counts(p: &Path) -> (u64, u64, u64) {
+    let r = vmi_check(p, CheckMode::ReadOnly);
+    (r.corruptions, r.leaks, r.check_errors)
+}
+
+/// qemu-img's image with 24 data clusters behind the first L1 entry (issue 13's layout).
+fn l1_image(dir: &Path, name: &str) -> PathBuf {
+    let q = dir.join(name);
+    qemu_create(&q, "qcow2", "", 64 * MIB);
+    qemu_io(&q, "qcow2", "write -P 0x11 0 1536k");
+    q
+}
+
+#[test]
+fn issue_13_an_l1_entry_naming_the_header_is_counted_like_qemu_and_refused_for_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = l1_image(dir.path(), "l1hdr.qcow2");
+    let (l1, _, _) = layout(&q);
+    patch(&q, l1, &(1u64 << 63).to_be_bytes());
+    // qemu reads the header cluster as the L2 table: 45 errors and 25 leaks with qemu-img 10.
+    assert_eq!(vmi_counts(&q), qemu_counts(&q));
+    assert!(vmi_counts(&q).0 > 0);
+    let before = read_file(&q);
+    let img = open_rw(&q);
+    assert_eq!(
+        img.resize(128 * MIB).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    let e = vmi_disk::formats::qcow2::snapshot::create(&img, "s1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    // A guest write through the entry would write into the header: refused, image marked.
+    assert_eq!(
+        img.write_at(&[7; 4096], 0).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    assert_eq!(
+        img.write_at(&[7; 4096], 32 * MIB).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    let _ = img.close();
+    let mut marked = before.clone();
+    marked[79] |= 2;
+    assert_eq!(read_file(&q), marked, "only the corrupt bit may change");
+    // Repair drops the entry (its data is unreachable in qemu too) and qemu agrees.
+    let r = vmi_check(&q, CheckMode::RepairAll);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_qemu_check_clean(&q, "qcow2");
+    assert_eq!(
+        qemu_info(&q, "qcow2")["format-specific"]["data"]["corrupt"],
+        false
+    );
+    let img = open_rw(&q);
+    img.write_at(&[7; 4096], 0).unwrap();
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn issue_13_snapshot_create_refuses_an_image_whose_first_refcount_table_entry_is_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = l1_image(dir.path(), "rt0.qcow2");
+    let (_, rt, _) = layout(&q);
+    patch(&q, rt, &[0; 8]);
+    assert_eq!(vmi_counts(&q), qemu_counts(&q));
+    assert!(vmi_counts(&q).0 > 0);
+    let before = read_file(&q);
+    let img = open_rw(&q);
+    let e = vmi_disk::formats::qcow2::snapshot::create(&img, "s1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    // Rewriting a data cluster that has no refcount is refused too.
+    assert_eq!(
+        img.write_at(&[7; 512], 0).unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    let _ = img.close();
+    let mut marked = before.clone();
+    marked[79] |= 2;
+    assert_eq!(read_file(&q), marked);
+    let r = vmi_check(&q, CheckMode::RepairLeaks);
+    assert!(r.corruptions > 0, "-r leaks must not rebuild: {r:?}");
+    let r = vmi_check(&q, CheckMode::RepairAll);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_qemu_check_clean(&q, "qcow2");
+    let img = open_rw(&q);
+    vmi_disk::formats::qcow2::snapshot::create(&img, "s1").unwrap();
+    img.close().unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+}
+
+#[test]
+fn a_write_landing_on_metadata_is_refused_and_marks_the_image_corrupt_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // Data cluster 1 is the L1 table (refcount 1, "copied"), or the refcount table or block.
+    for target in ["L1 table", "refcount table", "refcount block"] {
+        let q = dir.path().join("ovl.qcow2");
+        let _ = std::fs::remove_file(&q);
+        qemu_create(&q, "qcow2", "", 4 * MIB);
+        qemu_io(&q, "qcow2", "write -P 0x5a 0 192k");
+        let b = read_file(&q);
+        let (l1, l2, rt) = structures(&b);
+        let host = match target {
+            "L1 table" => l1,
+            "refcount table" => rt,
+            _ => be64(&b, rt as usize),
+        };
+        patch(&q, l2 + 8, &(host | (1 << 63)).to_be_bytes());
+        assert_eq!(vmi_counts(&q), qemu_counts(&q), "{target}");
+        // qemu itself refuses the write and marks the image corrupt.
+        let qc = dir.path().join("ovl-qemu.qcow2");
+        std::fs::copy(&q, &qc).unwrap();
+        let _ = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x77 64k 4k", s(&qc)])
+            .output()
+            .unwrap();
+        assert_eq!(
+            qemu_info(&qc, "qcow2")["format-specific"]["data"]["corrupt"],
+            true
+        );
+        let mut marked = read_file(&q);
+        marked[79] |= 2;
+        let img = open_rw(&q);
+        let e = img.write_at(&[0x77; 4096], 65536).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{target}: {e}");
+        assert!(e.to_string().contains(target), "{target}: {e}");
+        let e = img.write_at(&[0x77; 4096], 3 * MIB).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "further writes: {e}");
+        let _ = img.close();
+        assert_eq!(
+            qemu_info(&q, "qcow2")["format-specific"]["data"]["corrupt"],
+            true
+        );
+        assert!(
+            read_file(&q) == marked,
+            "{target}: more than the corrupt bit changed"
+        );
+        let r = vmi_check(&q, CheckMode::RepairAll);
+        assert_eq!(
+            (r.corruptions, r.leaks),
+            (0, 0),
+            "{target}: {:?}",
+            r.messages
+        );
+        assert_qemu_check_clean(&q, "qcow2");
+        assert_eq!(
+            qemu_info(&q, "qcow2")["format-specific"]["data"]["corrupt"],
+            false
+        );
+    }
 }
 
 // ----- hostile images -----

@@ -51,6 +51,11 @@ impl FileStorage {
         Ok(Self::from_file(file, path, true))
     }
 
+    /// Wrap a file opened elsewhere (by the gate), read-write when `writable`.
+    pub fn from_open_file(file: File, path: &Path, writable: bool) -> Self {
+        Self::from_file(file, path, writable)
+    }
+
     fn from_file(file: File, path: &Path, writable: bool) -> Self {
         FileStorage {
             file,

@@ -35,6 +35,9 @@ impl Inner {
     }
 
     pub(super) fn write_rb(&mut self, off: u64) -> Result<()> {
+        if self.rb.get(&off).is_some_and(|c| c.dirty) {
+            self.pre_write(&[overlap::Meta::RefcountBlock], off, self.g.cs)?;
+        }
         if let Some(c) = self.rb.get_mut(&off) {
             if c.dirty {
                 self.st
@@ -119,6 +122,7 @@ impl Inner {
         if let Some(e) = self.reftable.get_mut(ti as usize) {
             *e = new;
         }
+        self.meta_reftable_changed(0, new);
         self.reftable_dirty = true;
         self.rc_add(new, 1)?;
         Ok(new)

@@ -36,6 +36,14 @@ impl Inner {
     }
 
     pub(super) fn write_l2(&mut self, off: u64) -> Result<()> {
+        if self.l2.get(&off).is_some_and(|c| c.dirty) {
+            // Active L2 tables may be shared with snapshots (their "copied" flags change).
+            self.pre_write(
+                &[overlap::Meta::ActiveL2, overlap::Meta::InactiveL2],
+                off,
+                self.g.cs,
+            )?;
+        }
         if let Some(c) = self.l2.get_mut(&off) {
             if c.dirty {
                 self.st

@@ -15,13 +15,14 @@ mod check;
 mod compress;
 mod header;
 mod l2;
+mod overlap;
 mod refcount;
 pub mod snapshot;
 mod write;
 
 use crate::check::{CheckMode, CheckReport};
 use crate::driver::{BackingSpec, CompressedWrite, Driver, FormatInfo, MapKind, Mapping};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::formats::luks;
 use crate::formats::{Confidence, CreateContext, Format, Measurement, OpenContext, ProbeInput};
 use crate::gate::Referral;
@@ -184,6 +185,18 @@ struct Inner {
     /// written. Writers of an overlapping range, and everything that needs all metadata
     /// settled (flush, resize, snapshots, check), wait until they are gone.
     inflight: Vec<(u64, u64)>,
+    /// Where the active L2 tables and refcount blocks are, for the overlap checks.
+    meta: overlap::MetaIndex,
+    /// The image is corrupt (bit set on disk, or found so this session): writes are refused.
+    corrupt: bool,
+    /// `check -r` is rebuilding a corrupt image: its own writes may proceed.
+    repairing: bool,
+    /// The bitmaps extension as the header holds it (spec: "Bitmaps extension").
+    bitmaps_ext: Option<Vec<u8>>,
+    /// Offset and length of the LUKS header clusters (`encrypt.format=luks`), counted by check.
+    crypto_header: Option<(u64, u64)>,
+    /// (offset, bytes) of the bitmap directory, for the overlap checks.
+    bitmap_dir: Option<(u64, u64)>,
 }
 
 /// An open qcow2 image.
@@ -343,10 +356,10 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
                 "writing qcow2 images with an external data file",
             ));
         }
-        let p = ctx.gate.resolve(Referral::DataFile, &ctx.path, &name)?;
-        let f = FileStorage::open(&p, false)
-            .map_err(|e| Error::io(format!("opening external data file {}", p.display()), e))?;
-        Some(Box::new(f))
+        let o = ctx.gate.open(Referral::DataFile, &ctx.path, &name, false)?;
+        Some(Box::new(FileStorage::from_open_file(
+            o.file, &o.path, false,
+        )))
     } else {
         None
     };
@@ -365,12 +378,6 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
     });
     let g = Geo::new(&h, data_file.is_some());
     let dirty_at_open = h.incompatible & header::INCOMPAT_DIRTY != 0;
-    if ctx.writable && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            "qcow2 image is marked corrupt (incompatible bit 1); it can only be opened read-only",
-        ));
-    }
     let end = file_len.div_ceil(cs) * cs;
     let data = match crypto.as_ref().map(luks::Embedded::data) {
         Some(Ok(d)) => Arc::clone(d),
@@ -403,6 +410,12 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         snaps: snapshots,
         snap_offset: h.snapshots_offset,
         snap_len: snapshot_table_len,
+        meta: overlap::MetaIndex::default(),
+        corrupt: h.incompatible & header::INCOMPAT_CORRUPT != 0,
+        repairing: false,
+        bitmap_dir: h.bitmaps.as_deref().and_then(overlap::bitmap_directory),
+        bitmaps_ext: h.bitmaps.clone(),
+        crypto_header: h.crypto_header,
     };
     let drv = Qcow2Driver {
         st,
@@ -416,7 +429,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         dirty_at_open,
         crypto,
     };
-    if ctx.writable {
+    // A corrupt image opens for writing only so that `check -r` can repair it: every other
+    // write is refused with `ErrorKind::Corrupt` (qemu allows it for `qemu-img check` only).
+    if ctx.writable && !drv.lock().corrupt {
         let mut i = drv.lock();
         if i.autoclear != 0 {
             // Autoclear bits vouch for structures vmi does not maintain (bitmaps): a writable
@@ -430,7 +445,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             // Refcounts may be stale (lazy refcounts, crash): rebuild them before any allocation.
             let snaps = i.snaps.clone();
             let snap_len = i.snap_len;
-            check::rebuild_refcounts(&mut i, &snaps, snap_len, &drv.hdr)?;
+            check::rebuild_refcounts(&mut i, &snaps, snap_len)?;
             i.incompatible &= !header::INCOMPAT_DIRTY;
             i.header_dirty = true;
         }
@@ -601,6 +616,12 @@ pub(crate) fn create(
         snaps: Vec::new(),
         snap_offset: 0,
         snap_len: 0,
+        meta: overlap::MetaIndex::default(),
+        corrupt: false,
+        repairing: false,
+        bitmaps_ext: None,
+        crypto_header: None,
+        bitmap_dir: None,
     };
     inner.rc_add(0, 1)?;
     inner.rc_add(cs, 1)?;
@@ -633,6 +654,7 @@ pub(crate) fn create(
         })?;
         st.write_at(&hdr, 0)
             .map_err(io_err("writing qcow2 header".into()))?;
+        inner.crypto_header = Some((off, len));
         let data = luks::embedded_data(&st, cipher);
         inner.data = Arc::clone(&data);
         crypto = Some(luks::embedded_new(&st, off, len, data, &_ctx.path)?);
@@ -824,6 +846,9 @@ impl Driver for Qcow2Driver {
     fn set_backing(&self, backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
         let mut i = self.lock_settled(None);
         i.check_writable()?;
+        if i.corrupt {
+            return Err(i.corrupt_error());
+        }
         if self.data_file.is_some() {
             return Err(Error::unsupported(
                 "changing the backing file of a qcow2 image with an external data file",
@@ -966,7 +991,7 @@ impl Driver for Qcow2Driver {
         i.flush()?;
         let snaps = i.snaps.clone();
         let snap_len = i.snap_len;
-        check::check(&mut i, &snaps, snap_len, &self.hdr, mode)
+        check::check(&mut i, &snaps, snap_len, mode)
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -286,8 +286,11 @@ impl Inner {
         )
     }
 
-    fn snapshot_preconditions(&self) -> Result<()> {
+    fn snapshot_preconditions(&mut self) -> Result<()> {
         self.check_writable()?;
+        if self.corrupt {
+            return Err(self.corrupt_error());
+        }
         if self.g.has_data_file {
             return Err(Error::unsupported(
                 "internal snapshots of qcow2 images with an external data file",
@@ -298,7 +301,9 @@ impl Inner {
                 "internal snapshots need refcounts of at least 2 bits (this image has refcount_bits=1)",
             ));
         }
-        Ok(())
+        // A snapshot operation rewrites refcounts of everything the tables reach: on an image
+        // whose metadata is inconsistent it would spread the damage (double references).
+        self.require_consistent("change internal snapshots")
     }
 
     /// Write `snaps` as the new snapshot table and point the header at it; the old table's
@@ -324,6 +329,7 @@ impl Inner {
         } else {
             let clusters = (table.len() as u64).div_ceil(cs);
             let off = self.alloc(clusters)?;
+            self.pre_write(&[], off, clusters * cs)?;
             table.resize((clusters * cs) as usize, 0);
             self.st
                 .write_at(&table, off)
@@ -339,6 +345,7 @@ impl Inner {
         };
         self.snap_offset = new_off;
         self.snaps = snaps;
+        self.meta.invalidate();
         self.write_header()?;
         self.st.sync().map_err(super::io_err("syncing".into()))?;
         if old.2 && old.0 != 0 {
@@ -418,6 +425,7 @@ impl Inner {
         } else {
             let clusters = (l1.len() as u64 * 8).div_ceil(cs);
             let off = self.alloc(clusters)?;
+            self.pre_write(&[], off, clusters * cs)?;
             let mut bytes = u64s_to_bytes(&l1);
             bytes.resize((clusters * cs) as usize, 0);
             self.st
@@ -495,6 +503,7 @@ impl Inner {
             Ok(())
         })?;
         let old_l1 = std::mem::replace(&mut self.l1, l1);
+        self.meta.invalidate();
         let old_clusters = (old_l1.len() as u64 * 8).div_ceil(cs);
         let new_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
         if new_clusters > old_clusters || self.l1_offset == 0 {
@@ -571,6 +580,7 @@ impl Inner {
         self.l1_offset = sn.l1_offset;
         self.size = size;
         self.l2.clear();
+        self.meta.invalidate();
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! backing image, zero, compressed or subcluster contents), zero clusters, compressed clusters,
 //! preallocation, resize, and the write-back order that keeps a crash from corrupting the image.
 
+use super::overlap::Meta;
 use super::*;
 
 /// Clusters reserved for a write made without the lock ([`Inner::reserve_fresh`]).
@@ -27,6 +28,9 @@ impl Inner {
     /// bit says refcounts may be stale; vmi keeps them exact but follows the protocol).
     pub(super) fn begin_write(&mut self) -> Result<()> {
         self.check_writable()?;
+        if self.corrupt && !self.repairing {
+            return Err(self.corrupt_error());
+        }
         if self.g.lazy_refcounts
             && !self.set_dirty
             && self.incompatible & header::INCOMPAT_DIRTY == 0
@@ -48,17 +52,30 @@ impl Inner {
             Error::invalid(format!("qcow2 guest cluster {gc} lies beyond the L1 table"))
         })?;
         let off = l1e & L1E_OFFSET_MASK;
+        if off == 0 && l1e != 0 {
+            // qemu's check reads the header as this L2 table; writing through it would corrupt.
+            return Err(self.signal_corruption(format!(
+                "L1 entry {l1i} ({l1e:#x}) has flags but no L2 table offset"
+            )));
+        }
         if off == 0 {
             let new = self.alloc_one()?;
             self.insert_l2(new, vec![0; (cs / 8) as usize], true)?;
             self.l1[l1i] = new | OFLAG_COPIED;
+            self.meta_l1_changed(l1e, new);
             self.l1_dirty = true;
             return Ok((new, idx));
         }
         if l1e & OFLAG_COPIED != 0 {
             return Ok((off, idx));
         }
-        if self.rc_get(off)? == 1 {
+        let rc = self.rc_get(off)?;
+        if rc == 0 {
+            return Err(self.signal_corruption(format!(
+                "L2 table at {off:#x} is in use but its refcount is 0"
+            )));
+        }
+        if rc == 1 {
             self.l1[l1i] = off | OFLAG_COPIED;
             self.l1_dirty = true;
             return Ok((off, idx));
@@ -71,9 +88,11 @@ impl Inner {
             .map(|c| c.data.clone())
             .ok_or_else(|| Error::invalid("L2 table vanished from the cache"))?;
         let new = self.alloc_one()?;
+        self.pre_write(&[], new, cs)?;
         self.insert_l2(new, data, true)?;
         self.pending_free.push(off);
         self.l1[l1i] = new | OFLAG_COPIED;
+        self.meta_l1_changed(l1e, new);
         self.l1_dirty = true;
         Ok((new, idx))
     }
@@ -168,9 +187,19 @@ impl Inner {
             } else {
                 !(self.g.version >= 3 && e & OFLAG_ZERO != 0)
             };
-            let owned = plain && host != 0 && self.rc_get(host)? == 1;
+            let rc = if plain && host != 0 {
+                self.rc_get(host)?
+            } else {
+                0
+            };
+            if plain && host != 0 && rc == 0 {
+                return Err(self.signal_corruption(format!(
+                    "data cluster at {host:#x} is in use but its refcount is 0"
+                )));
+            }
+            let owned = plain && host != 0 && rc == 1;
             if owned {
-                self.check_no_overlap("data cluster", host, cs)?;
+                self.pre_write(&[], host, cs)?;
             }
             if owned && in_place {
                 self.data
@@ -189,6 +218,7 @@ impl Inner {
                 };
                 data.resize(cs as usize, 0);
                 let target = if owned { host } else { self.alloc_one()? };
+                self.pre_write(&[], target, cs)?;
                 self.data
                     .write_at(&data, target)
                     .map_err(io_err(format!("writing cluster at {target:#x}")))?;
@@ -216,7 +246,7 @@ impl Inner {
         }
         let host = self.alloc(k)?;
         let bytes = k * cs;
-        self.check_no_overlap("data clusters", host, bytes)?;
+        self.pre_write(&[], host, bytes)?;
         let data = buf
             .get(..bytes as usize)
             .ok_or_else(|| Error::invalid("qcow2 write run exceeds its buffer"))?;
@@ -251,7 +281,7 @@ impl Inner {
             k += 1;
         }
         let host = self.alloc(k)?;
-        self.check_no_overlap("data clusters", host, k * cs)?;
+        self.pre_write(&[], host, k * cs)?;
         Ok(Some(FreshRun {
             gc,
             host,
@@ -373,6 +403,7 @@ impl Inner {
                 return Err(Error::invalid("compressed allocation lost contiguity"));
             }
         }
+        self.pre_write(&[], start, len)?;
         self.st
             .write_at(data, start)
             .map_err(io_err(format!("writing compressed cluster at {start:#x}")))?;
@@ -410,19 +441,21 @@ impl Inner {
 
     pub(super) fn resize(&mut self, new_size: u64) -> Result<()> {
         self.begin_write()?;
+        self.require_consistent("resize it")?;
         let cs = self.g.cs;
+        if new_size % SECTOR != 0 {
+            return Err(Error::usage(format!(
+                "qcow2 size {new_size} is not a multiple of {SECTOR} (qemu-img refuses it too)"
+            )));
+        }
+        if self.g.version < 3 && !self.snaps.is_empty() {
+            // v2 snapshot entries do not record their disk size (qemu refuses likewise).
+            return Err(Error::unsupported(
+                "resizing a qcow2 v2 (compat=0.10) image that has internal snapshots",
+            ));
+        }
         if new_size < self.size {
-            let mut off = new_size;
-            while off < self.size {
-                let (p, n) = self.map(off, self.size - off)?;
-                // Zero clusters hold nothing to lose.
-                if !matches!(p, Piece::Unallocated | Piece::Zero) {
-                    return Err(Error::usage(format!(
-                        "cannot shrink to {new_size}: guest offset {off} is allocated"
-                    )));
-                }
-                off += n;
-            }
+            self.shrink(new_size)?;
             self.size = new_size;
             self.header_dirty = true;
             return Ok(());
@@ -456,6 +489,129 @@ impl Inner {
         Ok(())
     }
 
+    /// Discard every guest cluster that starts at or past `new_size` (qemu's
+    /// `qcow2_cluster_discard` with a full discard, then `qcow2_shrink_l1_table`): their entries
+    /// become unallocated and their clusters lose this image's reference; L2 tables wholly past
+    /// the end are dropped from the L1 table (which keeps its size on disk, as qemu keeps it).
+    /// Clusters shared with snapshots keep the snapshots' references. Afterwards the file is cut
+    /// after the last cluster still in use.
+    fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let cs = self.g.cs;
+        let per = self.g.l2_entries;
+        let first_gone = new_size.div_ceil(cs);
+        let old_clusters = self.size.div_ceil(cs);
+        let keep_l1 = new_size.div_ceil(per * cs);
+        // Partly kept L2 table: clear the entries past the end (copying the table when it is
+        // shared with a snapshot).
+        if first_gone < old_clusters && first_gone % per != 0 {
+            let l1i = first_gone / per;
+            let has_table = self
+                .l1
+                .get(l1i as usize)
+                .is_some_and(|e| e & L1E_OFFSET_MASK != 0);
+            if has_table {
+                let stop = ((l1i + 1) * per).min(old_clusters);
+                for gc in first_gone..stop {
+                    if self.lookup(gc)? == Some((0, 0)) {
+                        continue;
+                    }
+                    let (l2off, idx) = self.l2_for_write(gc)?;
+                    let (e, _) = self.l2_entry(l2off, idx)?;
+                    self.set_l2_entry(l2off, idx, 0, 0)?;
+                    self.release(e)?;
+                }
+            }
+        }
+        // Whole L2 tables past the end.
+        for l1i in keep_l1..self.l1.len() as u64 {
+            let l1e = self.l1[l1i as usize];
+            let off = l1e & L1E_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if self.rc_get(off)? == 1 {
+                // Only this image reaches the table: its entries' references go with it.
+                for idx in 0..per {
+                    let (e, _) = self.l2_entry(off, idx)?;
+                    self.release(e)?;
+                }
+            }
+            self.pending_free.push(off);
+            self.l1[l1i as usize] = 0;
+            self.meta_l1_changed(l1e, 0);
+            self.l1_dirty = true;
+        }
+        // References go once the new tables are on disk; then forget the dropped tables (their
+        // clusters may be reused as data) and cut the file after the last cluster in use.
+        self.size = new_size;
+        self.header_dirty = true;
+        self.flush()?;
+        let kept: std::collections::HashSet<u64> =
+            self.l1.iter().map(|e| e & L1E_OFFSET_MASK).collect();
+        self.l2.retain(|off, _| kept.contains(off));
+        self.trim_tail()
+    }
+
+    /// Cut the file after the last cluster whose refcount is not zero (qemu truncates the file
+    /// after a shrink the same way).
+    fn trim_tail(&mut self) -> Result<()> {
+        let cs = self.g.cs;
+        self.drop_empty_refblocks()?;
+        let mut c = self.end / cs;
+        while c > 0 && self.rc_get((c - 1) * cs)? == 0 {
+            c -= 1;
+        }
+        let end = c * cs;
+        if end < self.end {
+            self.end = end;
+            self.free.retain(|&f| f < end);
+            if self.ctail >= end {
+                self.ctail = 0;
+            }
+            if self.file_len()? > end {
+                self.st
+                    .set_len(end)
+                    .map_err(io_err("truncating after shrink".into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unhook refcount blocks that count nothing but themselves (qemu's
+    /// `qcow2_shrink_reftable`), so the file can be cut after a shrink. Only blocks that hold
+    /// their own refcount are dropped: their cluster is then free with nothing left to update.
+    fn drop_empty_refblocks(&mut self) -> Result<()> {
+        let cs = self.g.cs;
+        let per = self.g.rc_per_block;
+        let order = self.g.refcount_order;
+        let file_len = self.file_len()?;
+        let mut dropped = false;
+        for ti in 0..self.reftable.len() as u64 {
+            let te = self.reftable[ti as usize];
+            let off = te & REFT_OFFSET_MASK;
+            if off == 0 || off / cs / per != ti || off.saturating_add(cs) > file_len {
+                continue;
+            }
+            self.load_rb(off)?;
+            let own = (off / cs) % per;
+            let empty = self.rb.get(&off).is_some_and(|c| {
+                (0..per).all(|k| k == own || refcount::get(&c.data, k, order) == 0)
+            });
+            if empty {
+                self.reftable[ti as usize] = 0;
+                self.meta_reftable_changed(te, 0);
+                self.rb.remove(&off);
+                self.reftable_dirty = true;
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.write_refcounts()?;
+            self.st.sync().map_err(io_err("syncing".into()))?;
+        }
+        Ok(())
+    }
+
     pub(super) fn write_refcounts(&mut self) -> Result<()> {
         let dirty: Vec<u64> = self
             .rb
@@ -467,6 +623,8 @@ impl Inner {
             self.write_rb(off)?;
         }
         if self.reftable_dirty {
+            let bytes = self.reftable.len() as u64 * 8;
+            self.pre_write(&[Meta::RefcountTable], self.reftable_offset, bytes)?;
             self.st
                 .write_at(&u64s_to_bytes(&self.reftable), self.reftable_offset)
                 .map_err(io_err("writing refcount table".into()))?;
@@ -507,6 +665,20 @@ impl Inner {
         if !self.writable {
             return Ok(());
         }
+        if self.corrupt && !self.repairing {
+            // Nothing more reaches a corrupt image (qemu makes it unusable); unwritten changes
+            // are dropped and reported.
+            let dirty = self.l1_dirty
+                || self.reftable_dirty
+                || self.header_dirty
+                || self.l2.values().any(|c| c.dirty)
+                || self.rb.values().any(|c| c.dirty);
+            return if dirty {
+                Err(self.corrupt_error())
+            } else {
+                Ok(())
+            };
+        }
         self.write_refcounts()?;
         let dirty: Vec<u64> = self
             .l2
@@ -518,6 +690,8 @@ impl Inner {
             self.write_l2(off)?;
         }
         if self.l1_dirty {
+            let bytes = self.l1.len() as u64 * 8;
+            self.pre_write(&[Meta::ActiveL1], self.l1_offset, bytes)?;
             self.st
                 .write_at(&u64s_to_bytes(&self.l1), self.l1_offset)
                 .map_err(io_err("writing L1 table".into()))?;
@@ -571,6 +745,7 @@ impl Inner {
             cleared.push(0);
         }
         self.l1 = cleared;
+        self.meta.invalidate();
         self.l1_dirty = true;
         self.flush()?;
         // Freed tables may be reused as data from now on: forget cached copies.

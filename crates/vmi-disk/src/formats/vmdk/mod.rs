@@ -218,11 +218,11 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             files.push(None);
             continue;
         };
-        let path = ctx.gate.resolve(Referral::Extent, &ctx.path, name)?;
         let writable = ctx.writable && line.access == Access::ReadWrite;
-        let f = FileStorage::open(&path, writable)
-            .map_err(|e| Error::io(format!("opening extent file '{}'", name.escape_debug()), e))?;
-        files.push(Some(Box::new(f)));
+        let o = ctx.gate.open(Referral::Extent, &ctx.path, name, writable)?;
+        files.push(Some(Box::new(FileStorage::from_open_file(
+            o.file, &o.path, writable,
+        ))));
     }
     Ok(Box::new(assemble(
         storage,
@@ -576,9 +576,9 @@ fn parent_cid(ctx: &CreateContext, spec: &BackingSpec) -> Result<u32> {
         ));
     }
     let gate = Gate::new().allow_backing(true).rooted_at_image(&ctx.path);
-    let path = gate.resolve(Referral::Backing, &ctx.path, &spec.name)?;
-    let storage = FileStorage::open(&path, false)
-        .map_err(|e| Error::io(format!("opening backing file {}", path.display()), e))?;
+    let o = gate.open(Referral::Backing, &ctx.path, &spec.name, false)?;
+    let path = o.path;
+    let storage = FileStorage::from_open_file(o.file, &path, false);
     let octx = OpenContext {
         path: path.clone(),
         writable: false,
