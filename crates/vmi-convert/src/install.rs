@@ -1,9 +1,11 @@
-//! Installing a conversion's result: [`convert_to_path`] builds the destination under a temporary
-//! name beside it and renames it into place only when everything succeeded, so a failed or
-//! interrupted conversion never leaves a partial image at the destination (or clobbers an older
-//! one).
+//! Installing a conversion's result: [`convert_to_path`] builds the destination as an anonymous
+//! file (or under a temporary name) beside it and moves it into place only when everything
+//! succeeded, so a failed, interrupted or killed conversion never leaves a partial image at the
+//! destination (or clobbers an older one), and leaves no debris a later run does not remove. The
+//! host-file mechanics (`O_TMPFILE`, `linkat`, `RENAME_EXCHANGE`, owner locks) are in `outfile`.
 
 use crate::convert::{convert, ConvertOptions, ConvertStats};
+use crate::outfile;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +113,9 @@ struct TempGuard {
     files: Vec<PathBuf>,
     dir: Option<PathBuf>,
     done: bool,
+    /// Held open (and `flock`ed) for the whole run: tells [`outfile::remove_stale`] in other
+    /// processes that the temporary names' owner is alive.
+    owner: Option<File>,
 }
 
 impl Drop for TempGuard {
@@ -134,10 +139,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 fn temp_name(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
     loop {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut s = std::ffi::OsString::from(".");
-        s.push(name);
-        s.push(format!(".vmi-tmp-{}-{n}", std::process::id()));
-        let p = dir.join(s);
+        let p = dir.join(outfile::temp_file_name(name, std::process::id(), n));
         if std::fs::symlink_metadata(&p).is_err() {
             return p;
         }
@@ -156,8 +158,9 @@ fn fsync_path(p: &Path) -> Result<()> {
         .map_err(|e| Error::io("syncing", e).with_path(p))
 }
 
+/// Move `from` to `to` (see [`outfile::replace`]: an existing file is exchanged, not renamed over).
 fn rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to)
+    outfile::replace(from, to)
         .map_err(|e| Error::io(format!("renaming {} into place", from.display()), e).with_path(to))
 }
 
@@ -172,15 +175,19 @@ fn open_target_backing(target: &Path, name: &str, format: Option<Format>) -> Res
         .map_err(|e| e.context("opening the target's backing file"))
 }
 
-/// Create `target` under a temporary name beside it, convert `src` into it, and rename it into
-/// place only when everything succeeded.
+/// Create `target` as an anonymous file or under a temporary name beside it, convert `src` into
+/// it, and move it into place only when everything succeeded.
 ///
-/// Single-file formats are created as `.NAME.vmi-tmp-<pid>-<n>` in the destination's folder.
-/// Formats whose image is several files (VMDK extents named inside the descriptor) are created
-/// under their final names in a temporary folder there; the companions are renamed into place
-/// first and the main file last. Every file is fsynced before its rename and the folder after, so
-/// a crash leaves either the old destination or the complete new one. On any error (or panic) the
-/// temporary files are removed and the destination is untouched.
+/// Single-file formats are written to an anonymous file (`O_TMPFILE`) in the destination's folder
+/// and linked to the destination's name at the end; an existing destination is replaced by
+/// exchanging names. Where the filesystem has no anonymous files they are created as
+/// `.NAME.vmi-tmp-<pid>-<n>` there. Formats whose image is several files (VMDK extents named
+/// inside the descriptor) are created under their final names in a temporary folder there; the
+/// companions are moved into place first and the main file last. Every file is fsynced before it
+/// is moved and the folder after, so a crash leaves either the old destination or the complete
+/// new one. On any error (or panic) the temporary files are removed and the destination is
+/// untouched; after `SIGKILL` (or a power cut) an anonymous file vanishes by itself, and named
+/// leftovers are removed by the next conversion to the same destination.
 pub fn convert_to_path(
     src: &Image,
     target: &Target,
@@ -198,31 +205,45 @@ pub fn convert_to_path(
     if create.size == 0 {
         create.size = src.virtual_size();
     }
+    // Debris of earlier runs for this destination that were killed.
+    outfile::remove_stale(&dir, name);
     let mut guard = TempGuard::default();
     let multi = multi_file(target.format, path);
-    let tmp_main = if multi {
+    let creating =
+        |e: std::io::Error, p: &Path| Error::io("creating", e).with_path(p).renaming_path(p, path);
+    // The anonymous file, when the image is one: linked into place by `install_anonymous`.
+    let mut anonymous = None;
+    let (st, tmp_main) = if multi {
         let d = temp_name(&dir, name);
         std::fs::create_dir(&d)
             .map_err(|e| Error::io("creating a temporary folder", e).with_path(&d))?;
         guard.dir = Some(d.clone());
-        d.join(name)
+        guard.owner = Some(outfile::own(&d).map_err(|e| creating(e, &d))?);
+        let t = d.join(name);
+        (FileStorage::create(&t).map_err(|e| creating(e, &t))?, t)
+    } else if let Some(f) = outfile::anonymous_file(&dir) {
+        // A name for messages (and for the link, if the destination exists by then).
+        let t = temp_name(&dir, name);
+        let _ = outfile::try_lock(&f);
+        let handle = f.try_clone().map_err(|e| creating(e, &t))?;
+        anonymous = Some(handle);
+        (FileStorage::adopt(f, &t), t)
     } else {
         let t = temp_name(&dir, name);
+        let st = FileStorage::create(&t).map_err(|e| creating(e, &t))?;
         guard.files.push(t.clone());
-        t
+        guard.owner = Some(outfile::own(&t).map_err(|e| creating(e, &t))?);
+        (st, t)
     };
 
     // Errors name the destination the user asked for, not the temporary file.
     let named = |e: Error| e.renaming_path(&tmp_main, path);
-    let mut dst = if opts.cache.durable() {
-        Image::create(&tmp_main, target.format, &create).map_err(named)?
-    } else {
+    if !opts.cache.durable() {
         // Sync-free from its first byte: the driver's own syncs while creating are skipped too.
-        let st = FileStorage::create(&tmp_main)
-            .map_err(|e| named(Error::io("creating", e).with_path(&tmp_main)))?;
         st.ignore_sync();
-        Image::create_on(Box::new(st), &tmp_main, target.format, &create).map_err(named)?
-    };
+    }
+    let mut dst =
+        Image::create_on(Box::new(st), &tmp_main, target.format, &create).map_err(named)?;
     opts.cache.apply(&dst);
     if let Some(spec) = &create.backing {
         let b = open_target_backing(path, &spec.name, spec.format)?;
@@ -231,8 +252,58 @@ pub fn convert_to_path(
     let stats = convert(src, &dst, opts).map_err(named)?;
     dst.close().map_err(named)?;
 
-    install(&mut guard, &tmp_main, path, &dir, opts.cache.durable())?;
+    match &anonymous {
+        Some(f) => install_anonymous(&mut guard, f, &tmp_main, path, &dir, opts.cache.durable())?,
+        None => install(&mut guard, &tmp_main, path, &dir, opts.cache.durable())?,
+    }
     Ok(stats)
+}
+
+/// Give the finished anonymous file `f` the name `path`: linked straight to it when the name is
+/// free, otherwise linked to the temporary name `tmp` and exchanged with the existing file
+/// ([`outfile::replace`]). Fsynced before and the folder after (unless not `durable`).
+fn install_anonymous(
+    guard: &mut TempGuard,
+    f: &File,
+    tmp: &Path,
+    path: &Path,
+    dir: &Path,
+    durable: bool,
+) -> Result<()> {
+    if durable {
+        f.sync_all()
+            .map_err(|e| Error::io("syncing", e).with_path(path))?;
+    }
+    let linking =
+        |e: std::io::Error| Error::io("linking the new image into place", e).with_path(path);
+    let free = std::fs::symlink_metadata(path).is_err();
+    let linked = free
+        && match outfile::link_anonymous(f, path) {
+            Ok(()) => true,
+            // Someone created it meanwhile: replace it as any existing destination.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(linking(e)),
+        };
+    if !linked {
+        let name = path.file_name().ok_or_else(|| internal("target name"))?;
+        let mut t = tmp.to_path_buf();
+        loop {
+            match outfile::link_anonymous(f, &t) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    t = temp_name(dir, name);
+                }
+                Err(e) => return Err(linking(e)),
+            }
+        }
+        guard.files.push(t.clone());
+        rename(&t, path)?;
+    }
+    guard.done = true;
+    if durable {
+        fsync_path(dir)?;
+    }
+    Ok(())
 }
 
 /// Move a finished image from its temporary place to `path`: companions (every other file in the
@@ -304,11 +375,8 @@ mod tests {
         }
         // An older image of the same name is replaced.
         std::fs::write(dir.path().join("img.vmdk"), "old").unwrap();
-        let mut guard = TempGuard {
-            files: Vec::new(),
-            dir: Some(tmp.clone()),
-            done: false,
-        };
+        let mut guard = TempGuard::default();
+        guard.dir = Some(tmp.clone());
         let dest = dir.path().join("img.vmdk");
         install(&mut guard, &tmp.join("img.vmdk"), &dest, dir.path(), true).unwrap();
         drop(guard);
@@ -328,11 +396,8 @@ mod tests {
         std::fs::create_dir(&tmp).unwrap();
         std::fs::write(tmp.join("x-s001.vmdk"), "e1").unwrap();
         std::fs::write(tmp.join("x.vmdk"), "descriptor").unwrap();
-        let mut guard = TempGuard {
-            files: Vec::new(),
-            dir: Some(tmp.clone()),
-            done: false,
-        };
+        let mut guard = TempGuard::default();
+        guard.dir = Some(tmp.clone());
         // The destination is a non-empty folder, so the main file's rename fails after the
         // companion moved.
         let dest = dir.path().join("x.vmdk");

@@ -17,6 +17,7 @@ mod compare;
 mod convert;
 mod install;
 mod map;
+mod outfile;
 mod progress;
 mod rebase;
 

@@ -1357,3 +1357,57 @@ fn concurrent_writers_of_fresh_clusters_leave_a_clean_image() {
         }
     }
 }
+
+#[test]
+fn compressed_clusters_are_packed_back_to_back_at_byte_granularity_as_qemu_packs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("packed.qcow2");
+    let cs = 65536usize;
+    let img = Image::create(&q, Format::Qcow2, &opts("", 8 * cs as u64)).unwrap();
+    let w = img.driver().compressed_writer().unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut lens = Vec::new();
+    let mut raw = vec![0u8; 8 * cs];
+    for (i, c) in raw.chunks_mut(cs).enumerate() {
+        // Compressible, of different sizes: a few random bytes between runs.
+        for (j, b) in c.iter_mut().enumerate() {
+            *b = if j % (64 + 16 * i) < 8 {
+                rng.gen()
+            } else {
+                b'x'
+            };
+        }
+        let z = w.compress(c).unwrap().unwrap();
+        w.write_compressed((i * cs) as u64, &z).unwrap();
+        lens.push(z.len() as u64);
+    }
+    img.close().unwrap();
+    let rawp = dir.path().join("packed.raw");
+    std::fs::write(&rawp, &raw).unwrap();
+    assert_qemu_check_clean(&q, "qcow2");
+    assert_qemu_identical(&q, "qcow2", &rawp, "raw");
+    // The L2 entries: each compressed cluster starts where the previous one ended, not at the
+    // next sector.
+    let f = std::fs::File::open(&q).unwrap();
+    let mut b8 = [0u8; 8];
+    f.read_exact_at(&mut b8, 40).unwrap();
+    let l1 = u64::from_be_bytes(b8);
+    f.read_exact_at(&mut b8, l1).unwrap();
+    let l2 = u64::from_be_bytes(b8) & 0x00ff_ffff_ffff_fe00;
+    let host_mask = (1u64 << 54) - 1;
+    let mut hosts = Vec::new();
+    for i in 0..8u64 {
+        f.read_exact_at(&mut b8, l2 + 8 * i).unwrap();
+        let e = u64::from_be_bytes(b8);
+        assert_ne!(e & (1 << 62), 0, "cluster {i} is compressed");
+        hosts.push(e & host_mask);
+    }
+    for i in 1..8 {
+        assert_eq!(
+            hosts[i],
+            hosts[i - 1] + lens[i - 1],
+            "cluster {i}: {hosts:?} {lens:?}"
+        );
+    }
+    assert!(hosts.iter().any(|h| h % 512 != 0), "{hosts:?}");
+}

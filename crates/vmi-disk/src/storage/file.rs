@@ -56,6 +56,12 @@ impl FileStorage {
         Self::from_file(file, path, writable)
     }
 
+    /// Wrap a file the caller already opened read-write (e.g. an anonymous `O_TMPFILE` file that
+    /// is linked into place later); `path` is the name errors and drivers use for it.
+    pub fn adopt(file: File, path: &Path) -> Self {
+        Self::from_file(file, path, true)
+    }
+
     fn from_file(file: File, path: &Path, writable: bool) -> Self {
         FileStorage {
             file,

@@ -412,8 +412,10 @@ impl Inner {
         // Compressed clusters carry no subcluster bitmap (spec: must be zero).
         self.set_l2_entry(l2off, idx, entry, 0)?;
         self.release(old)?;
-        let next = stop.div_ceil(SECTOR) * SECTOR;
-        self.ctail = if next % cs == 0 { 0 } else { next };
+        // Packed back to back at byte granularity, as qemu packs them (`qcow2_alloc_bytes`):
+        // the descriptor counts sectors from the sector the data starts in, so the next cluster
+        // may start mid-sector.
+        self.ctail = if stop % cs == 0 { 0 } else { stop };
         Ok(())
     }
 
