@@ -94,6 +94,8 @@ pub struct Config {
     pub policies: crate::policies::PoliciesConfig,
     /// Interoperable image import, conversion on import and format-converting downloads.
     pub import: crate::import::ImportConfig,
+    /// Limits on password checks and login lockout (`[login]`).
+    pub login: crate::login::LoginConfig,
 }
 
 impl Default for Config {
@@ -114,6 +116,7 @@ impl Default for Config {
             lifecycle: Default::default(),
             policies: Default::default(),
             import: crate::import::ImportConfig::default(),
+            login: Default::default(),
         }
     }
 }
@@ -142,7 +145,7 @@ pub enum StoreUrl {
 }
 
 /// Sections whose keys `VMI_<SECTION>_<KEY>` sets (see [`Config::apply_env`]).
-const ENV_SECTIONS: [&str; 4] = ["signing", "lifecycle", "policies", "import"];
+const ENV_SECTIONS: [&str; 5] = ["signing", "lifecycle", "policies", "import", "login"];
 
 fn parse_u64(key: &str, v: &str) -> Result<u64> {
     v.parse()

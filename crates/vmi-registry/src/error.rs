@@ -36,6 +36,15 @@ pub enum RegistryError {
     /// The upload exceeds the configured image size cap (413).
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// Too many requests of this kind are in progress; try again after `retry_after` seconds
+    /// (429, with `Retry-After`).
+    #[error("{message}")]
+    TooManyRequests {
+        /// What is busy.
+        message: String,
+        /// Seconds to wait before retrying.
+        retry_after: u64,
+    },
     /// The request body has the wrong media type (415).
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -133,6 +142,7 @@ impl RegistryError {
             RegistryError::Conflict(_) => StatusCode::CONFLICT,
             RegistryError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RegistryError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RegistryError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             RegistryError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             RegistryError::Remote { .. } => StatusCode::BAD_GATEWAY,
             RegistryError::Config(_)
@@ -176,6 +186,10 @@ impl IntoResponse for RegistryError {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
+        }
+        if let RegistryError::TooManyRequests { retry_after, .. } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(

@@ -1,7 +1,7 @@
 //! Assembling the service: configuration → catalog + image data → HTTP router, the bootstrap
 //! administrator, and the reaper for unreferenced data.
 
-use crate::auth::{hash_password, hash_token, new_password};
+use crate::auth::{hash_token, new_password};
 use crate::catalog::sqlite::SqliteCatalog;
 use crate::catalog::{Catalog, Cmp, Field, Filter, ImageQuery, Viewer};
 use crate::clock::{Clock, SystemClock};
@@ -29,6 +29,8 @@ pub struct App {
     pub data: Arc<dyn ImageData>,
     /// The time source (a [`crate::clock::ManualClock`] in tests).
     pub clock: Arc<dyn Clock>,
+    /// This node's limits on expensive work (password checks, conversions).
+    pub guards: Arc<crate::guards::Guards>,
 }
 
 impl App {
@@ -183,6 +185,7 @@ impl Registry {
             catalog: a.catalog.clone(),
             data: a.data.clone(),
             clock: a.clock.clone(),
+            guards: a.guards.clone(),
         });
         Registry {
             app: Arc::new(App { clock, ..app }),
@@ -193,6 +196,7 @@ impl Registry {
     pub fn with_parts(config: Config, catalog: Arc<dyn Catalog>, data: Arc<dyn ImageData>) -> Self {
         Registry {
             app: Arc::new(App {
+                guards: Arc::new(crate::guards::Guards::new(&config)),
                 config,
                 catalog,
                 data,
@@ -235,9 +239,7 @@ impl Registry {
                         p
                     }
                 };
-                let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-                    .await
-                    .map_err(|e| RegistryError::Config(e.to_string()))??;
+                let hash = self.app.guards.login.hash(password).await?;
                 let u = User {
                     id: uuid::Uuid::new_v4().simple().to_string(),
                     name: cfg.user.clone(),
@@ -345,7 +347,10 @@ impl Registry {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        axum::serve(listener, self.router())
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| RegistryError::io("serving", e))

@@ -309,6 +309,7 @@ async fn web_download_fetches_allowed_urls_and_fails_refused_missing_and_oversiz
     let t = setup_with(|c| {
         c.import.filtering.allowed_ports = vec![];
         c.import.filtering.disallowed_hosts = vec!["localhost".into()];
+        c.import.filtering.allowed_networks = vec!["127.0.0.0/8".into()];
         c.import.web_download_max_bytes = Some(2 << 20);
     })
     .await;
@@ -378,6 +379,96 @@ async fn web_download_fetches_allowed_urls_and_fails_refused_missing_and_oversiz
         "{err}"
     );
     assert_eq!(t.objects("staging"), 0);
+}
+
+/// A tiny HTTP server on `ip`: `/ok` (the image) and `/to-name` (a redirect to `localhost`).
+async fn web_server_on(ip: &str, data: Vec<u8>) -> u16 {
+    use axum::response::Redirect;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new()
+        .route("/ok", get(move || async move { data.clone() }))
+        .route(
+            "/to-name",
+            get(move || async move { Redirect::temporary(&format!("http://localhost:{port}/ok")) }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_download_refuses_loopback_link_local_and_private_addresses_in_every_form() {
+    let port = web_server_on("127.0.0.1", vec![5u8; 4096]).await;
+    let web = |uri: &str| json!({"method": {"name": "web-download", "uri": uri}});
+    // By default: special-purpose addresses are refused however they are written, and names
+    // are resolved and their addresses checked.
+    let t = setup_with(|c| c.import.filtering.allowed_ports = vec![]).await;
+    let id = t.create("raw").await;
+    for (host, why) in [
+        ("127.0.0.1", "loopback"),
+        ("127.1", "loopback"),
+        ("2130706433", "loopback"),
+        ("0x7f000001", "loopback"),
+        ("[::ffff:127.0.0.1]", "loopback"),
+        ("[::127.0.0.1]", "loopback"),
+        ("[::1]", "loopback"),
+        ("localhost", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("169.254.169.254", "link-local"),
+        ("[::ffff:169.254.169.254]", "link-local"),
+        ("10.0.0.1", "private"),
+        ("192.168.0.1", "private"),
+        ("[fd00::1]", "unique-local"),
+        ("[fe80::1]", "link-local"),
+        ("224.0.0.1", "multicast"),
+    ] {
+        let uri = format!("http://{host}:{port}/ok");
+        let r = t.import(&id, web(&uri)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {}", r.text());
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            msg.contains("does not pass filtering") && msg.contains(why),
+            "{uri}: {msg}"
+        );
+    }
+    assert_eq!(t.image(&id).await["status"], "queued");
+
+    // An address written in disallowed_hosts is refused in every form, also when a name
+    // resolves to it, also on a redirect hop where the name is resolved when connecting.
+    let port = web_server_on("127.0.0.2", vec![5u8; 4096]).await;
+    let t = setup_with(|c| {
+        c.import.filtering.allowed_ports = vec![];
+        c.import.filtering.allowed_networks = vec!["127.0.0.0/8".into()];
+        c.import.filtering.disallowed_hosts = vec!["127.0.0.1".into(), "::1".into()];
+    })
+    .await;
+    let id = t.create("raw").await;
+    for host in ["[::ffff:127.0.0.1]", "[::127.0.0.1]", "localhost", "127.1"] {
+        let uri = format!("http://{host}:{port}/ok");
+        let r = t.import(&id, web(&uri)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {}", r.text());
+        assert!(r.text().contains("not allowed"), "{uri}: {}", r.text());
+    }
+    let r = t
+        .import(&id, web(&format!("http://127.0.0.2:{port}/to-name")))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    let v = t.settled(&id).await;
+    assert_eq!(v["status"], "queued", "{v}");
+    let err = v["vmi_import_error"].as_str().unwrap_or("");
+    assert!(err.contains("resolves to refused addresses"), "{err}");
+
+    // An explicitly allowed loopback network is fetched from.
+    let id = t.create("raw").await;
+    let r = t
+        .import(&id, web(&format!("http://127.0.0.2:{port}/ok")))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text());
+    assert_eq!(t.settled(&id).await["status"], "active");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,19 +6,20 @@
 
 use super::parse_json;
 use crate::auth::{
-    effective_roles, hash_password, hash_token, new_token, verify_password, Context,
-    MAX_PASSWORD_LEN, SUBJECT_HEADER,
+    effective_roles, hash_token, new_token, Context, MAX_PASSWORD_LEN, SUBJECT_HEADER,
 };
 use crate::error::{RegistryError, Result};
+use crate::login::Verdict;
 use crate::model::{now, Project, Role, TokenKind, TokenRecord, User};
 use crate::server::App;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Keystone's name and id for the one domain.
@@ -123,7 +124,12 @@ async fn scope_project(app: &App, auth: &Value, user: &User) -> Result<Project> 
 }
 
 /// `POST /v3/auth/tokens`: password or token authentication.
-async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response> {
+async fn issue(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    body: Bytes,
+) -> Result<Response> {
     let v = parse_json(&body)?;
     let auth = v
         .get("auth")
@@ -143,22 +149,26 @@ async fn issue(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> 
             .filter(|p| p.len() <= MAX_PASSWORD_LEN)
             .ok_or_else(unauthorized)?
             .to_string();
-        let user = if let Some(id) = u.get("id").and_then(Value::as_str) {
-            app.catalog.get_user(id).await?
+        let (asked, user) = if let Some(id) = u.get("id").and_then(Value::as_str) {
+            (format!("id:{id}"), app.catalog.get_user(id).await?)
         } else if let Some(name) = u.get("name").and_then(Value::as_str) {
-            app.catalog.find_user(name).await?
+            (format!("name:{name}"), app.catalog.find_user(name).await?)
         } else {
-            None
-        };
-        let user = user.filter(|u| u.enabled).ok_or_else(unauthorized)?;
-        let hash = user.password_hash.clone().ok_or_else(unauthorized)?;
-        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .map_err(|e| RegistryError::Config(e.to_string()))?;
-        if !ok {
             return Err(unauthorized());
+        };
+        // Unknown, disabled and password-less accounts are checked against a dummy hash and
+        // counted like the others (see crate::login).
+        let user = user.filter(|u| u.enabled && u.password_hash.is_some());
+        let key = user.as_ref().map_or(asked, |u| format!("user:{}", u.id));
+        let stored = user.as_ref().and_then(|u| u.password_hash.clone());
+        let peer = extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let verdict = app.guards.login.check(&key, peer, stored, password).await?;
+        match (verdict, user) {
+            (Verdict::Accepted, Some(user)) => user,
+            _ => return Err(unauthorized()),
         }
-        user
     } else if methods.contains(&"token") {
         let id = auth
             .pointer("/identity/token/id")
@@ -354,11 +364,7 @@ async fn create_user(
         }
     }
     let password_hash = match password {
-        Some(p) => Some(
-            tokio::task::spawn_blocking(move || hash_password(&p))
-                .await
-                .map_err(|e| RegistryError::Config(e.to_string()))??,
-        ),
+        Some(p) => Some(app.guards.login.hash(p).await?),
         None => None,
     };
     let user = User {

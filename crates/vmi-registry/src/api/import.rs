@@ -200,7 +200,7 @@ pub async fn import(
             .and_then(|m| m.get("uri"))
             .and_then(Value::as_str)
             .ok_or_else(|| bad("web-download requires a 'uri'"))?;
-        web::validate(&app.config.import.filtering, uri)?;
+        web::validate_resolving(&app.config.import.filtering, uri).await?;
         if img.status != Status::Queued {
             return Err(RegistryError::Conflict(format!(
                 "Image {id} must be queued for web-download, not {}",

@@ -16,6 +16,7 @@
 //!   dies leaves an expired lease; [`recover_stuck`] (run by the reaper) retries the task on
 //!   another node, or returns the image to `queued` once the attempts are spent.
 
+pub mod address;
 pub mod convert;
 pub mod stream;
 pub mod web;
@@ -94,6 +95,10 @@ pub struct ImportFiltering {
     pub allowed_ports: Vec<u16>,
     /// Ports refused when `allowed_ports` is empty.
     pub disallowed_ports: Vec<u16>,
+    /// Special-purpose networks (loopback, private, link-local, unique-local, …; see
+    /// [`address`]) web-download may connect to nevertheless, in CIDR notation
+    /// (`["10.20.0.0/16"]`). Empty by default: those are refused.
+    pub allowed_networks: Vec<String>,
 }
 
 impl Default for ImportFiltering {
@@ -106,6 +111,7 @@ impl Default for ImportFiltering {
             disallowed_hosts: Vec::new(),
             allowed_ports: vec![80, 443],
             disallowed_ports: Vec::new(),
+            allowed_networks: Vec::new(),
         }
     }
 }

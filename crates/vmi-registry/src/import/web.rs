@@ -7,6 +7,7 @@
 //! `web_download_max_bytes` and `image_size_cap`, refused early when `Content-Length` already
 //! says it is too large; the staged bytes then go through the same inspection as an upload.
 
+use super::address::{resolve_allowed, AddressPolicy, FilteringResolver};
 use super::{store_stream, ImportFiltering};
 use crate::error::{RegistryError, Result};
 use crate::server::App;
@@ -48,6 +49,10 @@ pub fn check_uri(filter: &ImportFiltering, uri: &Url) -> std::result::Result<(),
     {
         return Err(format!("host '{host}' is not allowed"));
     }
+    // A literal address is what the connection uses; names are checked when resolved.
+    if let Some(ip) = literal_address(uri) {
+        address_policy(filter)?.check(ip)?;
+    }
     let port = uri
         .port_or_known_default()
         .ok_or_else(|| "the URI has no port".to_string())?;
@@ -60,6 +65,34 @@ pub fn check_uri(filter: &ImportFiltering, uri: &Url) -> std::result::Result<(),
         return Err(format!("port {port} is not allowed"));
     }
     Ok(())
+}
+
+/// The address a URI's host names literally (the URL parser has already normalised IPv4 forms
+/// such as `127.1` and `0x7f000001`).
+fn literal_address(uri: &Url) -> Option<std::net::IpAddr> {
+    let host = uri.host_str()?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+/// The address policy of `filter`.
+fn address_policy(filter: &ImportFiltering) -> std::result::Result<AddressPolicy, String> {
+    AddressPolicy::new(&filter.allowed_networks, &filter.disallowed_hosts)
+}
+
+/// [`validate`], then resolve the URI's host name and refuse it when none of its addresses may
+/// be connected to (the download checks again when it connects).
+pub async fn validate_resolving(filter: &ImportFiltering, uri: &str) -> Result<Url> {
+    let u = validate(filter, uri)?;
+    if let Some(name) = u.host_str().filter(|_| literal_address(&u).is_none()) {
+        let policy = address_policy(filter).map_err(RegistryError::Config)?;
+        resolve_allowed(&policy, name).await.map_err(|e| {
+            RegistryError::BadRequest(format!("URI for web-download does not pass filtering: {e}"))
+        })?;
+    }
+    Ok(u)
 }
 
 /// Parse and filter a client's web-download URI (400 when it does not pass, as Glance answers).
@@ -83,6 +116,9 @@ pub async fn fetch_to_staging(app: &App, image_id: &str, uri: &str) -> Result<(S
         .unwrap_or(u64::MAX)
         .min(app.config.image_size_cap);
     let filter = cfg.filtering.clone();
+    let resolver = FilteringResolver::new(std::sync::Arc::new(
+        address_policy(&filter).map_err(RegistryError::Config)?,
+    ));
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() >= MAX_REDIRECTS {
             return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
@@ -94,6 +130,9 @@ pub async fn fetch_to_staging(app: &App, image_id: &str, uri: &str) -> Result<(S
     });
     let client = reqwest::Client::builder()
         .redirect(policy)
+        // Every connection goes to an address the resolver allowed: no proxy in between.
+        .no_proxy()
+        .dns_resolver(std::sync::Arc::new(resolver))
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT)
         .build()
