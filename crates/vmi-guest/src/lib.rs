@@ -9,6 +9,7 @@
 //! guest paths are resolved inside the guest filesystem only.
 
 pub mod error;
+pub mod ext4;
 pub mod partition;
 pub mod volume;
 
