@@ -10,7 +10,10 @@
 
 pub mod error;
 pub mod ext4;
+pub mod guest;
+pub mod inspect;
 pub mod partition;
+pub mod rpmdb;
 pub mod volume;
 
 pub use error::{Error, Result};

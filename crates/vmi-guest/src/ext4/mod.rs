@@ -351,6 +351,28 @@ impl<'v> Ext4<'v> {
         Ok(ino)
     }
 
+    /// The inode at `path`, following a final symlink (inside the guest; nesting bounded by
+    /// libext2fs).
+    pub fn lookup_follow(&self, path: &str) -> Result<u32> {
+        let c = cpath(path)?;
+        let mut ino: sys::Ino = 0;
+        // SAFETY: `fs` is open, `c` is NUL-terminated, `ino` a valid out-pointer.
+        let rc = unsafe {
+            sys::ext2fs_namei_follow(self.fs, sys::ROOT_INO, sys::ROOT_INO, c.as_ptr(), &mut ino)
+        };
+        if rc == sys::ET_FILE_NOT_FOUND {
+            return Err(Error::NotFound(path.to_string()));
+        }
+        check(rc, || format!("looking up {path}"))?;
+        Ok(ino)
+    }
+
+    /// Facts about `path`, following a final symlink.
+    pub fn stat_follow(&self, path: &str) -> Result<Stat> {
+        let ino = self.lookup_follow(path)?;
+        Ok(Self::stat_inode(ino, &self.read_inode(ino)?))
+    }
+
     /// Whether `path` exists (a dangling final symlink exists).
     pub fn exists(&self, path: &str) -> Result<bool> {
         match self.lookup(path) {
@@ -463,9 +485,10 @@ impl<'v> Ext4<'v> {
         Ok(acc.out)
     }
 
-    /// Stream the contents of the regular file at `path` into `out`; returns the bytes copied.
+    /// Stream the contents of the regular file at `path` (following symlinks) into `out`;
+    /// returns the bytes copied.
     pub fn read_file(&self, path: &str, out: &mut dyn Write) -> Result<u64> {
-        let ino = self.lookup(path)?;
+        let ino = self.lookup_follow(path)?;
         let inode = self.read_inode(ino)?;
         if FileKind::of_mode(inode.i_mode) != FileKind::File {
             return Err(Error::Usage(format!("{path}: not a regular file")));
@@ -473,9 +496,10 @@ impl<'v> Ext4<'v> {
         self.copy_out(ino, path, out, u64::MAX)
     }
 
-    /// The contents of the regular file at `path`, at most `max` bytes (more is an error).
+    /// The contents of the regular file at `path` (following symlinks), at most `max` bytes
+    /// (more is an error).
     pub fn read_to_vec(&self, path: &str, max: u64) -> Result<Vec<u8>> {
-        let st = self.stat(path)?;
+        let st = self.stat_follow(path)?;
         if st.kind != FileKind::File {
             return Err(Error::Usage(format!("{path}: not a regular file")));
         }

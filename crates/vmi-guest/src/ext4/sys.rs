@@ -94,6 +94,13 @@ extern "C" {
         name: *const c_char,
         ino: *mut Ino,
     ) -> Errcode;
+    pub fn ext2fs_namei_follow(
+        fs: Filsys,
+        root: Ino,
+        cwd: Ino,
+        name: *const c_char,
+        ino: *mut Ino,
+    ) -> Errcode;
     pub fn ext2fs_read_inode(fs: Filsys, ino: Ino, inode: *mut Inode) -> Errcode;
     pub fn ext2fs_write_inode(fs: Filsys, ino: Ino, inode: *mut Inode) -> Errcode;
     pub fn ext2fs_write_new_inode(fs: Filsys, ino: Ino, inode: *mut Inode) -> Errcode;

@@ -148,3 +148,113 @@ pub fn debugfs(raw: &Path, cmd: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// The cached debootstrap tarball (built by `tests/debian-fixture.sh`).
+pub fn debian_tar() -> PathBuf {
+    std::env::var_os("VMI_TEST_DEBIAN_TAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/vmi-test/debian-bookworm-minbase.tar".into())
+}
+
+/// Size of the Debian root partition.
+pub const DEBIAN_PART_SIZE: u64 = 768 << 20;
+
+/// Files a built image carries and sysprep removes, added to the Debian tree before mkfs.
+pub const BUILDER_ARTEFACTS: &[(&str, &str)] = &[
+    ("etc/machine-id", "0123456789abcdef0123456789abcdef\n"),
+    (
+        "var/lib/dbus/machine-id",
+        "0123456789abcdef0123456789abcdef\n",
+    ),
+    ("etc/ssh/ssh_host_ed25519_key", "PRIVATE\n"),
+    (
+        "etc/ssh/ssh_host_ed25519_key.pub",
+        "ssh-ed25519 AAAA builder\n",
+    ),
+    ("etc/ssh/ssh_host_rsa_key", "PRIVATE\n"),
+    ("root/.bash_history", "apt-get install secret-tool\n"),
+    ("var/lib/cloud/instance/boot-finished", "done\n"),
+    ("var/lib/cloud/instances/i-1/datasource", "DataSourceNone\n"),
+    ("var/lib/dhcp/dhclient.eth0.leases", "lease {}\n"),
+    (
+        "etc/udev/rules.d/70-persistent-net.rules",
+        "SUBSYSTEM==\"net\"\n",
+    ),
+    ("var/lib/systemd/random-seed", "seedseedseed"),
+    ("var/cache/apt/pkgcache.bin", "cache"),
+    ("var/cache/apt/archives/old.deb", "deb"),
+    ("tmp/build-leftover", "tmp"),
+    ("var/tmp/leftover", "tmp"),
+];
+
+/// The Debian 12 root filesystem (an ext4 file of [`DEBIAN_PART_SIZE`]) and the package list
+/// `dpkg-query -W` gives for its tree (`name\tversion\tarch` lines), built once from the cached
+/// debootstrap tarball and cached beside it. `None` (with the reason printed) when the tarball is
+/// missing and debootstrap is not installed to build it.
+pub fn debian_root() -> Option<(PathBuf, String)> {
+    if !have_tools() {
+        return None;
+    }
+    let tar = debian_tar();
+    if !tar.exists() {
+        let has_debootstrap = Command::new("debootstrap")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !has_debootstrap {
+            eprintln!(
+                "skipped: no Debian fixture at {} and debootstrap is not installed \
+                 (apt-get install debootstrap; tests/debian-fixture.sh builds it)",
+                tar.display()
+            );
+            return None;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/debian-fixture.sh");
+        run("bash", &[script.to_str().unwrap()]);
+    }
+    let cache = tar.with_extension("ext4");
+    let pkgs = tar.with_extension("packages");
+    if !cache.exists() || !pkgs.exists() {
+        let work = tempfile::tempdir_in(tar.parent().unwrap()).unwrap();
+        let tree = work.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        run(
+            "tar",
+            &[
+                "-xf",
+                tar.to_str().unwrap(),
+                "-C",
+                tree.to_str().unwrap(),
+                "--numeric-owner",
+            ],
+        );
+        for (p, content) in BUILDER_ARTEFACTS {
+            let f = tree.join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, content).unwrap();
+        }
+        let list = run(
+            "dpkg-query",
+            &[
+                &format!("--admindir={}", tree.join("var/lib/dpkg").display()),
+                "-W",
+                "-f",
+                "${Package}\\t${Version}\\t${Architecture}\\n",
+            ],
+        );
+        let part = mkfs_ext4(work.path(), &tree, DEBIAN_PART_SIZE);
+        let tmp_pkgs = work.path().join("packages");
+        std::fs::write(&tmp_pkgs, list).unwrap();
+        std::fs::rename(&tmp_pkgs, &pkgs).unwrap();
+        std::fs::rename(&part, &cache).unwrap();
+    }
+    Some((cache, std::fs::read_to_string(&pkgs).unwrap()))
+}
+
+/// A raw disk (`label` "dos" or "gpt") with the Debian root as partition 1.
+pub fn debian_disk(dir: &Path, label: &str) -> Option<PathBuf> {
+    let (part, _) = debian_root()?;
+    Some(disk_with(dir, &part, label))
+}
