@@ -8,12 +8,15 @@
 //! Everything read from a guest is hostile input: tables and filesystems are bounded and checked,
 //! guest paths are resolved inside the guest filesystem only.
 
+pub mod customize;
 pub mod error;
 pub mod ext4;
 pub mod guest;
 pub mod inspect;
 pub mod partition;
 pub mod rpmdb;
+pub mod sparsify;
+pub mod sysprep;
 pub mod volume;
 
 pub use error::{Error, Result};

@@ -136,7 +136,7 @@ pub fn assert_fsck_clean(raw: &Path) {
     assert_eq!(code, 0, "e2fsck -fn is not clean:\n{out}");
 }
 
-/// `debugfs -R CMD` on the partition (stdout and stderr together).
+/// `debugfs -R CMD` on the partition (stderr, then stdout).
 pub fn debugfs(raw: &Path, cmd: &str) -> String {
     let out = Command::new("debugfs")
         .args(["-R", cmd, &at_offset(raw)])
@@ -144,8 +144,8 @@ pub fn debugfs(raw: &Path, cmd: &str) -> String {
         .unwrap();
     format!(
         "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     )
 }
 
