@@ -123,3 +123,48 @@ pub fn open_root(img: &Image, writable: bool) -> Result<(FoundFs, Ext4<'_>)> {
         ))),
     }
 }
+
+/// Open the filesystem a file command works on: the ext2/3/4 filesystem on partition
+/// `partition` when given, else the operating system's root, else the only ext2/3/4 filesystem.
+pub fn open_fs(img: &Image, writable: bool, partition: Option<u32>) -> Result<(FoundFs, Ext4<'_>)> {
+    let (_, found) = filesystems(img)?;
+    if let Some(n) = partition {
+        let f = found
+            .into_iter()
+            .find(|f| f.partition.as_ref().is_some_and(|p| p.number == n))
+            .ok_or_else(|| Error::Usage(format!("the image has no partition {n}")))?;
+        if f.fs_type.as_deref() != Some("ext4") {
+            return Err(Error::Unsupported(format!(
+                "partition {n} holds {}, not an ext2/3/4 filesystem",
+                f.fs_type
+                    .as_deref()
+                    .unwrap_or("no filesystem vmi recognises")
+            )));
+        }
+        let fs = Ext4::open(f.volume(img)?, writable)?;
+        return Ok((f, fs));
+    }
+    match open_root(img, writable) {
+        Ok(r) => Ok(r),
+        Err(Error::Unsupported(why)) => {
+            let mut ext: Vec<FoundFs> = found
+                .into_iter()
+                .filter(|f| f.fs_type.as_deref() == Some("ext4"))
+                .collect();
+            if ext.len() == 1 {
+                let f = ext.remove(0);
+                let fs = Ext4::open(f.volume(img)?, writable)?;
+                Ok((f, fs))
+            } else if ext.is_empty() {
+                Err(Error::Unsupported(
+                    "the image holds no ext2/3/4 filesystem".into(),
+                ))
+            } else {
+                Err(Error::Unsupported(format!(
+                    "{why}; choose one with --partition"
+                )))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -9,6 +9,7 @@
 //! guest paths are resolved inside the guest filesystem only.
 
 pub mod customize;
+pub mod diff;
 pub mod error;
 pub mod ext4;
 pub mod guest;
