@@ -183,3 +183,116 @@ fn writes_to_a_read_only_filesystem_are_refused() {
     let e = fs.unlink("/etc/hostname").unwrap_err().to_string();
     assert!(e.contains("read-only"), "{e}");
 }
+
+#[test]
+fn inspect_reads_an_rpm_based_root_from_its_sqlite_rpmdb() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("tree");
+    for (p, c) in [
+        (
+            "usr/lib/os-release",
+            "NAME=\"Fedora Linux\"\nID=fedora\nVERSION_ID=40\nPRETTY_NAME=\"Fedora Linux 40 (Server Edition)\"\n",
+        ),
+        ("etc/hostname", "fedora-builder\n"),
+        ("usr/bin/dnf", "#!/bin/sh\n"),
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/bash\n"),
+    ] {
+        std::fs::create_dir_all(t.join(p).parent().unwrap()).unwrap();
+        std::fs::write(t.join(p), c).unwrap();
+    }
+    std::os::unix::fs::symlink("../usr/lib/os-release", t.join("etc/os-release")).unwrap();
+    let db = t.join("usr/lib/sysimage/rpm/rpmdb.sqlite");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    {
+        use vmi_guest::rpmdb::build_header;
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE Packages (hnum INTEGER PRIMARY KEY AUTOINCREMENT, blob BLOB NOT NULL);",
+        )
+        .unwrap();
+        for b in [
+            build_header("bash", "5.2.26", "3.fc40", "x86_64", None),
+            build_header("shadow-utils", "4.15.1", "3.fc40", "x86_64", Some(2)),
+            b"\x00\x00\xff\xffgarbage".to_vec(),
+        ] {
+            c.execute("INSERT INTO Packages (blob) VALUES (?1)", [b])
+                .unwrap();
+        }
+    }
+    let part = mkfs_ext4(dir.path(), &t, 16 << 20);
+    let raw = disk_with(dir.path(), &part, "gpt");
+    let img = open(&raw, false);
+    let r = vmi_guest::inspect::inspect(&img).unwrap();
+    let os = &r.operating_systems[0];
+    assert_eq!(
+        (
+            os.distro.as_str(),
+            os.version.as_str(),
+            os.hostname.as_str()
+        ),
+        ("fedora", "40", "fedora-builder")
+    );
+    assert_eq!(
+        (os.package_format.as_str(), os.package_manager.as_str()),
+        ("rpm", "dnf")
+    );
+    let pkgs: Vec<(&str, &str, &str)> = os
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str(), p.arch.as_str()))
+        .collect();
+    assert_eq!(
+        pkgs,
+        [
+            ("bash", "5.2.26-3.fc40", "x86_64"),
+            ("shadow-utils", "2:4.15.1-3.fc40", "x86_64")
+        ],
+        "the malformed blob is skipped"
+    );
+}
+
+#[test]
+fn a_corrupt_superblock_is_an_error_not_a_crash() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let part = mkfs_ext4(dir.path(), &small_tree(dir.path()), 16 << 20);
+    // s_log_block_size (superblock offset 24) = 40: a 2^50-byte block.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+        f.write_all_at(&40u32.to_le_bytes(), 1024 + 24).unwrap();
+    }
+    let img = open(&part, false);
+    let e = Ext4::open(Volume::whole(&img), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("opening the ext2/3/4 filesystem:"), "{e}");
+}
+
+#[test]
+fn a_directory_entry_pointing_at_itself_does_not_loop_a_recursive_remove() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let part = mkfs_ext4(dir.path(), &small_tree(dir.path()), 16 << 20);
+    // A hard link to /etc inside /etc/ssh (debugfs allows what mkdir never would): a cycle.
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            "link /etc /etc/ssh/loop",
+            part.to_str().unwrap(),
+        ],
+    );
+    let img = open(&part, true);
+    let fs = Ext4::open(Volume::whole(&img), true).unwrap();
+    let e = fs.remove_tree("/etc").unwrap_err().to_string();
+    assert!(e.contains("deeper than 64 directories"), "{e}");
+}
