@@ -480,3 +480,70 @@ fn guest_sparsify_reports_the_bytes_a_deleted_file_gave_back() {
     sh("qemu-img", &["check", q.to_str().unwrap()]);
     fsck_clean(&as_raw(d.path(), &q));
 }
+
+#[test]
+fn guest_sysprep_on_a_linked_clone_leaves_the_golden_image_untouched() {
+    if !tools() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let golden = guest_disk(d.path());
+    let before = std::fs::read(&golden).unwrap();
+    vmi(
+        d.path(),
+        &["clone", "--linked", "disk.qcow2", "web01.qcow2"],
+    )
+    .ok();
+    let denied = vmi(d.path(), &["guest", "sysprep", "web01.qcow2"]);
+    assert_eq!(
+        denied.code, 1,
+        "the backing file is not opened unless allowed"
+    );
+    vmi(
+        d.path(),
+        &["guest", "sysprep", "--allow-backing", "web01.qcow2"],
+    )
+    .ok();
+    vmi(
+        d.path(),
+        &[
+            "guest",
+            "customize",
+            "--allow-backing",
+            "web01.qcow2",
+            "--hostname",
+            "web01",
+        ],
+    )
+    .ok();
+    assert_eq!(
+        std::fs::read(&golden).unwrap(),
+        before,
+        "golden image unchanged"
+    );
+    let clone = vmi(
+        d.path(),
+        &[
+            "guest",
+            "inspect",
+            "--allow-backing",
+            "--output",
+            "json",
+            "web01.qcow2",
+        ],
+    )
+    .ok()
+    .json();
+    let os = &clone["operating_systems"][0];
+    assert_eq!(os["hostname"], "web01");
+    assert_eq!(os["machine_id"], false);
+    assert_eq!(os["ssh_host_keys"], serde_json::json!([]));
+    let gold = vmi(
+        d.path(),
+        &["guest", "inspect", "--output", "json", "disk.qcow2"],
+    )
+    .ok()
+    .json();
+    assert_eq!(gold["operating_systems"][0]["hostname"], "builder");
+    fsck_clean(&as_raw(d.path(), &d.path().join("web01.qcow2")));
+}

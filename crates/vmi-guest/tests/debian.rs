@@ -347,3 +347,63 @@ fn sparsify_gives_back_a_deleted_files_space_and_keeps_the_guest_data() {
     );
     assert!(vmi_testkit::qemu_compare(&raw2, "raw", &after_raw, "raw"));
 }
+
+#[test]
+fn diff_between_two_versions_names_the_changed_files_and_the_upgraded_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(old) = debian_disk(dir.path(), "gpt") else {
+        return;
+    };
+    let new = dir.path().join("new.qcow2");
+    convert(&old, "qcow2", &new);
+    {
+        let img = open(&new, true);
+        let (_, fs) = vmi_guest::guest::open_root(&img, true).unwrap();
+        let status = fs.read_to_vec("/var/lib/dpkg/status", 64 << 20).unwrap();
+        let status = String::from_utf8(status).unwrap();
+        let bash = status
+            .split("\n\n")
+            .find(|p| p.starts_with("Package: bash\n"))
+            .unwrap();
+        let version = bash
+            .lines()
+            .find_map(|l| l.strip_prefix("Version: "))
+            .unwrap();
+        let bumped = status.replacen(
+            &format!("Package: bash\n{}", &bash["Package: bash\n".len()..]),
+            &bash.replace(
+                &format!("Version: {version}"),
+                &format!("Version: {version}+vmi1"),
+            ),
+            1,
+        );
+        fs.write_file("/var/lib/dpkg/status", &mut bumped.as_bytes(), None)
+            .unwrap();
+        fs.write_file("/etc/added.conf", &mut &b"x"[..], None)
+            .unwrap();
+        fs.unlink("/etc/hostname").unwrap();
+        fs.close().unwrap();
+        img.close().unwrap();
+    }
+    let (ia, ib) = (open(&old, false), open(&new, false));
+    let (_, fa) = vmi_guest::guest::open_root(&ia, false).unwrap();
+    let (_, fb) = vmi_guest::guest::open_root(&ib, false).unwrap();
+    let files = vmi_guest::diff::diff_files(&fa, &fb).unwrap();
+    let got: Vec<(&str, &str)> = files.iter().map(|f| (f.change, f.path.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            ("added", "/etc/added.conf"),
+            ("removed", "/etc/hostname"),
+            ("changed", "/var/lib/dpkg/status")
+        ]
+    );
+    let pa = inspect(&ia).unwrap().operating_systems[0].packages.clone();
+    let pb = inspect(&ib).unwrap().operating_systems[0].packages.clone();
+    let pk = vmi_guest::diff::diff_packages(&pa, &pb, "deb");
+    assert_eq!(pk.len(), 1, "{pk:?}");
+    assert_eq!(
+        (pk[0].change, pk[0].name.as_str()),
+        ("upgraded", "bash:amd64")
+    );
+}

@@ -669,7 +669,12 @@ fn run_diff(gate: &common::GateArgs, a: DiffArgs) -> anyhow::Result<u8> {
         .first()
         .map(|o| o.packages.clone())
         .unwrap_or_default();
-    let packages = vmi_guest::diff::diff_packages(&pa, &pb);
+    let format = rb
+        .operating_systems
+        .first()
+        .map(|o| o.package_format.clone())
+        .unwrap_or_default();
+    let packages = vmi_guest::diff::diff_packages(&pa, &pb, &format);
     if a.output == OutputFormat::Json {
         common::print_json(&serde_json::json!({ "files": files, "packages": packages }))?;
         return Ok(0);
@@ -688,7 +693,8 @@ fn run_diff(gate: &common::GateArgs, a: DiffArgs) -> anyhow::Result<u8> {
     }
     for p in &packages {
         outln!(
-            "package {}: {} -> {}",
+            "package {} {}: {} -> {}",
+            p.change,
             p.name,
             p.from.as_deref().unwrap_or("(absent)"),
             p.to.as_deref().unwrap_or("(removed)")
