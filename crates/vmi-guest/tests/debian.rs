@@ -402,8 +402,6 @@ fn diff_between_two_versions_names_the_changed_files_and_the_upgraded_package() 
     let pb = inspect(&ib).unwrap().operating_systems[0].packages.clone();
     let pk = vmi_guest::diff::diff_packages(&pa, &pb, "deb");
     assert_eq!(pk.len(), 1, "{pk:?}");
-    assert_eq!(
-        (pk[0].change, pk[0].name.as_str()),
-        ("upgraded", "bash:amd64")
-    );
+    assert_eq!(pk[0].change, "upgraded");
+    assert!(pk[0].name.starts_with("bash:"), "{pk:?}");
 }
