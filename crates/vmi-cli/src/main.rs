@@ -87,6 +87,8 @@ enum Command {
     Serve(vmi_registry::cli::ServeArgs),
     /// Talk to an image registry: list, show, create, upload, download, set, delete, share.
     Image(vmi_registry::cli::ImageArgs),
+    /// Inspect, sysprep, customize and sparsify the OS inside an image, without booting it.
+    Guest(cmd::guest::Args),
 }
 
 fn main() -> ExitCode {
@@ -160,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Image(a) => vmi_registry::cli::run_image(a)
             .map(|()| 0)
             .map_err(Into::into),
+        Command::Guest(a) => cmd::guest::run(gate, a),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod guest;
 pub mod info;
 pub mod map;
 pub mod measure;
