@@ -4,8 +4,11 @@
 //! (reporting every format that claims the file), opens the image with a gate that denies every
 //! referenced file, and reports each reason the image is not a safe, self-contained disk: a backing
 //! file, an external data file, extents (VMDK descriptors), a create type that is not self-contained,
-//! unknown incompatible features, a format other than the declared one, or several formats at once
-//! (a polyglot). It never opens any file but the one inspected.
+//! unknown incompatible features, a format other than the declared one, several formats at once
+//! (a polyglot), a format vmi knows but cannot open, a VMDK embedded descriptor naming anything but
+//! its own sparse extent, or a raw disk whose MBR format_inspector would refuse. It never opens any
+//! file but the one inspected. OpenStack's own format_inspector test cases run against it
+//! (`tests/format_inspector.rs`).
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::vmdk::{Embedded, VmdkDriver};

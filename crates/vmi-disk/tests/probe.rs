@@ -221,3 +221,52 @@ fn iso_with_a_qcow2_header_in_its_system_area_is_refused_as_ambiguous() {
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
     assert!(e.to_string().contains("ambiguous"), "{e}");
 }
+
+#[test]
+fn qcow_magic_of_any_version_and_qed_magic_are_never_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("a.qcow2");
+    qemu_create(&q, "qcow2", "", 1 << 20);
+    let orig = read_file(&q);
+    for (version, format, confidence) in [
+        (0u8, Format::Qcow2, Confidence::Weak),
+        (1, Format::Qcow, Confidence::Weak),
+        (3, Format::Qcow2, Confidence::Certain),
+        (4, Format::Qcow2, Confidence::Weak),
+        (255, Format::Qcow2, Confidence::Weak),
+    ] {
+        let mut b = orig.clone();
+        b[7] = version;
+        let p = probe_bytes(&b).unwrap();
+        assert_eq!(
+            (p.format, p.confidence),
+            (format, confidence),
+            "version {version}"
+        );
+        if confidence == Confidence::Weak {
+            let path = dir.path().join(format!("v{version}"));
+            fs::write(&path, &b).unwrap();
+            let e = Image::open(&path, &OpenOptions::new()).unwrap_err();
+            assert_ne!(e.kind(), ErrorKind::Io, "version {version}: {e}");
+        }
+    }
+    let qed = dir.path().join("a.qed");
+    qemu_create(&qed, "qed", "", 1 << 20);
+    let p = probe_bytes(&read_file(&qed)).unwrap();
+    assert_eq!((p.format, p.confidence), (Format::Qed, Confidence::Certain));
+    let qcow = dir.path().join("a.qcow");
+    qemu_create(&qcow, "qcow", "", 1 << 20);
+    let p = probe_bytes(&read_file(&qcow)).unwrap();
+    assert_eq!(
+        (p.format, p.confidence),
+        (Format::Qcow, Confidence::Certain)
+    );
+    // Only a magic: still claimed, weakly.
+    for magic in [&b"QFI\xfb"[..], &b"QED\0"[..]] {
+        let mut b = magic.to_vec();
+        b.resize(4096, 0);
+        let p = probe_bytes(&b).unwrap();
+        assert_ne!(p.format, Format::Raw, "{magic:?}");
+        assert_eq!(p.confidence, Confidence::Weak);
+    }
+}

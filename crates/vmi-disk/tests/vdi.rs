@@ -455,3 +455,23 @@ fn mutated_images_never_panic() {
         vmi_disk::fuzzing::exercise(None, &b);
     }
 }
+
+#[test]
+fn unallocated_blocks_are_present_zeroes_as_qemu_maps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let vdi = dir.path().join("u.vdi");
+    qemu_create(&vdi, "vdi", "", 8 * MIB);
+    qemu_io(&vdi, "vdi", "write -P 3 2M 1M");
+    let img = open_ro(&vdi).unwrap();
+    let map = qemu_map(&vdi, "vdi");
+    let entries = map.as_array().expect("qemu-img map prints a list");
+    assert!(entries.iter().any(|e| e["data"] == false), "{map}");
+    for e in entries {
+        let st = img.block_status(e["start"].as_u64().unwrap(), 1).unwrap();
+        // map --output json: present unless unallocated everywhere, zero for zero runs.
+        let present = st.kind != BlockKind::Unallocated;
+        let zero = matches!(st.kind, BlockKind::Zero | BlockKind::Unallocated);
+        assert_eq!(Some(present), e["present"].as_bool(), "{e}");
+        assert_eq!(Some(zero), e["zero"].as_bool(), "{e}");
+    }
+}

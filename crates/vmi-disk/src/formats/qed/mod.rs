@@ -577,6 +577,13 @@ pub(crate) fn create(
             "QED table size must be within range [1, 16] and power of 2",
         ));
     }
+    if ts == 1 {
+        // qemu's L1 offset check rejects a one-cluster table (its end offset equals its start),
+        // so qemu cannot open such an image although it creates one.
+        return Err(Error::usage(
+            "QED table size 1 makes an image qemu cannot open; use 2 or more",
+        ));
+    }
     let max = header::max_image_size(cs, ts);
     if opts.size % 512 != 0 || opts.size > max {
         return Err(Error::usage(format!(

@@ -563,6 +563,9 @@ impl Driver for VdiDriver {
                 file,
                 offset: offset + within,
             },
+            // A VDI has no backing file: an unallocated block is part of the image and reads as
+            // zeroes, which is how qemu reports it (`map`: present, zero).
+            MapKind::Unallocated => MapKind::Zero,
             k => k,
         };
         // Extend over following blocks that continue the same kind (contiguous data).
@@ -886,7 +889,7 @@ mod tests {
         let mut buf = [0u8; 4096];
         d.file(0).unwrap().read_at(&mut buf, offset).unwrap();
         assert_eq!(buf, [7; 4096]);
-        assert_eq!(d.map(299 << 30, 1).unwrap().kind, MapKind::Unallocated);
+        assert_eq!(d.map(299 << 30, 1).unwrap().kind, MapKind::Zero);
     }
 
     #[test]
