@@ -232,3 +232,59 @@ fn reading_without_a_key_or_with_a_wrong_one_fails_clearly_and_never_prints_the_
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("missing"), "{r:?}");
 }
+
+#[test]
+fn encrypted_qcow2_converts_both_ways_with_a_key_file_and_checks_clean_in_qemu_img() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let raw = pattern_raw(d.path());
+    std::fs::write(d.path().join("key"), PASS).expect("key file");
+    ok(vmi(
+        d.path(),
+        &[
+            "convert",
+            "--key-file",
+            "key",
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.iter-time=10",
+            s(&raw),
+            "enc.qcow2",
+        ],
+    ));
+    let enc = d.path().join("enc.qcow2");
+    let (code, out) = qemu_compare_opts("qcow2", "encrypt.key-secret", &enc, &raw);
+    assert_eq!(code, 0, "{out}");
+    let spec = format!(
+        "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+        s(&enc)
+    );
+    let (code, out, err) =
+        qemu_img_status(&["check", "--object", &object(), "--image-opts", &spec]);
+    assert_eq!(code, 0, "qemu-img check: {out}{err}");
+    ok(vmi(d.path(), &["check", "enc.qcow2"]));
+    let info = ok(vmi(d.path(), &["info", "enc.qcow2"])).stdout;
+    assert!(info.contains("encrypted: yes"), "{info}");
+    assert!(info.contains("format: luks"), "{info}");
+    // And back out, with the qemu spelling of the key.
+    let opts = format!(
+        "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
+        s(&enc)
+    );
+    ok(vmi(
+        d.path(),
+        &[
+            "convert",
+            "--object",
+            &object(),
+            "--image-opts",
+            &opts,
+            "-O",
+            "vmdk",
+            "plain.vmdk",
+        ],
+    ));
+    ok(vmi(d.path(), &["compare", "plain.vmdk", s(&raw)]));
+    let help = ok(vmi(d.path(), &["create", "-f", "qcow2", "-o", "help"])).stdout;
+    assert!(help.contains("encrypt.key-secret"), "{help}");
+}

@@ -493,3 +493,312 @@ fn qcow2_crypto_header_pointers_out_of_bounds_are_refused() {
     let e = open_key(&q, PASS).expect_err("crypto extension without crypt_method");
     assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
 }
+
+/// Whether `cryptsetup` (Debian's cryptsetup-bin) is installed: LUKS2 volumes come from it,
+/// since qemu-img does not write (or read) LUKS2.
+fn have_cryptsetup() -> bool {
+    let found = std::process::Command::new("cryptsetup")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("SKIPPED: cryptsetup is not installed (apt-get install cryptsetup-bin)");
+    }
+    found
+}
+
+fn run_with_stdin(cmd: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The volume key cryptsetup unlocks with the passphrase (`luksDump --dump-volume-key`).
+fn cryptsetup_volume_key(img: &Path) -> Vec<u8> {
+    let out = run_with_stdin(
+        "cryptsetup",
+        &[
+            "luksDump",
+            "--dump-volume-key",
+            "--batch-mode",
+            "--key-file",
+            "-",
+            p(img),
+        ],
+        PASS.as_bytes(),
+    );
+    let text = String::from_utf8_lossy(&out);
+    let dump = text.split("MK dump:").nth(1).expect("MK dump in output");
+    dump.split_whitespace()
+        .filter_map(|w| u8::from_str_radix(w, 16).ok().filter(|_| w.len() == 2))
+        .collect()
+}
+
+/// Encrypt (or decrypt) one sector with openssl, an implementation independent of vmi's. `openssl
+/// enc` has no XTS, so XTS is built here from its AES-ECB (IEEE 1619: the tweak is the IV
+/// encrypted with the second key half, multiplied by x in GF(2^128) for each block).
+fn openssl_sector(cipher: &str, key: &[u8], iv: &[u8; 16], data: &[u8], enc: bool) -> Vec<u8> {
+    let dir = if enc { "-e" } else { "-d" };
+    let ecb = |k: &[u8], d: &[u8], dir: &str| {
+        let name = format!("-aes-{}-ecb", k.len() * 8);
+        run_with_stdin("openssl", &["enc", dir, &name, "-K", &hex(k), "-nopad"], d)
+    };
+    if !cipher.ends_with("-xts") {
+        let (k, i) = (hex(key), hex(iv));
+        return run_with_stdin(
+            "openssl",
+            &[
+                "enc",
+                dir,
+                &format!("-{cipher}"),
+                "-K",
+                &k,
+                "-iv",
+                &i,
+                "-nopad",
+            ],
+            data,
+        );
+    }
+    let (k1, k2) = key.split_at(key.len() / 2);
+    let mut t: [u8; 16] = ecb(k2, iv, "-e").try_into().expect("one block");
+    let mut tweaks = Vec::new();
+    let mut x = Vec::new();
+    for block in data.chunks(16) {
+        tweaks.push(t);
+        x.extend(block.iter().zip(t.iter()).map(|(a, b)| a ^ b));
+        let carry = t[15] >> 7;
+        for i in (1..16).rev() {
+            t[i] = (t[i] << 1) | (t[i - 1] >> 7);
+        }
+        t[0] = (t[0] << 1) ^ (0x87 * carry);
+    }
+    let y = ecb(k1, &x, dir);
+    y.chunks(16)
+        .zip(tweaks)
+        .flat_map(|(b, t)| b.iter().zip(t).map(|(a, b)| a ^ b).collect::<Vec<u8>>())
+        .collect()
+}
+
+/// Format a LUKS2 volume with cryptsetup, fill its payload through openssl, and check that vmi
+/// reads the plaintext and writes what openssl decrypts.
+fn luks2_case(format_args: &[&str], openssl_cipher: &str, sector: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("l2.img");
+    let payload_len = 64 * 1024;
+    let f = fs::File::create(&img).expect("create");
+    f.set_len(16 * MIB + payload_len as u64).expect("size");
+    drop(f);
+    let mut args = vec![
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--batch-mode",
+        "--key-file",
+        "-",
+    ];
+    args.extend_from_slice(format_args);
+    args.push(p(&img));
+    run_with_stdin("cryptsetup", &args, PASS.as_bytes());
+    let key = cryptsetup_volume_key(&img);
+    let plain = pattern(9, payload_len);
+    let mut bytes = read_file(&img);
+    for (i, s) in plain.chunks(sector).enumerate() {
+        let mut iv = [0u8; 16];
+        iv[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let c = openssl_sector(openssl_cipher, &key, &iv, s, true);
+        let at = 16 * MIB as usize + i * sector;
+        bytes[at..at + sector].copy_from_slice(&c);
+    }
+    fs::write(&img, &bytes).expect("write payload");
+    let image = open_key(&img, PASS).expect("open LUKS2 with the passphrase");
+    assert_eq!(image.format(), Format::Luks);
+    assert_eq!(image.virtual_size(), payload_len as u64);
+    assert!(
+        read_image(&image) == plain,
+        "{format_args:?}: plaintext differs"
+    );
+    drop(image);
+    // A write through vmi decrypts with openssl to what was written.
+    let rw = Image::open(&img, &OpenOptions::new().write(true).secret(secret(PASS))).expect("rw");
+    rw.write_at(&[0x42; 100], sector as u64 + 10)
+        .expect("write");
+    rw.close().expect("close");
+    let bytes = read_file(&img);
+    let at = 16 * MIB as usize + sector;
+    let mut iv = [0u8; 16];
+    iv[..8].copy_from_slice(&1u64.to_le_bytes());
+    let back = openssl_sector(openssl_cipher, &key, &iv, &bytes[at..at + sector], false);
+    let mut expect = plain[sector..2 * sector].to_vec();
+    expect[10..110].fill(0x42);
+    assert!(back == expect, "{format_args:?}: written sector differs");
+    let e = open_key(&img, "wrong").expect_err("wrong passphrase");
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+}
+
+#[test]
+fn cryptsetup_luks2_argon2id_xts_4k_sectors_reads_and_writes() {
+    if !have_cryptsetup() {
+        return;
+    }
+    luks2_case(
+        &[
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "1024",
+            "--pbkdf-parallel",
+            "1",
+            "--sector-size",
+            "4096",
+        ],
+        "aes-256-xts",
+        4096,
+    );
+}
+
+#[test]
+fn cryptsetup_luks2_argon2i_and_pbkdf2_with_512_byte_sectors_read_and_write() {
+    if !have_cryptsetup() {
+        return;
+    }
+    luks2_case(
+        &[
+            "--pbkdf",
+            "argon2i",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "1024",
+            "--pbkdf-parallel",
+            "2",
+            "--sector-size",
+            "512",
+            "--key-size",
+            "256",
+        ],
+        "aes-128-xts",
+        512,
+    );
+    luks2_case(
+        &[
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--hash",
+            "sha512",
+            "--sector-size",
+            "512",
+            "--cipher",
+            "aes-cbc-plain64",
+            "--key-size",
+            "256",
+        ],
+        "aes-256-cbc",
+        512,
+    );
+}
+
+#[test]
+fn luks2_metadata_that_asks_too_much_is_refused() {
+    if !have_cryptsetup() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("h.img");
+    let f = fs::File::create(&img).expect("create");
+    f.set_len(16 * MIB + 4096).expect("size");
+    drop(f);
+    run_with_stdin(
+        "cryptsetup",
+        &[
+            "luksFormat",
+            "--type",
+            "luks2",
+            "--batch-mode",
+            "--key-file",
+            "-",
+            "--pbkdf",
+            "argon2id",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "1024",
+            "--pbkdf-parallel",
+            "1",
+            p(&img),
+        ],
+        PASS.as_bytes(),
+    );
+    let good = read_file(&img);
+    // Rewrite the JSON of the primary header, fix its checksum, and drop the secondary copy.
+    let json_end = 4096 + good[4096..16384].iter().position(|&b| b == 0).expect("NUL");
+    let json = String::from_utf8(good[4096..json_end].to_vec()).expect("UTF-8");
+    let cases = [
+        ("\"memory\":1024", "\"memory\":4194304", "Argon2 memory"),
+        ("\"time\":4", "\"time\":100000", "Argon2 time cost"),
+        ("\"stripes\":4000", "\"stripes\":4000000000", "stripes"),
+        (
+            "\"offset\":\"16777216\"",
+            "\"offset\":\"99999999999\"",
+            "segment offset",
+        ),
+        (
+            "\"offset\":\"32768\"",
+            "\"offset\":\"99999999999\"",
+            "keyslot area",
+        ),
+        ("\"keyslots\":{", "\"keyslots\":", "broken JSON"),
+    ];
+    for (from, to, what) in cases {
+        assert!(json.contains(from), "{what}: {from} not in {json}");
+        let new = json.replacen(from, to, 1);
+        let mut b = good.clone();
+        b[4096..16384].fill(0);
+        b[4096..4096 + new.len()].copy_from_slice(new.as_bytes());
+        b[448..512].fill(0);
+        let sum = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&b[..16384])
+        };
+        b[448..480].copy_from_slice(&sum);
+        b[16384..32768].fill(0);
+        let e = open_bytes(dir.path(), &b, Some(PASS)).expect_err(what);
+        assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::Invalid | ErrorKind::Limit | ErrorKind::Unsupported
+            ),
+            "{what}: {e}"
+        );
+    }
+    // A damaged primary copy falls back to the secondary.
+    let mut b = good.clone();
+    b[4096 + 10] ^= 1;
+    open_bytes(dir.path(), &b, Some(PASS)).expect("secondary header copy");
+}

@@ -196,6 +196,42 @@ fn option_table(format: Format) -> &'static [OptionHelp] {
                 "Preallocation mode (allowed values: off, metadata, falloc, full)",
             ),
             (
+                "encrypt.format",
+                "str",
+                "Encrypt the image, format choices: 'luks'",
+            ),
+            (
+                "encrypt.key-secret",
+                "str",
+                "ID of secret providing qcow2 LUKS passphrase",
+            ),
+            (
+                "encrypt.cipher-alg",
+                "str",
+                "Name of encryption cipher algorithm",
+            ),
+            (
+                "encrypt.cipher-mode",
+                "str",
+                "Name of encryption cipher mode",
+            ),
+            ("encrypt.ivgen-alg", "str", "Name of IV generator algorithm"),
+            (
+                "encrypt.ivgen-hash-alg",
+                "str",
+                "Name of IV generator hash algorithm",
+            ),
+            (
+                "encrypt.hash-alg",
+                "str",
+                "Name of encryption hash algorithm",
+            ),
+            (
+                "encrypt.iter-time",
+                "num",
+                "Time to spend in PBKDF in milliseconds",
+            ),
+            (
                 "lazy_refcounts",
                 "bool (on/off)",
                 "Postpone refcount updates",

@@ -331,6 +331,10 @@ pub struct SectorCipher {
     spec: CipherSpec,
     engine: Engine,
     essiv: Option<AnyAes>,
+    /// Bytes per encryption sector: 512, or up to 4096 for LUKS2 segments.
+    sector_size: u64,
+    /// Added to every sector number (LUKS2 `iv_tweak`).
+    iv_tweak: u64,
 }
 
 impl std::fmt::Debug for SectorCipher {
@@ -378,7 +382,23 @@ impl SectorCipher {
             spec,
             engine,
             essiv,
+            sector_size: SECTOR_SIZE,
+            iv_tweak: 0,
         })
+    }
+
+    /// The same cipher over sectors of `sector_size` bytes (a power of two from 512 to 4096)
+    /// numbered from `iv_tweak`: LUKS2 segments, whose IVs count these larger sectors
+    /// (dm-crypt's `iv_large_sectors`).
+    pub fn with_sectors(mut self, sector_size: u64, iv_tweak: u64) -> SectorCipher {
+        self.sector_size = sector_size;
+        self.iv_tweak = iv_tweak;
+        self
+    }
+
+    /// Bytes per encryption sector.
+    pub fn sector_size(&self) -> u64 {
+        self.sector_size
     }
 
     fn iv(&self, sector: u64) -> [u8; BLOCK] {
@@ -407,8 +427,9 @@ impl SectorCipher {
     }
 
     fn run(&self, buf: &mut [u8], first: u64, enc: bool) {
-        for (i, s) in buf.chunks_exact_mut(SECTOR_SIZE as usize).enumerate() {
-            let iv = self.iv(first.wrapping_add(i as u64));
+        let base = first.wrapping_add(self.iv_tweak);
+        for (i, s) in buf.chunks_exact_mut(self.sector_size as usize).enumerate() {
+            let iv = self.iv(base.wrapping_add(i as u64));
             match &self.engine {
                 Engine::Xts128(x) if enc => x.encrypt_sector(s, iv),
                 Engine::Xts128(x) => x.decrypt_sector(s, iv),

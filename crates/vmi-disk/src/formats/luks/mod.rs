@@ -77,7 +77,7 @@ pub(crate) enum Volume {
 impl Volume {
     /// Parse the header at `base` in `st`, whose key material lies within `region` bytes.
     pub(crate) fn read(st: &dyn Storage, base: u64, region: u64, raw: bool) -> Result<Volume> {
-        let mut head = vec![0u8; region.min(luks1::HEADER_LEN as u64) as usize];
+        let mut head = vec![0u8; region.min(luks2::BINARY_LEN) as usize];
         st.read_at(&mut head, base)
             .map_err(|e| Error::io("reading LUKS header", e))?;
         if head.len() < 8 || head[..6] != luks1::MAGIC {
@@ -111,11 +111,10 @@ impl Volume {
         base: u64,
         secret: &Secret,
     ) -> Result<SectorCipher> {
-        let key = match self {
-            Volume::V1(h) => h.unlock(st, base, secret.expose())?,
-            Volume::V2(h) => h.unlock(st, secret.expose())?,
-        };
-        SectorCipher::new(self.spec(), &key)
+        match self {
+            Volume::V1(h) => SectorCipher::new(self.spec(), &h.unlock(st, base, secret.expose())?),
+            Volume::V2(h) => h.payload_cipher(&h.unlock(st, secret.expose())?),
+        }
     }
 
     /// qemu's `format-specific` data of the LUKS header.

@@ -1,13 +1,13 @@
 //! A [`Storage`] view that encrypts on write and decrypts on read: the guest data of a raw LUKS
 //! volume (after its payload offset) and the data clusters of a qcow2 image with
 //! `encrypt.format=luks`. Offsets are those of the underlying file; the IV of the sector at file
-//! offset `o` is sector number `(o - iv_base) / 512` (qemu: the guest offset for raw LUKS, so
+//! offset `o` is sector number `(o - iv_base) / sector_size` (qemu: the guest offset for raw LUKS, so
 //! `iv_base` is the payload offset; the host offset for qcow2, so `iv_base` is 0).
 //!
 //! Reads and writes need not be sector-aligned: a partial sector is read, decrypted, patched and
 //! re-encrypted under a lock, so concurrent partial writes to one sector do not lose each other.
 
-use super::crypto::{SectorCipher, SECTOR_SIZE};
+use super::crypto::SectorCipher;
 use crate::storage::Storage;
 use std::io;
 use std::path::Path;
@@ -30,6 +30,11 @@ fn inval(msg: &str) -> io::Error {
 }
 
 impl CryptStorage {
+    /// Bytes per encryption sector.
+    fn ss(&self) -> u64 {
+        self.cipher.sector_size()
+    }
+
     /// Encrypt `inner`'s bytes from `iv_base` on (sector-aligned) with `cipher`.
     pub fn new(inner: Arc<dyn Storage>, cipher: Arc<SectorCipher>, iv_base: u64) -> Self {
         CryptStorage {
@@ -43,7 +48,7 @@ impl CryptStorage {
     fn sector_of(&self, offset: u64) -> io::Result<u64> {
         offset
             .checked_sub(self.iv_base)
-            .map(|o| o / SECTOR_SIZE)
+            .map(|o| o / self.ss())
             .ok_or_else(|| inval("encrypted access before the payload"))
     }
 
@@ -52,11 +57,11 @@ impl CryptStorage {
         let rel = offset
             .checked_sub(self.iv_base)
             .ok_or_else(|| inval("encrypted access before the payload"))?;
-        let start = self.iv_base + rel / SECTOR_SIZE * SECTOR_SIZE;
+        let start = self.iv_base + rel / self.ss() * self.ss();
         let end = offset
             .checked_add(len as u64)
             .ok_or_else(|| inval("offset overflow"))?;
-        let end = self.iv_base + (end - self.iv_base).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let end = self.iv_base + (end - self.iv_base).div_ceil(self.ss()) * self.ss();
         let mut buf = vec![0u8; (end - start) as usize];
         self.inner.read_at(&mut buf, start)?;
         self.cipher.decrypt(&mut buf, self.sector_of(start)?);
@@ -66,8 +71,8 @@ impl CryptStorage {
 
 impl Storage for CryptStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let aligned = (offset.wrapping_sub(self.iv_base)) % SECTOR_SIZE == 0
-            && buf.len() as u64 % SECTOR_SIZE == 0;
+        let aligned = (offset.wrapping_sub(self.iv_base)) % self.ss() == 0
+            && buf.len() as u64 % self.ss() == 0;
         if aligned {
             self.inner.read_at(buf, offset)?;
             self.cipher.decrypt(buf, self.sector_of(offset)?);
@@ -83,8 +88,8 @@ impl Storage for CryptStorage {
         let head = offset
             .checked_sub(self.iv_base)
             .ok_or_else(|| inval("encrypted access before the payload"))?
-            % SECTOR_SIZE;
-        if head != 0 || buf.len() as u64 % SECTOR_SIZE != 0 {
+            % self.ss();
+        if head != 0 || buf.len() as u64 % self.ss() != 0 {
             let _g = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
             let (mut plain, start) = self.read_sectors_for_write(offset, buf.len())?;
             let at = (offset - start) as usize;
@@ -149,17 +154,17 @@ impl CryptStorage {
         let rel = offset
             .checked_sub(self.iv_base)
             .ok_or_else(|| inval("encrypted access before the payload"))?;
-        let start = self.iv_base + rel / SECTOR_SIZE * SECTOR_SIZE;
+        let start = self.iv_base + rel / self.ss() * self.ss();
         let end = offset
             .checked_add(len as u64)
             .ok_or_else(|| inval("offset overflow"))?;
-        let end = self.iv_base + (end - self.iv_base).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let end = self.iv_base + (end - self.iv_base).div_ceil(self.ss()) * self.ss();
         if end <= file_len {
             return self.read_sectors(offset, len);
         }
         let mut buf = vec![0u8; (end - start) as usize];
         // Whole sectors still inside the file keep their contents; the rest starts as zeroes.
-        let keep = file_len.saturating_sub(start) / SECTOR_SIZE * SECTOR_SIZE;
+        let keep = file_len.saturating_sub(start) / self.ss() * self.ss();
         if keep > 0 {
             self.inner.read_at(&mut buf[..keep as usize], start)?;
             self.cipher
