@@ -703,6 +703,113 @@ async fn unsafe_images_are_refused_with_the_reason_on_upload_and_on_import() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_downloads_and_conversions_obey_the_size_cap_on_virtual_size() {
+    // A qcow2 of a few hundred KiB that declares a 100 GiB guest: within the cap as uploaded,
+    // far beyond it converted.
+    let cap: u64 = 8 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("huge.qcow2");
+    qemu_create(&src, "qcow2", "", 100 << 30);
+    let bytes = std::fs::read(&src).unwrap();
+    assert!((bytes.len() as u64) < cap);
+    let t = setup_with(|c| c.image_size_cap = cap).await;
+    let id = t.create("qcow2").await;
+    let r = t.put_data(&id, "file", bytes.clone()).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    for glance in ["raw", "vmdk", "vhd", "vhdx", "vdi"] {
+        for range in [None, Some(("range", "bytes=0-"))] {
+            let uri = format!("/v2/images/{id}/file?format={glance}");
+            let extra: Vec<(&str, &str)> = range.into_iter().collect();
+            let r = t.req(Method::GET, &uri, None, Body::empty(), &extra).await;
+            assert_eq!(
+                r.status,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{uri}: {}",
+                r.text()
+            );
+            assert!(r.text().contains("virtual size"), "{}", r.text());
+        }
+    }
+    assert_eq!(t.objects("cache"), 0);
+
+    // Conversion on upload and on import to the storage format: refused the same way, and the
+    // image stays queued with nothing stored.
+    let t = setup_with(|c| {
+        c.image_size_cap = cap;
+        c.import.convert_to = Some("raw".into());
+    })
+    .await;
+    let id = t.create("qcow2").await;
+    let r = t.put_data(&id, "file", bytes.clone()).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert_eq!(t.image(&id).await["status"], "queued");
+    let id = t.create("qcow2").await;
+    assert_eq!(
+        t.put_data(&id, "stage", bytes.clone()).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let r = t.import(&id, stage_import()).await;
+    if r.status == StatusCode::ACCEPTED {
+        let v = t.settled(&id).await;
+        assert_eq!(v["status"], "queued", "{v}");
+        let err = v["vmi_import_error"].as_str().unwrap_or("");
+        assert!(err.contains("image size cap"), "{err}");
+    } else {
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    }
+    assert_eq!(t.objects("images"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_may_run_only_its_share_of_conversions_at_once() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let t = setup_with(|c| c.import.max_conversions_per_project = 1).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("a.qcow2");
+    qemu_create(&src, "qcow2", "", 64 << 20);
+    let id = t.create("qcow2").await;
+    let r = t.put_data(&id, "file", std::fs::read(&src).unwrap()).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
+    let uri = format!("/v2/images/{id}/file?format=raw");
+    // A streamed conversion whose client does not read: it holds the project's one slot.
+    let held = t
+        .reg
+        .router()
+        .oneshot(
+            axum::http::Request::get(&uri)
+                .header("x-auth-token", TOKEN)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    for other in [uri.clone(), format!("/v2/images/{id}/file?format=vdi")] {
+        let r = t.get(&other).await;
+        assert_eq!(
+            r.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{other}: {}",
+            r.text()
+        );
+        assert!(r.headers.contains_key("retry-after"));
+    }
+    // Reading the held download to its end frees the slot.
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 64 << 20);
+    let mut status = StatusCode::TOO_MANY_REQUESTS;
+    for _ in 0..500 {
+        status = t.get(&uri).await.status;
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_in_another_format_convert_back_equal_and_are_cached_until_deletion() {
     let t = setup_with(|_| {}).await;
     let scratch = tempfile::tempdir().unwrap();

@@ -303,21 +303,28 @@ pub async fn download(
             ))
         })?;
     let cached = app.catalog.get_conversion(&id, &sha256, &format).await?;
-    if cached.is_none()
-        && STREAMABLE.contains(&format.as_str())
-        && !headers.contains_key(header::RANGE)
-    {
+    // A converted copy holds the whole guest: refuse early what the conversion would refuse.
+    if let (None, Some(vs)) = (&cached, img.virtual_size) {
+        crate::import::convert::check_virtual_size(vs, app.config.image_size_cap)?;
+    }
+    // Each conversion this request starts holds one of its project's slots.
+    let slot = match cached {
+        Some(_) => None,
+        None => Some(app.guards.conversions.try_acquire(&ctx.project_id)?),
+    };
+    let streamable = STREAMABLE.contains(&format.as_str()) && !headers.contains_key(header::RANGE);
+    let (stream_slot, convert_slot) = if streamable {
+        (slot, None)
+    } else {
+        (None, slot)
+    };
+    if let Some(slot) = stream_slot {
         // Converted on the fly: no digest is known before the end, the length only for
         // formats that fix it (raw, fixed VHD).
-        let s = convert_streaming(&app, &id, &location, size, from, &format)?;
+        let s = convert_streaming(&app, &id, &location, size, from, &format, slot)?;
         let length = match s.length.await {
             Ok(Ok(length)) => length,
-            Ok(Err(e)) => {
-                return Err(RegistryError::store(
-                    format!("converting image {id} to {format}"),
-                    e,
-                ))
-            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(RegistryError::store(
                     format!("converting image {id} to {format}"),
@@ -345,6 +352,7 @@ pub async fn download(
     let conv = match cached {
         Some(c) => c,
         None => {
+            let _slot = convert_slot;
             let c =
                 convert_stored(&app, &id, Some("cache"), &location, size, from, &format).await?;
             let rec = Conversion {

@@ -48,6 +48,18 @@ pub(crate) fn create_options(glance_format: &str) -> Result<FormatOptions> {
     Ok(o)
 }
 
+/// 413 when a conversion would write `virtual_size` bytes of guest data, more than `cap` (the
+/// image size cap): a small qcow2 can declare a guest of any size.
+pub fn check_virtual_size(virtual_size: u64, cap: u64) -> Result<()> {
+    if virtual_size > cap {
+        return Err(RegistryError::PayloadTooLarge(format!(
+            "Converting this image would produce {virtual_size} bytes of guest data (its \
+             virtual size), more than the image size cap of {cap} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Glance disk formats a download may ask for.
 pub const DOWNLOAD_FORMATS: [&str; 6] = ["raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi"];
 
@@ -93,11 +105,7 @@ pub async fn convert_stored(
         let vs = img.virtual_size();
         // Fully allocated targets (raw, fixed VHD) hold the whole guest; the others at most
         // the guest plus metadata, which the cap also bounds.
-        if vs > cap {
-            return Err(RegistryError::PayloadTooLarge(format!(
-                "the converted image ({vs} bytes) would exceed the image size cap of {cap} bytes"
-            )));
-        }
+        check_virtual_size(vs, cap)?;
         let dst = Image::create(&out2, target, &CreateOptions::new(vs).options(options))
             .map_err(|e| RegistryError::store("creating the conversion target", e))?;
         vmi_convert::convert(&img, &dst, &vmi_convert::ConvertOptions::default())

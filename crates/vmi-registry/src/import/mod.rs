@@ -73,6 +73,8 @@ pub const SERVER_PROPERTIES: [&str; 8] = [
 
 /// Default lease of a running import task; the runner renews it every third of it.
 pub const DEFAULT_TASK_LEASE_SECS: u64 = 300;
+/// Default number of conversions one project may run at once on one node.
+pub const DEFAULT_MAX_CONVERSIONS_PER_PROJECT: usize = 2;
 /// Default number of runs of one import before it is given up.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 2;
 /// Expired tasks handled per recovery pass.
@@ -135,6 +137,10 @@ pub struct ImportConfig {
     pub work_dir: Option<PathBuf>,
     /// Where web-download may fetch from.
     pub filtering: ImportFiltering,
+    /// Conversions (downloads in another format, conversion on upload and import) one project
+    /// may run at once on one node; downloads beyond it are answered 429, uploads and imports
+    /// wait. 0: no limit.
+    pub max_conversions_per_project: usize,
 }
 
 impl Default for ImportConfig {
@@ -147,6 +153,7 @@ impl Default for ImportConfig {
             web_download_max_bytes: None,
             work_dir: None,
             filtering: ImportFiltering::default(),
+            max_conversions_per_project: DEFAULT_MAX_CONVERSIONS_PER_PROJECT,
         }
     }
 }
@@ -325,7 +332,9 @@ async fn convert_into(
         .disk_format
         .clone()
         .unwrap_or_else(|| detected.name().into());
+    let slot = app.guards.conversions.acquire(&img.owner).await?;
     let c = convert::convert_stored(app, &img.id, None, src, source.len, detected, target).await?;
+    drop(slot);
     record_source(img, &source_format, source);
     set_data(img, c.location, c.digests, Some(c.virtual_size));
     img.disk_format = Some(target.into());

@@ -212,11 +212,12 @@ pub struct Streaming {
     /// format fixes it in advance (raw: the virtual size; a fixed VHD: that and its footer), or
     /// `None` (a streamOptimized VMDK is as long as its compressed grains); an error when the
     /// conversion cannot start, so the caller can answer with it instead of a broken body.
-    pub length: tokio::sync::oneshot::Receiver<std::result::Result<Option<u64>, String>>,
+    pub length: tokio::sync::oneshot::Receiver<Result<Option<u64>>>,
 }
 
 /// Start converting the stored object `src` (`src_size` bytes of `from`) into Glance format
-/// `to` (one of [`STREAMABLE`]).
+/// `to` (one of [`STREAMABLE`]), holding `slot` until the conversion ends. A source whose
+/// virtual size exceeds the image size cap is refused (413) before anything is sent.
 pub fn convert_streaming(
     app: &App,
     image_id: &str,
@@ -224,6 +225,7 @@ pub fn convert_streaming(
     src_size: u64,
     from: Format,
     to: &str,
+    slot: crate::guards::ConversionSlot,
 ) -> Result<Streaming> {
     if !STREAMABLE.contains(&to) {
         return Err(RegistryError::BadRequest(format!(
@@ -237,16 +239,20 @@ pub fn convert_streaming(
     let (len_tx, len_rx) = tokio::sync::oneshot::channel();
     let fixed_length = target != Format::Vmdk;
     let data = app.data.clone();
+    let cap = app.config.image_size_cap;
     let (loc, id) = (src.to_string(), image_id.to_string());
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let mut len_tx = Some(len_tx);
-        let run = || -> std::result::Result<(), String> {
-            let storage = data
-                .random_access(&loc, src_size)
-                .map_err(|e| e.to_string())?;
+        let run = || -> Result<()> {
+            let failed = |e: &dyn std::fmt::Display| {
+                RegistryError::store(format!("converting image {id} to {target}"), e.to_string())
+            };
+            let storage = data.random_access(&loc, src_size)?;
             let name = PathBuf::from(&id);
             let img = Image::from_storage(storage, &name, Some(from), false, &Gate::deny_all())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| failed(&e))?;
+            super::convert::check_virtual_size(img.virtual_size(), cap)?;
             let pipe = std::sync::Arc::new(PipeStorage::new(tx.clone()));
             let dst = Image::create_on(
                 Box::new(SharedPipe(pipe.clone())),
@@ -254,10 +260,10 @@ pub fn convert_streaming(
                 target,
                 &CreateOptions::new(img.virtual_size()).options(options),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(&e))?;
             // Raw and fixed VHD targets are created at their final length.
             let length = if fixed_length {
-                Some(pipe.len().map_err(|e| e.to_string())?)
+                Some(pipe.len().map_err(|e| failed(&e))?)
             } else {
                 None
             };
@@ -265,22 +271,24 @@ pub fn convert_streaming(
                 let _ = l.send(Ok(length));
             }
             vmi_convert::convert(&img, &dst, &vmi_convert::ConvertOptions::default())
-                .map_err(|e| e.to_string())?;
-            dst.close().map_err(|e| e.to_string())?;
-            pipe.finish().map_err(|e| e.to_string())
+                .map_err(|e| failed(&e))?;
+            dst.close().map_err(|e| failed(&e))?;
+            pipe.finish().map_err(|e| failed(&e))
         };
         let result = run();
-        if let (Err(e), Some(l)) = (&result, len_tx.take()) {
+        let e = match (result, len_tx.take()) {
+            (Ok(()), _) => return,
             // Nothing was sent yet: the request answers with the error.
-            let _ = l.send(Err(e.clone()));
-            return;
-        }
-        if let Err(e) = result {
-            eprintln!("vmi-registry: converting image {id} to {target} for a download: {e}");
-            // The response is already under way: end it with an error so the client sees a
-            // truncated transfer rather than a short file that looks complete.
-            let _ = tx.blocking_send(Err(io::Error::other(e)));
-        }
+            (Err(e), Some(l)) => {
+                let _ = l.send(Err(e));
+                return;
+            }
+            (Err(e), None) => crate::error::chain(&e),
+        };
+        eprintln!("vmi-registry: converting image {id} to {target} for a download: {e}");
+        // The response is already under way: end it with an error so the client sees a
+        // truncated transfer rather than a short file that looks complete.
+        let _ = tx.blocking_send(Err(io::Error::other(e)));
     });
     Ok(Streaming {
         data: rx,
