@@ -168,3 +168,28 @@ pub fn open_fs(img: &Image, writable: bool, partition: Option<u32>) -> Result<(F
         Err(e) => Err(e),
     }
 }
+
+/// A filesystem the file commands can use.
+#[derive(Debug)]
+pub enum AnyFs<'a> {
+    /// ext2/3/4.
+    Ext4(Ext4<'a>),
+    /// FAT12/16/32.
+    Fat(Box<crate::fat::Fat<'a>>),
+}
+
+/// [`open_fs`], except that `--partition N` may also name a FAT partition.
+pub fn open_any(img: &Image, writable: bool, partition: Option<u32>) -> Result<AnyFs<'_>> {
+    if let Some(n) = partition {
+        let (_, found) = filesystems(img)?;
+        if let Some(f) = found
+            .iter()
+            .find(|f| f.partition.as_ref().is_some_and(|p| p.number == n))
+        {
+            if f.fs_type.as_deref() == Some("vfat") {
+                return Ok(AnyFs::Fat(Box::new(crate::fat::Fat::open(f.volume(img)?)?)));
+            }
+        }
+    }
+    open_fs(img, writable, partition).map(|(_, fs)| AnyFs::Ext4(fs))
+}
