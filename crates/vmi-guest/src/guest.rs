@@ -93,16 +93,28 @@ pub fn filesystems(img: &Image) -> Result<(Option<PartitionTable>, Vec<FoundFs>)
 pub fn roots(img: &Image) -> Result<Vec<FoundFs>> {
     let (_, found) = filesystems(img)?;
     let mut out = Vec::new();
+    // A filesystem that cannot be opened (a dirty journal on a data partition) does not hide
+    // the root; its error is returned only when no root is found.
+    let mut first_error = None;
     for f in found {
         if f.fs_type.as_deref() != Some("ext4") {
             continue;
         }
-        let fs = Ext4::open(f.volume(img)?, false)?;
+        let fs = match Ext4::open(f.volume(img)?, false) {
+            Ok(fs) => fs,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
         if fs.exists("/etc/os-release")? || fs.exists("/usr/lib/os-release")? {
             out.push(f);
         }
     }
-    Ok(out)
+    match first_error {
+        Some(e) if out.is_empty() => Err(e),
+        _ => Ok(out),
+    }
 }
 
 /// Open the operating system's root filesystem (the only one; several are refused as
