@@ -547,3 +547,155 @@ fn guest_sysprep_on_a_linked_clone_leaves_the_golden_image_untouched() {
     assert_eq!(gold["operating_systems"][0]["hostname"], "builder");
     fsck_clean(&as_raw(d.path(), &d.path().join("web01.qcow2")));
 }
+
+#[test]
+fn guest_file_commands_reach_an_efi_system_partition_with_partition() {
+    let have = ["mkfs.vfat", "mmd", "fsck.fat", "sfdisk"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !have {
+        eprintln!("skipped: dosfstools, mtools or fdisk is not installed");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let part = d.path().join("esp.img");
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    sh(
+        "mkfs.vfat",
+        &["-F", "32", "-n", "EFISYS", part.to_str().unwrap()],
+    );
+    sh(
+        "mmd",
+        &["-i", part.to_str().unwrap(), "::/EFI", "::/EFI/BOOT"],
+    );
+    let raw = d.path().join("esp-disk.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(42 << 20)
+        .unwrap();
+    let mut c = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&raw)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(
+        c.stdin.take().unwrap(),
+        "label: gpt\nstart=2048, size=81920, type=U"
+    )
+    .unwrap();
+    assert!(c.wait().unwrap().success());
+    sh(
+        "dd",
+        &[
+            &format!("if={}", part.display()),
+            &format!("of={}", raw.display()),
+            "bs=1M",
+            "seek=1",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            d.path().join("esp.qcow2").to_str().unwrap(),
+        ],
+    );
+    std::fs::write(d.path().join("grubx64.efi"), "MZ loader").unwrap();
+    vmi(
+        d.path(),
+        &[
+            "guest",
+            "cp-in",
+            "--partition",
+            "1",
+            "esp.qcow2",
+            "grubx64.efi",
+            "/EFI/BOOT",
+        ],
+    )
+    .ok();
+    let ls = vmi(
+        d.path(),
+        &[
+            "guest",
+            "ls",
+            "-l",
+            "--partition",
+            "1",
+            "esp.qcow2",
+            "/EFI/BOOT",
+        ],
+    )
+    .ok()
+    .stdout
+    .clone();
+    assert_eq!(ls, "-            9 grubx64.efi\n");
+    let cat = vmi(
+        d.path(),
+        &[
+            "guest",
+            "cat",
+            "--partition",
+            "1",
+            "esp.qcow2",
+            "/EFI/BOOT/GRUBX64.EFI",
+        ],
+    )
+    .ok()
+    .stdout
+    .clone();
+    assert_eq!(cat, "MZ loader");
+    let j = vmi(
+        d.path(),
+        &["guest", "inspect", "--output", "json", "esp.qcow2"],
+    )
+    .ok()
+    .json();
+    assert_eq!(j["filesystems"][0]["fs_type"], "vfat");
+    assert_eq!(j["filesystems"][0]["label"], "EFISYS");
+    let back = d.path().join("back.raw");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            d.path().join("esp.qcow2").to_str().unwrap(),
+            back.to_str().unwrap(),
+        ],
+    );
+    let esp = d.path().join("back-esp.img");
+    sh(
+        "dd",
+        &[
+            &format!("if={}", back.display()),
+            &format!("of={}", esp.display()),
+            "bs=1M",
+            "skip=1",
+            "count=40",
+            "status=none",
+        ],
+    );
+    let out = Command::new("fsck.fat")
+        .args(["-n", esp.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -93,16 +93,28 @@ pub fn filesystems(img: &Image) -> Result<(Option<PartitionTable>, Vec<FoundFs>)
 pub fn roots(img: &Image) -> Result<Vec<FoundFs>> {
     let (_, found) = filesystems(img)?;
     let mut out = Vec::new();
+    // A filesystem that cannot be opened (a dirty journal on a data partition) does not hide
+    // the root; its error is returned only when no root is found.
+    let mut first_error = None;
     for f in found {
         if f.fs_type.as_deref() != Some("ext4") {
             continue;
         }
-        let fs = Ext4::open(f.volume(img)?, false)?;
+        let fs = match Ext4::open(f.volume(img)?, false) {
+            Ok(fs) => fs,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
         if fs.exists("/etc/os-release")? || fs.exists("/usr/lib/os-release")? {
             out.push(f);
         }
     }
-    Ok(out)
+    match first_error {
+        Some(e) if out.is_empty() => Err(e),
+        _ => Ok(out),
+    }
 }
 
 /// Open the operating system's root filesystem (the only one; several are refused as
@@ -167,4 +179,29 @@ pub fn open_fs(img: &Image, writable: bool, partition: Option<u32>) -> Result<(F
         }
         Err(e) => Err(e),
     }
+}
+
+/// A filesystem the file commands can use.
+#[derive(Debug)]
+pub enum AnyFs<'a> {
+    /// ext2/3/4.
+    Ext4(Ext4<'a>),
+    /// FAT12/16/32.
+    Fat(Box<crate::fat::Fat<'a>>),
+}
+
+/// [`open_fs`], except that `--partition N` may also name a FAT partition.
+pub fn open_any(img: &Image, writable: bool, partition: Option<u32>) -> Result<AnyFs<'_>> {
+    if let Some(n) = partition {
+        let (_, found) = filesystems(img)?;
+        if let Some(f) = found
+            .iter()
+            .find(|f| f.partition.as_ref().is_some_and(|p| p.number == n))
+        {
+            if f.fs_type.as_deref() == Some("vfat") {
+                return Ok(AnyFs::Fat(Box::new(crate::fat::Fat::open(f.volume(img)?)?)));
+            }
+        }
+    }
+    open_fs(img, writable, partition).map(|(_, fs)| AnyFs::Ext4(fs))
 }

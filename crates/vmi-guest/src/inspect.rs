@@ -156,6 +156,12 @@ pub fn inspect(img: &Image) -> Result<Inspection> {
                 Err(e) => rep.error = Some(e.to_string()),
             }
         }
+        if f.fs_type.as_deref() == Some("vfat") {
+            match crate::fat::Fat::open(f.volume(img)?) {
+                Ok(fat) => rep.label = Some(fat.label()),
+                Err(e) => rep.error = Some(e.to_string()),
+            }
+        }
         fss.push(rep);
     }
     Ok(Inspection {

@@ -12,6 +12,7 @@ pub mod customize;
 pub mod diff;
 pub mod error;
 pub mod ext4;
+pub mod fat;
 pub mod guest;
 pub mod inspect;
 pub mod partition;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use vmi_disk::{BackingMode, Format, Image};
 use vmi_guest::customize::{self, Step};
 use vmi_guest::ext4::{Attrs, FileKind};
+use vmi_guest::guest::AnyFs;
 use vmi_guest::inspect::format_time;
 use vmi_guest::{guest, inspect, sparsify, sysprep};
 
@@ -551,7 +552,26 @@ fn kind_char(k: FileKind) -> char {
 
 fn run_ls(gate: &common::GateArgs, a: LsArgs) -> anyhow::Result<u8> {
     let img = open(gate, &a.img, false)?;
-    let (_, fs) = guest::open_fs(&img, false, a.part.partition)?;
+    let fs = match guest::open_any(&img, false, a.part.partition)? {
+        AnyFs::Ext4(fs) => fs,
+        AnyFs::Fat(fat) => {
+            let mut entries = fat.read_dir(&a.dir)?;
+            entries.sort_by(|x, y| x.name.cmp(&y.name));
+            if a.output == OutputFormat::Json {
+                common::print_json(&entries)?;
+                return Ok(0);
+            }
+            for e in entries {
+                if a.long {
+                    let k = if e.is_dir { 'd' } else { '-' };
+                    outln!("{k} {:>12} {}", e.size, e.name)?;
+                } else {
+                    outln!("{}", e.name)?;
+                }
+            }
+            return Ok(0);
+        }
+    };
     let mut names: Vec<String> = fs.read_dir(&a.dir)?.into_iter().map(|e| e.name).collect();
     names.sort();
     let base = a.dir.trim_end_matches('/');
@@ -591,19 +611,23 @@ fn run_ls(gate: &common::GateArgs, a: LsArgs) -> anyhow::Result<u8> {
 
 fn run_cat(gate: &common::GateArgs, a: CatArgs) -> anyhow::Result<u8> {
     let img = open(gate, &a.img, false)?;
-    let (_, fs) = guest::open_fs(&img, false, a.part.partition)?;
+    let fs = guest::open_any(&img, false, a.part.partition)?;
     let mut out = std::io::stdout().lock();
-    fs.read_file(&a.path, &mut out)?;
+    match &fs {
+        AnyFs::Ext4(fs) => fs.read_file(&a.path, &mut out)?,
+        AnyFs::Fat(fat) => fat.read_file(&a.path, &mut out)?,
+    };
     out.flush()?;
     Ok(0)
 }
 
 fn run_cp_out(gate: &common::GateArgs, a: CpOutArgs) -> anyhow::Result<u8> {
     let img = open(gate, &a.img, false)?;
-    let (_, fs) = guest::open_fs(&img, false, a.part.partition)?;
-    let st = fs.stat_follow(&a.src)?;
-    if st.kind != FileKind::File {
-        bail!("{}: only regular files are copied out", a.src);
+    let fs = guest::open_any(&img, false, a.part.partition)?;
+    if let AnyFs::Ext4(fs) = &fs {
+        if fs.stat_follow(&a.src)?.kind != FileKind::File {
+            bail!("{}: only regular files are copied out", a.src);
+        }
     }
     let dst = if a.dst.is_dir() {
         let (_, name) = vmi_guest::ext4::split_path(&a.src)?;
@@ -613,7 +637,10 @@ fn run_cp_out(gate: &common::GateArgs, a: CpOutArgs) -> anyhow::Result<u8> {
     };
     let mut f =
         std::fs::File::create(&dst).with_context(|| format!("creating {}", dst.display()))?;
-    fs.read_file(&a.src, &mut f)?;
+    match &fs {
+        AnyFs::Ext4(fs) => fs.read_file(&a.src, &mut f)?,
+        AnyFs::Fat(fat) => fat.read_file(&a.src, &mut f)?,
+    };
     f.sync_all()
         .with_context(|| format!("writing {}", dst.display()))?;
     Ok(0)
@@ -621,32 +648,45 @@ fn run_cp_out(gate: &common::GateArgs, a: CpOutArgs) -> anyhow::Result<u8> {
 
 fn run_cp_in(gate: &common::GateArgs, a: CpInArgs) -> anyhow::Result<u8> {
     let img = open(gate, &a.img, true)?;
-    let (_, fs) = guest::open_fs(&img, true, a.part.partition)?;
-    let target = match fs.stat_follow(&a.dst) {
-        Ok(st) if st.kind == FileKind::Dir => {
-            let name = a
-                .src
-                .file_name()
-                .and_then(|n| n.to_str())
-                .with_context(|| format!("{}: no file name", a.src.display()))?;
-            format!("{}/{name}", a.dst.trim_end_matches('/'))
-        }
-        _ => a.dst.clone(),
-    };
+    let name = a
+        .src
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: no file name", a.src.display()))?
+        .to_string();
     let mut f =
         std::fs::File::open(&a.src).with_context(|| format!("opening {}", a.src.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    let perm = f
-        .metadata()
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o644);
-    let attrs = if fs.exists(&target)? {
-        None
-    } else {
-        Some(Attrs::root(perm))
-    };
-    fs.write_file(&target, &mut f, attrs)?;
-    fs.close().context("closing the guest filesystem")?;
+    match guest::open_any(&img, true, a.part.partition)? {
+        AnyFs::Ext4(fs) => {
+            let target = match fs.stat_follow(&a.dst) {
+                Ok(st) if st.kind == FileKind::Dir => {
+                    format!("{}/{name}", a.dst.trim_end_matches('/'))
+                }
+                _ => a.dst.clone(),
+            };
+            use std::os::unix::fs::PermissionsExt;
+            let perm = f
+                .metadata()
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644);
+            let attrs = if fs.exists(&target)? {
+                None
+            } else {
+                Some(Attrs::root(perm))
+            };
+            fs.write_file(&target, &mut f, attrs)?;
+            fs.close().context("closing the guest filesystem")?;
+        }
+        AnyFs::Fat(fat) => {
+            let target = if a.dst.ends_with('/') || fat.read_dir(&a.dst).is_ok() {
+                format!("{}/{name}", a.dst.trim_end_matches('/'))
+            } else {
+                a.dst.clone()
+            };
+            fat.write_file(&target, &mut f)?;
+            fat.close().context("closing the FAT filesystem")?;
+        }
+    }
     img.close()?;
     Ok(0)
 }
