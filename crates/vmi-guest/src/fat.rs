@@ -469,3 +469,43 @@ pub fn fuzz(data: &[u8]) {
     }
     drop(opened);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A FAT16 volume formatted by fatfs, with a file and a directory.
+    fn sample() -> Vec<u8> {
+        let mut disk = io::Cursor::new(vec![0u8; 8 << 20]);
+        fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new()).unwrap();
+        {
+            let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).unwrap();
+            let mut f = fs.root_dir().create_file("HELLO.TXT").unwrap();
+            f.write_all(&[7u8; 5000]).unwrap();
+            drop(f);
+            fs.unmount().unwrap();
+        }
+        disk.into_inner()
+    }
+
+    #[test]
+    fn mutated_fat_volumes_give_errors_or_data_never_a_hang() {
+        let base = sample();
+        fuzz(&base);
+        // Deterministic mutations of the boot sector, FAT and root directory region.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..300 {
+            let mut v = base.clone();
+            for _ in 0..8 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed % (256 << 10)) as usize;
+                v[at] = (seed >> 32) as u8;
+            }
+            fuzz(&v);
+        }
+        fuzz(&[]);
+        fuzz(&base[..511]);
+    }
+}
