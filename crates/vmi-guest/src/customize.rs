@@ -22,8 +22,7 @@ use crate::inspect::{parse_passwd, read_text};
 use serde::Deserialize;
 use std::path::PathBuf;
 
-/// Largest host file `upload` and `ssh-inject` read into memory at once is not bounded (they
-/// stream); a key file larger than this is refused.
+/// Largest SSH key file `--ssh-inject USER:file:PATH` reads (uploads are streamed, not bounded).
 const MAX_KEY_FILE: u64 = 1 << 20;
 /// Where first-boot scripts wait for their boot.
 pub const FIRSTBOOT_DIR: &str = "/var/lib/vmi-firstboot/scripts";

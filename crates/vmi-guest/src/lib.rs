@@ -3,10 +3,13 @@
 //! - [`partition`]: MBR and GPT tables over any [`vmi_disk::Image`]; [`Volume`]: a byte range of
 //!   an image.
 //! - [`ext4`]: ext2/3/4 read and write through libext2fs (e2fsprogs), with the volume as its
-//!   block device — in process, no loop device, no root.
+//!   block device — in process, no loop device, no root. [`fat`]: FAT12/16/32 through fatfs.
+//! - [`guest`]: which filesystem is where, and the operating system's root.
+//! - [`inspect`] (with [`rpmdb`]), [`sysprep`], [`customize`], [`sparsify`], [`diff`]: the jobs of
+//!   virt-inspector, virt-sysprep, virt-customize and virt-sparsify, offline.
 //!
 //! Everything read from a guest is hostile input: tables and filesystems are bounded and checked,
-//! guest paths are resolved inside the guest filesystem only.
+//! guest paths are resolved inside the guest filesystem only. See `docs/guest.md`.
 
 pub mod customize;
 pub mod diff;

@@ -1,6 +1,7 @@
 //! `sparsify`: give the space of free filesystem blocks back to the image file, in place, as
 //! virt-sparsify `--in-place` does. For each ext2/3/4 filesystem the block bitmaps (read through
-//! libext2fs) name the free blocks; each free range becomes zeroes through
+//! libext2fs) name the free blocks, for each FAT filesystem the free entries of its first FAT;
+//! each free range becomes zeroes through
 //! [`vmi_disk::Image::write_zeroes`], which deallocates where the format can (qcow2: zero or
 //! unallocated clusters, their host clusters freed and punched; raw: holes punched). Swap
 //! partitions are zeroed after their header page. Data in used blocks is never touched.
@@ -19,7 +20,7 @@ const SWAP_HEADER: u64 = 4096;
 pub struct VolumeReport {
     /// "partition N" or "whole disk".
     pub device: String,
-    /// "ext4" or "swap".
+    /// "ext4", "vfat" or "swap".
     pub fs_type: String,
     /// Bytes of free space turned into zeroes.
     pub zeroed: u64,
@@ -62,6 +63,13 @@ pub fn sparsify(img: &Image, dry_run: bool) -> Result<Report> {
                 r
             }
             Some("swap") if vol.len() > SWAP_HEADER => vec![(SWAP_HEADER, vol.len() - SWAP_HEADER)],
+            Some("vfat") => match crate::fat::free_ranges(&vol) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.skipped.push(format!("{}: {e}", f.device));
+                    continue;
+                }
+            },
             other => {
                 report.skipped.push(format!(
                     "{}: {}",

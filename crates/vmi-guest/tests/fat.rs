@@ -208,3 +208,99 @@ fn a_directory_whose_cluster_chain_loops_is_an_error_not_a_hang() {
     );
     assert!(e.contains("more than 65536 entries"), "{e}");
 }
+
+/// Bytes the file occupies on the host.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn sparsify_gives_back_a_deleted_files_clusters_on_fat12_fat16_and_fat32() {
+    if !have() {
+        return;
+    }
+    for (bits, size, big) in [
+        ("12", 8u64 << 20, 2usize << 20),
+        ("16", 32 << 20, 8 << 20),
+        ("32", 40 << 20, 8 << 20),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("fat.img");
+        std::fs::File::create(&part).unwrap().set_len(size).unwrap();
+        run("mkfs.vfat", &["-F", bits, part.to_str().unwrap()]);
+        let img_s = part.to_str().unwrap();
+        let keep = dir.path().join("KEEP.BIN");
+        let gone = dir.path().join("GONE.BIN");
+        std::fs::write(&keep, vmi_testkit::pattern(1, 300_000)).unwrap();
+        std::fs::write(&gone, vmi_testkit::pattern(2, big)).unwrap();
+        run(
+            "mcopy",
+            &[
+                "-i",
+                img_s,
+                keep.to_str().unwrap(),
+                gone.to_str().unwrap(),
+                "::/",
+            ],
+        );
+        run("mdel", &["-i", img_s, "::/GONE.BIN"]);
+        let before = allocated(&part);
+        let img = open(&part, true);
+        let rep = vmi_guest::sparsify::sparsify(&img, false).unwrap();
+        img.close().unwrap();
+        assert_eq!(rep.volumes[0].fs_type, "vfat", "FAT{bits}: {rep:?}");
+        assert!(rep.zeroed >= big as u64, "FAT{bits}: {rep:?}");
+        let after = allocated(&part);
+        assert!(
+            before - after >= big as u64 - 8192,
+            "FAT{bits}: allocated {before} -> {after}"
+        );
+        let fsck = std::process::Command::new("fsck.fat")
+            .args(["-n", img_s])
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "FAT{bits}: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let out = dir.path().join("out.bin");
+        run(
+            "mcopy",
+            &["-n", "-i", img_s, "::/KEEP.BIN", out.to_str().unwrap()],
+        );
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&keep).unwrap(),
+            "FAT{bits}"
+        );
+    }
+}
+
+#[test]
+fn a_fat_boot_sector_with_impossible_sizes_is_refused_by_sparsify() {
+    if !have() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let part = dir.path().join("fat.img");
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    run("mkfs.vfat", &["-F", "16", part.to_str().unwrap()]);
+    // A total sector count (the 32-bit field, with the 16-bit one zero) far past the volume.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
+    f.write_all_at(&0u16.to_le_bytes(), 19).unwrap();
+    f.write_all_at(&u32::MAX.to_le_bytes(), 32).unwrap();
+    drop(f);
+    let img = open(&part, true);
+    let rep = vmi_guest::sparsify::sparsify(&img, false).unwrap();
+    assert_eq!(rep.zeroed, 0);
+    assert!(
+        rep.skipped[0].contains("more sectors than the volume holds"),
+        "{rep:?}"
+    );
+}

@@ -3,7 +3,7 @@
 //! the block device: the filesystem inside a qcow2, VMDK or VHDX partition is read and changed in
 //! process, without a loop device, FUSE or root.
 //!
-//! Bindings: hand-written `extern "C"` declarations for the functions used ([`sys`]) plus a small C
+//! Bindings: hand-written `extern "C"` declarations for the functions used (`sys.rs`) plus a small C
 //! shim (`shim.c`) that defines the io_manager and reads `ext2_filsys` fields, so that no
 //! libext2fs-private structure layout is transcribed by hand (see `sys.rs` for why not bindgen).
 //!

@@ -216,6 +216,19 @@ pub fn debian_root() -> Option<(PathBuf, String)> {
     }
     let cache = tar.with_extension("ext4");
     let pkgs = tar.with_extension("packages");
+    // One test process builds the cache; the others wait for it (tests run in parallel).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(tar.with_extension("lock"))
+        .unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns; released when `lock` closes.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "locking the fixture cache");
+    }
     if !cache.exists() || !pkgs.exists() {
         let work = tempfile::tempdir_in(tar.parent().unwrap()).unwrap();
         let tree = work.path().join("tree");
@@ -250,6 +263,7 @@ pub fn debian_root() -> Option<(PathBuf, String)> {
         std::fs::rename(&tmp_pkgs, &pkgs).unwrap();
         std::fs::rename(&part, &cache).unwrap();
     }
+    drop(lock);
     Some((cache, std::fs::read_to_string(&pkgs).unwrap()))
 }
 
