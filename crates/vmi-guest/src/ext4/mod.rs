@@ -118,6 +118,11 @@ extern "C" fn vmi_guest_volume_flush(volume: *mut c_void) -> c_int {
 
 /// libext2fs's message for an error code.
 fn message(code: sys::Errcode) -> String {
+    if code == sys::VMI_EXT2_UNAVAILABLE {
+        return "this vmi was built without e2fsprogs' headers; install libext2fs-dev and \
+                rebuild to read and write ext2/3/4 filesystems"
+            .into();
+    }
     // SAFETY: error_message returns a pointer to a static (or thread-local) NUL-terminated string
     // for any code.
     let p = unsafe { sys::error_message(code) };

@@ -11,6 +11,10 @@ use std::ffi::{c_char, c_int, c_uint, c_void};
 
 /// `errcode_t`.
 pub type Errcode = std::ffi::c_long;
+
+/// Returned by the stand-in shim (`shim_unavailable.c`) when vmi was built without e2fsprogs'
+/// headers; not a libext2fs code.
+pub const VMI_EXT2_UNAVAILABLE: Errcode = 0x766d_6901;
 /// `ext2_filsys`, opaque.
 pub type Filsys = *mut c_void;
 /// `ext2_file_t`, opaque.
