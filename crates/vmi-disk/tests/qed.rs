@@ -306,3 +306,42 @@ fn every_corrupt_header_field_is_an_error_never_a_panic() {
     let r = img.driver().check(CheckMode::ReadOnly).unwrap();
     assert!(r.corruptions > 0);
 }
+
+#[test]
+fn rebase_unsafe_rewrites_the_backing_file_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in ["a.raw", "b.raw"] {
+        std::fs::write(dir.path().join(n), vec![1u8; MI as usize]).unwrap();
+    }
+    let q = dir.path().join("r.qed");
+    create(&q, "backing_file=a.raw,backing_fmt=raw", MI)
+        .close()
+        .unwrap();
+    let img = Image::open(
+        &q,
+        &OpenOptions::new()
+            .write(true)
+            .backing(vmi_disk::BackingMode::Skip),
+    )
+    .unwrap();
+    let spec = vmi_disk::BackingSpec {
+        name: "b.raw".into(),
+        format: Some(Format::Raw),
+    };
+    img.driver().set_backing(Some(&spec), None).unwrap();
+    img.close().unwrap();
+    let info = qemu_info(&q, "qed");
+    assert_eq!(info["backing-filename"], "b.raw");
+    assert_eq!(info["backing-filename-format"], "raw");
+    let img = Image::open(
+        &q,
+        &OpenOptions::new()
+            .write(true)
+            .backing(vmi_disk::BackingMode::Skip),
+    )
+    .unwrap();
+    img.driver().set_backing(None, None).unwrap();
+    img.close().unwrap();
+    assert!(qemu_info(&q, "qed").get("backing-filename").is_none());
+    assert_qemu_check_clean(&q, "qed");
+}

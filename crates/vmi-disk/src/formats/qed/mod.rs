@@ -309,6 +309,39 @@ impl Driver for QedDriver {
         self.backing.as_ref()
     }
 
+    /// As qemu's `bdrv_qed_co_change_backing_file`: the name follows the 64-byte header and must
+    /// fit the header clusters; a raw backing format sets the no-probe feature.
+    fn set_backing(&self, backing: Option<&BackingSpec>, _parent: Option<&Image>) -> Result<()> {
+        self.check_writable()?;
+        let mut i = self.lock();
+        let mut h = i.h;
+        h.features &= !(header::F_BACKING_FILE | header::F_BACKING_FORMAT_NO_PROBE);
+        let name = backing.map(|b| b.name.as_bytes()).unwrap_or_default();
+        if let Some(b) = backing {
+            h.features |= header::F_BACKING_FILE;
+            if b.format == Some(Format::Raw) {
+                h.features |= header::F_BACKING_FORMAT_NO_PROBE;
+            }
+        }
+        if header::HEADER_LEN as u64 + name.len() as u64 > h.header_bytes()
+            || name.len() as u64 > u64::from(header::MAX_BACKING_NAME)
+        {
+            return Err(Error::usage(
+                "QED backing file name does not fit the image's header",
+            ));
+        }
+        h.backing_filename_offset = header::HEADER_LEN as u32;
+        h.backing_filename_size = name.len() as u32;
+        let mut buf = h.to_bytes().to_vec();
+        buf.extend_from_slice(name);
+        self.st
+            .write_at(&buf, 0)
+            .map_err(io("writing QED header"))?;
+        self.st.sync().map_err(io("syncing"))?;
+        i.h = h;
+        Ok(())
+    }
+
     fn info(&self) -> FormatInfo {
         let i = self.lock();
         FormatInfo {
