@@ -381,8 +381,12 @@ fn qemu_encrypted_qcow2_reads_byte_for_byte() {
     assert_eq!(img.format(), Format::Qcow2);
     assert!(read_image(&img) == expect, "guest data differs");
     let info = img.driver().info().format_specific;
-    assert_eq!(info["data"]["encrypt"]["format"], "luks");
-    assert_eq!(info["data"]["encrypt"]["cipher-mode"], "xts");
+    let out = qemu_img(&["info", "--output=json", p(&q)]);
+    let qemu: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        info["data"]["encrypt"], qemu["format-specific"]["data"]["encrypt"],
+        "the encrypt block as qemu-img info prints it"
+    );
     // Without the key: info works, reading says how to give the key.
     let locked = Image::open(&q, &OpenOptions::new()).expect("open for info");
     let mut buf = [0u8; 16];
@@ -801,4 +805,28 @@ fn luks2_metadata_that_asks_too_much_is_refused() {
     let mut b = good.clone();
     b[4096 + 10] ^= 1;
     open_bytes(dir.path(), &b, Some(PASS)).expect("secondary header copy");
+}
+
+#[test]
+fn resizing_a_luks_volume_reads_zeroes_in_the_new_part_as_qemu_img_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let luks = dir.path().join("r.luks");
+    let img = Image::create(
+        &luks,
+        Format::Luks,
+        &create_opts("key-secret=sec0,iter-time=1", MIB, PASS),
+    )
+    .expect("create");
+    img.write_at(&[0xee; 4096], MIB - 4096).expect("write");
+    img.close().expect("close");
+    let img = Image::open(&luks, &OpenOptions::new().write(true).secret(secret(PASS))).expect("rw");
+    img.resize(2 * MIB).expect("grow");
+    img.close().expect("close");
+    let mut expect = vec![0u8; 2 * MIB as usize];
+    expect[MIB as usize - 4096..MIB as usize].fill(0xee);
+    let raw = dir.path().join("expect.raw");
+    fs::write(&raw, &expect).expect("write");
+    let (code, out) = qemu_compare_luks(&luks, "luks", &raw);
+    assert_eq!(code, 0, "{out}");
+    assert!(read_image(&open_key(&luks, PASS).expect("open")) == expect);
 }

@@ -464,3 +464,64 @@ fn cbc_sector(c: &AnyAes, iv: &[u8; BLOCK], s: &mut [u8], enc: bool) {
         AnyAes::A256(a) => go!(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn af_merge_undoes_af_split_for_every_hash() {
+        let key: Vec<u8> = (0..64u8).collect();
+        for h in [Hash::Sha1, Hash::Sha256, Hash::Sha512] {
+            let split = af_split(h, &key, 4000);
+            assert_eq!(split.len(), 64 * 4000);
+            assert_eq!(&af_merge(h, &split, 64, 4000)[..], &key[..], "{h:?}");
+            assert_ne!(&af_merge(h, &split, 64, 3999)[..], &key[..]);
+        }
+    }
+
+    #[test]
+    fn cipher_specs_parse_as_headers_spell_them_and_refuse_the_rest() {
+        let s = CipherSpec::parse("aes", "cbc-essiv:sha256", 16).unwrap();
+        assert_eq!(s.ivgen, IvGen::Essiv(Hash::Sha256));
+        assert_eq!(s.mode_string(), "cbc-essiv:sha256");
+        assert_eq!(s.alg_name(), "aes-128");
+        assert_eq!(
+            CipherSpec::parse("aes", "xts-plain64", 64)
+                .unwrap()
+                .alg_name(),
+            "aes-256"
+        );
+        assert!(CipherSpec::parse("serpent", "xts-plain64", 64).is_err());
+        assert!(CipherSpec::parse("aes", "xts-plain64", 63).is_err());
+        assert!(CipherSpec::parse("aes", "ecb", 32).is_err());
+        assert!(CipherSpec::parse("aes", "cbc-essiv", 32).is_err());
+        assert!(
+            CipherSpec::parse("aes", "cbc-essiv:sha1", 32).is_err(),
+            "no AES-160"
+        );
+        assert!(CipherSpec::parse("aes", "cbc-benbi", 32).is_err());
+    }
+
+    #[test]
+    fn sectors_decrypt_to_what_was_encrypted_and_depend_on_the_sector_number() {
+        for (mode, kb) in [
+            ("xts-plain64", 32),
+            ("cbc-plain", 24),
+            ("cbc-essiv:sha256", 16),
+        ] {
+            let spec = CipherSpec::parse("aes", mode, kb).unwrap();
+            let key: Vec<u8> = (0..kb as u8).collect();
+            let c = SectorCipher::new(spec, &key).unwrap();
+            let plain: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+            let mut a = plain.clone();
+            c.encrypt(&mut a, 7);
+            let mut b = plain.clone();
+            c.encrypt(&mut b, 8);
+            assert_ne!(a, plain, "{mode}");
+            assert_ne!(a[..512], b[..512], "{mode}: the IV follows the sector");
+            c.decrypt(&mut a, 7);
+            assert_eq!(a, plain, "{mode}");
+        }
+    }
+}
