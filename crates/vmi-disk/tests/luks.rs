@@ -286,6 +286,15 @@ fn hostile_headers_are_refused_before_any_key_derivation() {
             Box::new(|b| put32(b, SLOT0, 7)),
         ),
         ("truncated header", Box::new(|b| b.truncate(300))),
+        (
+            "eight slots that add up to too many iterations",
+            Box::new(|b| {
+                for i in 0..8 {
+                    put32(b, SLOT0 + 48 * i, 0x00ac_71f3);
+                    put32(b, SLOT0 + 48 * i + SLOT_ITER, 1 << 23);
+                }
+            }),
+        ),
     ];
     for (what, corrupt) in cases {
         let mut b = good.clone();

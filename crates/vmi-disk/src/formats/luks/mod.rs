@@ -37,6 +37,9 @@ pub(crate) mod limits {
     /// seconds of SHA-256. cryptsetup's default 2-second benchmark gives one to a few million on
     /// current machines; a header asking for up to 4.29 billion would take hours.
     pub const MAX_PBKDF2_ITERATIONS: u32 = 1 << 24;
+    /// Most PBKDF2 iterations one unlock may need over all slots and digest checks: 2^26, four
+    /// times the per-slot cap, so that eight hostile slots cannot add up to minutes.
+    pub const MAX_UNLOCK_ITERATIONS: u64 = 1 << 26;
 }
 
 /// The message for an encrypted image opened without its key.
