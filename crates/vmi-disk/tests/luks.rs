@@ -114,9 +114,10 @@ fn qemu_luks_aes_128_cbc_essiv_sha256_reads_byte_for_byte() {
 }
 
 #[test]
-fn qemu_luks_cbc_plain64_sha512_and_cbc_plain_sha1_read_byte_for_byte() {
+fn qemu_luks_cbc_plain64_sha512_cbc_plain_sha1_and_aes_192_xts_read_byte_for_byte() {
     reads_like_raw(",cipher-mode=cbc,ivgen-alg=plain64,hash-alg=sha512");
     reads_like_raw(",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=plain,hash-alg=sha1");
+    reads_like_raw(",cipher-alg=aes-192,cipher-mode=xts,hash-alg=sha384");
 }
 
 #[test]

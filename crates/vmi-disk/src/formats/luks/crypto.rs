@@ -219,9 +219,7 @@ impl CipherSpec {
             Mode::Xts => key_bytes / 2,
             Mode::Cbc => key_bytes,
         };
-        let valid = matches!(aes_bytes, 16 | 24 | 32)
-            && (mode != Mode::Xts || key_bytes % 2 == 0)
-            && !(mode == Mode::Xts && aes_bytes == 24);
+        let valid = matches!(aes_bytes, 16 | 24 | 32) && (mode != Mode::Xts || key_bytes % 2 == 0);
         if !valid {
             return Err(Error::unsupported(format!(
                 "LUKS key of {key_bytes} bytes for aes-{m}"
@@ -322,6 +320,7 @@ impl AnyAes {
 /// The payload cipher engine for one key.
 enum Engine {
     Xts128(Box<xts_mode::Xts128<Aes128>>),
+    Xts192(Box<xts_mode::Xts128<Aes192>>),
     Xts256(Box<xts_mode::Xts128<Aes256>>),
     Cbc(Box<AnyAes>),
 }
@@ -359,6 +358,10 @@ impl SectorCipher {
                     16 => Engine::Xts128(Box::new(xts_mode::Xts128::new(
                         Aes128::new_from_slice(k1).map_err(bad)?,
                         Aes128::new_from_slice(k2).map_err(bad)?,
+                    ))),
+                    24 => Engine::Xts192(Box::new(xts_mode::Xts128::new(
+                        Aes192::new_from_slice(k1).map_err(bad)?,
+                        Aes192::new_from_slice(k2).map_err(bad)?,
                     ))),
                     32 => Engine::Xts256(Box::new(xts_mode::Xts128::new(
                         Aes256::new_from_slice(k1).map_err(bad)?,
@@ -433,6 +436,8 @@ impl SectorCipher {
             match &self.engine {
                 Engine::Xts128(x) if enc => x.encrypt_sector(s, iv),
                 Engine::Xts128(x) => x.decrypt_sector(s, iv),
+                Engine::Xts192(x) if enc => x.encrypt_sector(s, iv),
+                Engine::Xts192(x) => x.decrypt_sector(s, iv),
                 Engine::Xts256(x) if enc => x.encrypt_sector(s, iv),
                 Engine::Xts256(x) => x.decrypt_sector(s, iv),
                 Engine::Cbc(c) => cbc_sector(c, &iv, s, enc),
