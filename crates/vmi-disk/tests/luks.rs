@@ -811,6 +811,14 @@ fn luks2_metadata_that_asks_too_much_is_refused() {
             "{what}: {e}"
         );
     }
+    // A file whose payload ends in a partial sector shows whole sectors only.
+    let mut b = good.clone();
+    b.extend_from_slice(&[0u8; 100]);
+    let path = dir.path().join("odd.img");
+    fs::write(&path, &b).expect("write");
+    let odd = open_key(&path, PASS).expect("open");
+    assert_eq!(odd.virtual_size(), 4096);
+    read_image(&odd);
     // A damaged primary copy falls back to the secondary.
     let mut b = good.clone();
     b[4096 + 10] ^= 1;

@@ -101,7 +101,8 @@ pub struct Header {
     pub spec: CipherSpec,
     /// Payload start, in bytes.
     pub payload_offset: u64,
-    sector_size: u64,
+    /// Bytes per encryption sector of the segment.
+    pub sector_size: u64,
     iv_tweak: u64,
     keyslots: Vec<Keyslot>,
     digests: Vec<Digest>,

@@ -100,6 +100,14 @@ impl Volume {
         }
     }
 
+    /// Bytes per encryption sector of the payload: the guest size is a whole number of them.
+    fn sector_size(&self) -> u64 {
+        match self {
+            Volume::V1(_) => crypto::SECTOR_SIZE,
+            Volume::V2(h) => h.sector_size,
+        }
+    }
+
     fn spec(&self) -> CipherSpec {
         match self {
             Volume::V1(h) => h.spec,
@@ -168,7 +176,8 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         crypt,
         path: ctx.path.clone(),
         payload,
-        size: (file_len - payload).into(),
+        // A partial last sector cannot be decrypted: the guest sees whole sectors only.
+        size: ((file_len - payload) / vol.sector_size() * vol.sector_size()).into(),
         info: vol.info(),
         writable: ctx.writable,
         st,
