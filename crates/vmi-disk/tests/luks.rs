@@ -114,9 +114,10 @@ fn qemu_luks_aes_128_cbc_essiv_sha256_reads_byte_for_byte() {
 }
 
 #[test]
-fn qemu_luks_cbc_plain64_sha512_and_cbc_plain_sha1_read_byte_for_byte() {
+fn qemu_luks_cbc_plain64_sha512_cbc_plain_sha1_and_aes_192_xts_read_byte_for_byte() {
     reads_like_raw(",cipher-mode=cbc,ivgen-alg=plain64,hash-alg=sha512");
     reads_like_raw(",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=plain,hash-alg=sha1");
+    reads_like_raw(",cipher-alg=aes-192,cipher-mode=xts,hash-alg=sha384");
 }
 
 #[test]
@@ -286,6 +287,15 @@ fn hostile_headers_are_refused_before_any_key_derivation() {
             Box::new(|b| put32(b, SLOT0, 7)),
         ),
         ("truncated header", Box::new(|b| b.truncate(300))),
+        (
+            "eight slots that add up to too many iterations",
+            Box::new(|b| {
+                for i in 0..8 {
+                    put32(b, SLOT0 + 48 * i, 0x00ac_71f3);
+                    put32(b, SLOT0 + 48 * i + SLOT_ITER, 1 << 23);
+                }
+            }),
+        ),
     ];
     for (what, corrupt) in cases {
         let mut b = good.clone();
@@ -381,8 +391,12 @@ fn qemu_encrypted_qcow2_reads_byte_for_byte() {
     assert_eq!(img.format(), Format::Qcow2);
     assert!(read_image(&img) == expect, "guest data differs");
     let info = img.driver().info().format_specific;
-    assert_eq!(info["data"]["encrypt"]["format"], "luks");
-    assert_eq!(info["data"]["encrypt"]["cipher-mode"], "xts");
+    let out = qemu_img(&["info", "--output=json", p(&q)]);
+    let qemu: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        info["data"]["encrypt"], qemu["format-specific"]["data"]["encrypt"],
+        "the encrypt block as qemu-img info prints it"
+    );
     // Without the key: info works, reading says how to give the key.
     let locked = Image::open(&q, &OpenOptions::new()).expect("open for info");
     let mut buf = [0u8; 16];
@@ -797,8 +811,40 @@ fn luks2_metadata_that_asks_too_much_is_refused() {
             "{what}: {e}"
         );
     }
+    // A file whose payload ends in a partial sector shows whole sectors only.
+    let mut b = good.clone();
+    b.extend_from_slice(&[0u8; 100]);
+    let path = dir.path().join("odd.img");
+    fs::write(&path, &b).expect("write");
+    let odd = open_key(&path, PASS).expect("open");
+    assert_eq!(odd.virtual_size(), 4096);
+    read_image(&odd);
     // A damaged primary copy falls back to the secondary.
     let mut b = good.clone();
     b[4096 + 10] ^= 1;
     open_bytes(dir.path(), &b, Some(PASS)).expect("secondary header copy");
+}
+
+#[test]
+fn resizing_a_luks_volume_reads_zeroes_in_the_new_part_as_qemu_img_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let luks = dir.path().join("r.luks");
+    let img = Image::create(
+        &luks,
+        Format::Luks,
+        &create_opts("key-secret=sec0,iter-time=1", MIB, PASS),
+    )
+    .expect("create");
+    img.write_at(&[0xee; 4096], MIB - 4096).expect("write");
+    img.close().expect("close");
+    let img = Image::open(&luks, &OpenOptions::new().write(true).secret(secret(PASS))).expect("rw");
+    img.resize(2 * MIB).expect("grow");
+    img.close().expect("close");
+    let mut expect = vec![0u8; 2 * MIB as usize];
+    expect[MIB as usize - 4096..MIB as usize].fill(0xee);
+    let raw = dir.path().join("expect.raw");
+    fs::write(&raw, &expect).expect("write");
+    let (code, out) = qemu_compare_luks(&luks, "luks", &raw);
+    assert_eq!(code, 0, "{out}");
+    assert!(read_image(&open_key(&luks, PASS).expect("open")) == expect);
 }

@@ -219,9 +219,7 @@ impl CipherSpec {
             Mode::Xts => key_bytes / 2,
             Mode::Cbc => key_bytes,
         };
-        let valid = matches!(aes_bytes, 16 | 24 | 32)
-            && (mode != Mode::Xts || key_bytes % 2 == 0)
-            && !(mode == Mode::Xts && aes_bytes == 24);
+        let valid = matches!(aes_bytes, 16 | 24 | 32) && (mode != Mode::Xts || key_bytes % 2 == 0);
         if !valid {
             return Err(Error::unsupported(format!(
                 "LUKS key of {key_bytes} bytes for aes-{m}"
@@ -322,6 +320,7 @@ impl AnyAes {
 /// The payload cipher engine for one key.
 enum Engine {
     Xts128(Box<xts_mode::Xts128<Aes128>>),
+    Xts192(Box<xts_mode::Xts128<Aes192>>),
     Xts256(Box<xts_mode::Xts128<Aes256>>),
     Cbc(Box<AnyAes>),
 }
@@ -359,6 +358,10 @@ impl SectorCipher {
                     16 => Engine::Xts128(Box::new(xts_mode::Xts128::new(
                         Aes128::new_from_slice(k1).map_err(bad)?,
                         Aes128::new_from_slice(k2).map_err(bad)?,
+                    ))),
+                    24 => Engine::Xts192(Box::new(xts_mode::Xts128::new(
+                        Aes192::new_from_slice(k1).map_err(bad)?,
+                        Aes192::new_from_slice(k2).map_err(bad)?,
                     ))),
                     32 => Engine::Xts256(Box::new(xts_mode::Xts128::new(
                         Aes256::new_from_slice(k1).map_err(bad)?,
@@ -433,6 +436,8 @@ impl SectorCipher {
             match &self.engine {
                 Engine::Xts128(x) if enc => x.encrypt_sector(s, iv),
                 Engine::Xts128(x) => x.decrypt_sector(s, iv),
+                Engine::Xts192(x) if enc => x.encrypt_sector(s, iv),
+                Engine::Xts192(x) => x.decrypt_sector(s, iv),
                 Engine::Xts256(x) if enc => x.encrypt_sector(s, iv),
                 Engine::Xts256(x) => x.decrypt_sector(s, iv),
                 Engine::Cbc(c) => cbc_sector(c, &iv, s, enc),
@@ -462,5 +467,66 @@ fn cbc_sector(c: &AnyAes, iv: &[u8; BLOCK], s: &mut [u8], enc: bool) {
         AnyAes::A128(a) => go!(a),
         AnyAes::A192(a) => go!(a),
         AnyAes::A256(a) => go!(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn af_merge_undoes_af_split_for_every_hash() {
+        let key: Vec<u8> = (0..64u8).collect();
+        for h in [Hash::Sha1, Hash::Sha256, Hash::Sha512] {
+            let split = af_split(h, &key, 4000);
+            assert_eq!(split.len(), 64 * 4000);
+            assert_eq!(&af_merge(h, &split, 64, 4000)[..], &key[..], "{h:?}");
+            assert_ne!(&af_merge(h, &split, 64, 3999)[..], &key[..]);
+        }
+    }
+
+    #[test]
+    fn cipher_specs_parse_as_headers_spell_them_and_refuse_the_rest() {
+        let s = CipherSpec::parse("aes", "cbc-essiv:sha256", 16).unwrap();
+        assert_eq!(s.ivgen, IvGen::Essiv(Hash::Sha256));
+        assert_eq!(s.mode_string(), "cbc-essiv:sha256");
+        assert_eq!(s.alg_name(), "aes-128");
+        assert_eq!(
+            CipherSpec::parse("aes", "xts-plain64", 64)
+                .unwrap()
+                .alg_name(),
+            "aes-256"
+        );
+        assert!(CipherSpec::parse("serpent", "xts-plain64", 64).is_err());
+        assert!(CipherSpec::parse("aes", "xts-plain64", 63).is_err());
+        assert!(CipherSpec::parse("aes", "ecb", 32).is_err());
+        assert!(CipherSpec::parse("aes", "cbc-essiv", 32).is_err());
+        assert!(
+            CipherSpec::parse("aes", "cbc-essiv:sha1", 32).is_err(),
+            "no AES-160"
+        );
+        assert!(CipherSpec::parse("aes", "cbc-benbi", 32).is_err());
+    }
+
+    #[test]
+    fn sectors_decrypt_to_what_was_encrypted_and_depend_on_the_sector_number() {
+        for (mode, kb) in [
+            ("xts-plain64", 32),
+            ("cbc-plain", 24),
+            ("cbc-essiv:sha256", 16),
+        ] {
+            let spec = CipherSpec::parse("aes", mode, kb).unwrap();
+            let key: Vec<u8> = (0..kb as u8).collect();
+            let c = SectorCipher::new(spec, &key).unwrap();
+            let plain: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+            let mut a = plain.clone();
+            c.encrypt(&mut a, 7);
+            let mut b = plain.clone();
+            c.encrypt(&mut b, 8);
+            assert_ne!(a, plain, "{mode}");
+            assert_ne!(a[..512], b[..512], "{mode}: the IV follows the sector");
+            c.decrypt(&mut a, 7);
+            assert_eq!(a, plain, "{mode}");
+        }
     }
 }

@@ -19,7 +19,9 @@
 //! | 208    | 8×48 | key slots: active, iterations, salt\[32\], key material sector, stripes |
 
 use super::crypto::{af_merge, af_split, CipherSpec, Hash, SectorCipher, SECTOR_SIZE};
-use super::limits::{MAX_KEY_BYTES, MAX_KEY_MATERIAL, MAX_PBKDF2_ITERATIONS};
+use super::limits::{
+    MAX_KEY_BYTES, MAX_KEY_MATERIAL, MAX_PBKDF2_ITERATIONS, MAX_UNLOCK_ITERATIONS,
+};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use zerocopy::big_endian::{U16, U32};
@@ -190,6 +192,17 @@ pub fn parse(buf: &[u8], region: u64, payload_must_fit: bool) -> Result<Header> 
     }
     if active == 0 {
         return Err(Error::invalid("LUKS header has no active key slot"));
+    }
+    let work: u64 = raw
+        .slots
+        .iter()
+        .filter(|s| s.active.get() == SLOT_ENABLED)
+        .map(|s| u64::from(s.iterations.get()) + u64::from(raw.mk_digest_iter.get()))
+        .sum();
+    if work > MAX_UNLOCK_ITERATIONS {
+        return Err(Error::limit(format!(
+            "LUKS key slots need {work} PBKDF2 iterations to try, more than {MAX_UNLOCK_ITERATIONS}"
+        )));
     }
     Ok(Header {
         raw,

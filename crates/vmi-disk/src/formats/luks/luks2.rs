@@ -43,6 +43,10 @@ pub const MAX_ARGON2_MEMORY_KIB: u32 = 1 << 20;
 pub const MAX_ARGON2_TIME: u32 = 256;
 /// Most Argon2 lanes (cryptsetup uses at most 4).
 pub const MAX_ARGON2_LANES: u32 = 16;
+/// Most Argon2 work one unlock may need over all key slots, in KiB × passes: 64 GiB·passes
+/// (cryptsetup's default, 1 GiB for about 4 to 10 passes, per slot, fits several times over; a
+/// few tens of seconds at most).
+pub const MAX_ARGON2_WORK: u64 = 64 << 20;
 /// Largest encryption sector of a segment (dm-crypt's maximum).
 pub const MAX_SECTOR_SIZE: u64 = 4096;
 
@@ -97,7 +101,8 @@ pub struct Header {
     pub spec: CipherSpec,
     /// Payload start, in bytes.
     pub payload_offset: u64,
-    sector_size: u64,
+    /// Bytes per encryption sector of the segment.
+    pub sector_size: u64,
     iv_tweak: u64,
     keyslots: Vec<Keyslot>,
     digests: Vec<Digest>,
@@ -389,6 +394,18 @@ impl Header {
         }
         if keyslots.is_empty() {
             return Err(Error::invalid("LUKS2 header has no usable keyslot"));
+        }
+        let work: u64 = keyslots
+            .iter()
+            .map(|k| match k.kdf {
+                Kdf::Argon2 { time, memory, .. } => u64::from(time) * u64::from(memory),
+                Kdf::Pbkdf2 { .. } => 0,
+            })
+            .sum();
+        if work > MAX_ARGON2_WORK {
+            return Err(Error::limit(format!(
+                "LUKS2 keyslots need {work} KiB x passes of Argon2 to try, more than {MAX_ARGON2_WORK}"
+            )));
         }
         let key_size = keyslots[0].key_size;
         let spec = encryption(&seg_enc, key_size)?;

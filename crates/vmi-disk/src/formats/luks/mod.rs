@@ -37,6 +37,9 @@ pub(crate) mod limits {
     /// seconds of SHA-256. cryptsetup's default 2-second benchmark gives one to a few million on
     /// current machines; a header asking for up to 4.29 billion would take hours.
     pub const MAX_PBKDF2_ITERATIONS: u32 = 1 << 24;
+    /// Most PBKDF2 iterations one unlock may need over all slots and digest checks: 2^26, four
+    /// times the per-slot cap, so that eight hostile slots cannot add up to minutes.
+    pub const MAX_UNLOCK_ITERATIONS: u64 = 1 << 26;
 }
 
 /// The message for an encrypted image opened without its key.
@@ -94,6 +97,14 @@ impl Volume {
         match self {
             Volume::V1(h) => h.payload_offset,
             Volume::V2(h) => h.payload_offset,
+        }
+    }
+
+    /// Bytes per encryption sector of the payload: the guest size is a whole number of them.
+    fn sector_size(&self) -> u64 {
+        match self {
+            Volume::V1(_) => crypto::SECTOR_SIZE,
+            Volume::V2(h) => h.sector_size,
         }
     }
 
@@ -165,7 +176,8 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         crypt,
         path: ctx.path.clone(),
         payload,
-        size: (file_len - payload).into(),
+        // A partial last sector cannot be decrypted: the guest sees whole sectors only.
+        size: ((file_len - payload) / vol.sector_size() * vol.sector_size()).into(),
         info: vol.info(),
         writable: ctx.writable,
         st,
