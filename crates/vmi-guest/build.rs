@@ -8,7 +8,9 @@
 fn main() {
     println!("cargo:rerun-if-changed=src/ext4/shim.c");
     println!("cargo:rerun-if-changed=src/ext4/shim_unavailable.c");
-    println!("cargo:rerun-if-changed=/usr/include/ext2fs/ext2fs.h");
+    // The directory, not a header: installing libext2fs-dev gives the headers their package
+    // times (older than this build), but the directory the time it was made.
+    println!("cargo:rerun-if-changed=/usr/include/ext2fs");
     let full = cc::Build::new()
         .file("src/ext4/shim.c")
         .warnings(true)

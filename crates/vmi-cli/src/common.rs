@@ -233,7 +233,8 @@ pub fn wants_option_help(args: &[String]) -> bool {
         .any(|o| o == "help" || o == "?")
 }
 
-/// Open an image read-only (or writable) with the given gate and backing policy.
+/// Open an image read-only (or writable) with the given gate and backing policy, taking QEMU's
+/// image locks.
 pub fn open(
     path: &Path,
     format: Option<Format>,
@@ -249,6 +250,22 @@ pub fn open(
         .write(writable)
         .secret(secret);
     Image::open(&path, &opts).map_err(with_gate_hint)
+}
+
+/// Open an image read-only; with `force_share` (`-U`) without taking image locks.
+pub fn open_ro(
+    path: &Path,
+    format: Option<Format>,
+    gate: Gate,
+    backing: BackingMode,
+    force_share: bool,
+) -> anyhow::Result<Image> {
+    let opts = OpenOptions::new()
+        .format(format)
+        .gate(gate)
+        .backing(backing)
+        .force_share(force_share);
+    Image::open(path, &opts).map_err(with_gate_hint)
 }
 
 /// Add the flag that widens the gate to a refusal for a file outside the allowed folder (the

@@ -702,6 +702,77 @@ vmitest!(
     }
 );
 
+/// Whether a `/proc/locks` line's byte range (its last two fields) covers byte `at`.
+fn covers(line: &str, at: u64) -> bool {
+    let mut f = line.split_whitespace().rev();
+    let (Some(end), Some(start)) = (f.next(), f.next()) else {
+        return false;
+    };
+    matches!((start.parse::<u64>(), end.parse::<u64>()), (Ok(s), Ok(e)) if s <= at && at <= e)
+}
+
+vmitest!(issue_12_convert_onto_its_own_source_is_refused, |d| {
+    let img = d.path("a.qcow2");
+    qemu_create(&img, "qcow2", "", 1 << 20);
+    vmi_testkit::qemu_io(&img, "qcow2", "write -P 0x51 0 64k");
+    let before = std::fs::read(&img).unwrap();
+    let r = d.vmi(&["convert", "-O", "qcow2", "a.qcow2", "a.qcow2"]);
+    r.code(1);
+    assert!(r.stderr.contains("Failed to get \"write\" lock"), "{r:#?}");
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+});
+
+vmitest!(
+    issue_12_a_running_qemu_writer_is_respected_and_force_share_reads,
+    |d| {
+        let img = d.path("a.qcow2");
+        qemu_create(&img, "qcow2", "", 1 << 20);
+        let sock = d.path("nbd.sock");
+        let mut nbd = std::process::Command::new("qemu-nbd")
+            .args(["--persistent", "-f", "qcow2", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .spawn()
+            .expect("qemu-nbd is installed");
+        // Ready once its "write" lock (byte 101) shows in /proc/locks.
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&img).unwrap());
+        for _ in 0..1000 {
+            let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+            if locks
+                .lines()
+                .any(|l| l.contains(&format!(":{ino} ")) && covers(l, 101))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let r = d.vmi(&["resize", "a.qcow2", "+1M"]);
+        let refused = r.stderr.contains("Failed to get \"write\" lock");
+        let info = d.vmi(&["info", "a.qcow2"]);
+        let shared = info.stderr.contains("Failed to get shared \"write\" lock");
+        let mut with_u = Vec::new();
+        for args in [
+            &["info", "-U", "a.qcow2"][..],
+            &["check", "-U", "a.qcow2"],
+            &["map", "-U", "a.qcow2"],
+            &["measure", "-U", "-O", "qcow2", "a.qcow2"],
+            &["compare", "-U", "a.qcow2", "a.qcow2"],
+            &["convert", "-U", "-O", "raw", "a.qcow2", "b.raw"],
+        ] {
+            with_u.push((args.join(" "), d.vmi(args)));
+        }
+        let _ = nbd.kill();
+        let _ = nbd.wait();
+        r.code(1);
+        assert!(refused, "{r:#?}");
+        assert!(shared, "{info:#?}");
+        for (args, run) in &with_u {
+            assert_eq!(run.code, 0, "{args}: {run:#?}");
+        }
+        d.vmi(&["resize", "a.qcow2", "+1M"]).ok();
+    }
+);
+
 vmitest!(convert_with_the_sources_backing_is_a_shallow_copy, |d| {
     let base = d.path("base.qcow2");
     let top = d.path("top.qcow2");

@@ -32,6 +32,7 @@ pub struct OpenOptions {
     gate: Gate,
     backing: BackingMode,
     secret: Option<Secret>,
+    force_share: bool,
 }
 
 impl OpenOptions {
@@ -63,6 +64,12 @@ impl OpenOptions {
     /// Without one, an encrypted image opens for `info` but its data cannot be read.
     pub fn secret(mut self, secret: Option<Secret>) -> Self {
         self.secret = secret;
+        self
+    }
+    /// Take no image locks (qemu-img's `-U`/`--force-share`): read an image another process
+    /// may be writing. Only for read-only opens; a writable open ignores it.
+    pub fn force_share(mut self, yes: bool) -> Self {
+        self.force_share = yes;
         self
     }
     /// The gate in use.
@@ -157,6 +164,7 @@ impl Image {
             None,
             opts.format,
             opts.writable,
+            opts.force_share && !opts.writable,
             &gate,
             opts.backing,
             0,
@@ -172,6 +180,7 @@ impl Image {
         opened: Option<std::fs::File>,
         format: Option<Format>,
         writable: bool,
+        share: bool,
         gate: &Gate,
         mode: BackingMode,
         depth: usize,
@@ -192,9 +201,13 @@ impl Image {
             return Err(Error::invalid("backing chain loops back to this image").with_path(path));
         }
         seen.push(canon);
-        let storage = match opened {
-            Some(f) => FileStorage::from_open_file(f, path, writable),
-            None => FileStorage::open(path, writable)
+        let storage = match (opened, share) {
+            (Some(f), true) => FileStorage::from_open_file_shared(f, path),
+            (Some(f), false) => FileStorage::from_open_file(f, path, writable)
+                .map_err(|e| Error::io("opening", e).with_path(path))?,
+            (None, true) => FileStorage::open_shared(path)
+                .map_err(|e| Error::io("opening", e).with_path(path))?,
+            (None, false) => FileStorage::open(path, writable)
                 .map_err(|e| Error::io("opening", e).with_path(path))?,
         };
         let mut img =
@@ -210,6 +223,7 @@ impl Image {
                 Some(opened.file),
                 spec.format,
                 false,
+                share,
                 gate,
                 mode,
                 depth + 1,

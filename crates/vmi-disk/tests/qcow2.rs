@@ -421,7 +421,8 @@ fn snapshots_are_listed_and_active_data_stays_right() {
     assert!(buf[..4096].iter().all(|&b| b == 0x11));
     assert!(buf[4096..8192].iter().all(|&b| b == 0x22));
     assert!(buf[8192..].iter().all(|&b| b == 0x11));
-    // The snapshot still holds the old data.
+    // The snapshot still holds the old data (qemu-img may write once vmi lets go of the image).
+    drop(img);
     qemu_img(&["snapshot", "-a", "first", s(&q)]);
     let img = open_ro(&q);
     img.read_at(&mut buf, 0).unwrap();

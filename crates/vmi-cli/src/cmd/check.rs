@@ -39,7 +39,8 @@ pub struct Args {
     /// Quiet: print nothing, report through the exit code.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility (vmi takes no image locks).
+    /// Read without taking image locks (qemu-img's force-share): allows reading an image
+    /// another process (a running QEMU) has open for writing, whose contents may be changing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[command(flatten)]
@@ -51,19 +52,25 @@ pub struct Args {
 
 /// Run `vmi check`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let mode = match a.repair {
         None => CheckMode::ReadOnly,
         Some(Repair::Leaks) => CheckMode::RepairLeaks,
         Some(Repair::All) => CheckMode::RepairAll,
     };
-    let img = common::open(
-        &a.file,
-        a.format,
-        gate.gate(false),
-        BackingMode::Skip,
-        a.repair.is_some(),
-    )?;
+    if a.force_share && a.repair.is_some() {
+        anyhow::bail!("-U (force-share) can only be used with read-only images: not with -r");
+    }
+    let img = if a.repair.is_some() {
+        common::open(&a.file, a.format, gate.gate(false), BackingMode::Skip, true)?
+    } else {
+        common::open_ro(
+            &a.file,
+            a.format,
+            gate.gate(false),
+            BackingMode::Skip,
+            a.force_share,
+        )?
+    };
     let format = img.format();
     let reporter = Reporter::new(a.progress.mode());
     if let Some(r) = &reporter {

@@ -30,7 +30,8 @@ pub struct Args {
     /// Quiet: print nothing, report through the exit code.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility (vmi takes no image locks).
+    /// Read without taking image locks (qemu-img's force-share): allows reading an image
+    /// another process (a running QEMU) has open for writing, whose contents may be changing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[command(flatten)]
@@ -45,8 +46,8 @@ pub struct Args {
 
 /// Run `vmi compare`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
-    let open = |p: &PathBuf, f| common::open(p, f, gate.gate(false), BackingMode::Open, false);
+    let open =
+        |p: &PathBuf, f| common::open_ro(p, f, gate.gate(false), BackingMode::Open, a.force_share);
     let img_a = open(&a.a, a.format_a)?;
     let img_b = open(&a.b, a.format_b)?;
     let reporter = Reporter::new(a.progress.mode());

@@ -61,7 +61,8 @@ pub struct Args {
     /// Quiet (accepted for qemu-img compatibility: convert prints nothing without -p anyway).
     #[arg(short = 'q')]
     quiet: bool,
-    /// Accepted for qemu-img compatibility (vmi takes no image locks).
+    /// Read without taking image locks (qemu-img's force-share): allows reading an image
+    /// another process (a running QEMU) has open for writing, whose contents may be changing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Convert this internal snapshot of SRC (qcow2) instead of its current state:
@@ -80,10 +81,16 @@ pub struct Args {
 
 /// Run `vmi convert`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = (a.force_share, a.quiet);
+    let _ = a.quiet;
     // Open the top image alone first: a shallow copy (-B naming the source's own backing file)
     // never reads the backing chain, so it needs no --allow-backing.
-    let top = common::open(&a.src, a.format, gate.gate(false), BackingMode::Skip, false)?;
+    let top = common::open_ro(
+        &a.src,
+        a.format,
+        gate.gate(false),
+        BackingMode::Skip,
+        a.force_share,
+    )?;
     let shallow = match (&a.backing, top.driver().backing()) {
         (Some(b), Some(spec)) => same_file(&beside(&a.src, &spec.name), &beside(&a.dst, b)),
         _ => false,
@@ -92,7 +99,13 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         top
     } else {
         drop(top);
-        common::open(&a.src, a.format, gate.gate(false), BackingMode::Open, false)?
+        common::open_ro(
+            &a.src,
+            a.format,
+            gate.gate(false),
+            BackingMode::Open,
+            a.force_share,
+        )?
     };
     if let Some(l) = &a.snapshot {
         let key = l
@@ -139,6 +152,20 @@ pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
         vmi_convert::convert(&src, &dst, &opts).with_context(what)?;
         dst.close()?;
     } else {
+        // qemu-img refuses to create the output over an image it reads (the target's write
+        // lock conflicts with the source's); the output would replace the source here.
+        let mut layer = Some(&src);
+        while let Some(l) = layer {
+            if same_file(l.path(), &a.dst) {
+                bail!(
+                    "{}: Failed to get \"write\" lock: Is another process using the image [{}]? \
+                     (it is read by this conversion)",
+                    a.dst.display(),
+                    a.dst.display()
+                );
+            }
+            layer = l.backing_image();
+        }
         let mut options = common::parse_options(&a.options)?;
         common::apply_key_file(&mut options, a.out_format);
         let backing = match &a.backing {

@@ -23,7 +23,8 @@ pub struct Args {
     /// Show every image of the backing chain (a JSON array with --output=json).
     #[arg(long)]
     backing_chain: bool,
-    /// Accepted for qemu-img compatibility (vmi takes no image locks).
+    /// Read without taking image locks (qemu-img's force-share): allows reading an image
+    /// another process (a running QEMU) has open for writing, whose contents may be changing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -33,13 +34,18 @@ pub struct Args {
 
 /// Run `vmi info`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let mode = if a.backing_chain {
         BackingMode::Open
     } else {
         BackingMode::Skip
     };
-    let img = common::open(&a.file, a.format, gate.gate(a.backing_chain), mode, false)?;
+    let img = common::open_ro(
+        &a.file,
+        a.format,
+        gate.gate(a.backing_chain),
+        mode,
+        a.force_share,
+    )?;
     let mut chain = vec![&img];
     if a.backing_chain {
         let mut cur = &img;

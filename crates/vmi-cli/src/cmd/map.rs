@@ -21,7 +21,8 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     output: OutputFormat,
-    /// Accepted for qemu-img compatibility (vmi takes no image locks).
+    /// Read without taking image locks (qemu-img's force-share): allows reading an image
+    /// another process (a running QEMU) has open for writing, whose contents may be changing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -31,13 +32,12 @@ pub struct Args {
 
 /// Run `vmi map`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let backing = if gate.allow_backing.is_some() {
         BackingMode::Open
     } else {
         BackingMode::Skip
     };
-    let img = common::open(&a.file, a.format, gate.gate(false), backing, false)?;
+    let img = common::open_ro(&a.file, a.format, gate.gate(false), backing, a.force_share)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut io_result: std::io::Result<()> = Ok(());

@@ -26,7 +26,8 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     output: OutputFormat,
-    /// Accepted for qemu-img compatibility (vmi takes no image locks).
+    /// Read without taking image locks (qemu-img's force-share): allows reading an image
+    /// another process (a running QEMU) has open for writing, whose contents may be changing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Image whose data the new image must hold.
@@ -36,15 +37,14 @@ pub struct Args {
 
 /// Run `vmi measure`.
 pub fn run(gate: &common::GateArgs, a: Args) -> anyhow::Result<u8> {
-    let _ = a.force_share;
     let options = common::parse_options(&a.options)?;
     let source = match (&a.file, a.size) {
-        (Some(f), None) => Some(common::open(
+        (Some(f), None) => Some(common::open_ro(
             f,
             a.format,
             gate.gate(false),
             BackingMode::Open,
-            false,
+            a.force_share,
         )?),
         (None, Some(_)) => None,
         _ => bail!("measure: give either --size SIZE or an image FILE"),

@@ -1,6 +1,8 @@
 //! [`Storage`] over a host file: `pread`/`pwrite`, `SEEK_DATA`/`SEEK_HOLE` to find holes and
 //! `fallocate(PUNCH_HOLE)` to make them, with clean fallbacks where the filesystem lacks them.
+//! Opening takes QEMU's image locks ([`super::lock`]) unless the caller asks to share.
 
+use super::lock::{lock_image, ImageLock};
 use super::Storage;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,13 +23,25 @@ pub struct FileStorage {
     punch: AtomicBool,
     /// Set by [`Storage::ignore_sync`]: `sync` does nothing.
     no_sync: AtomicBool,
+    /// QEMU-compatible image locks, held while the storage lives (`None`: shared, or the file
+    /// system has no OFD locks).
+    _lock: Option<ImageLock>,
 }
 
 impl FileStorage {
-    /// Open an existing file, read-only or read-write.
+    /// Open an existing file, read-only or read-write, taking QEMU's image locks: an image a
+    /// running QEMU writes (or, for writing, one it reads) fails with
+    /// [`io::ErrorKind::WouldBlock`] and QEMU's message.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Ok(Self::from_file(file, path, writable))
+        Self::locked(file, path, writable)
+    }
+
+    /// Open an existing file read-only without taking locks (qemu-img's `-U`/`force-share`:
+    /// the caller accepts reading an image another process may be changing).
+    pub fn open_shared(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        Ok(Self::from_file(file, path, false))
     }
 
     /// Create a new file (failing if it exists) opened read-write.
@@ -37,7 +51,7 @@ impl FileStorage {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(Self::from_file(file, path, true))
+        Self::locked(file, path, true)
     }
 
     /// Create or truncate a file, opened read-write.
@@ -48,12 +62,25 @@ impl FileStorage {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(Self::from_file(file, path, true))
+        Self::locked(file, path, true)
     }
 
-    /// Wrap a file opened elsewhere (by the gate), read-write when `writable`.
-    pub fn from_open_file(file: File, path: &Path, writable: bool) -> Self {
-        Self::from_file(file, path, writable)
+    /// Wrap a file opened elsewhere (by the gate), read-write when `writable`, taking the same
+    /// locks as [`FileStorage::open`].
+    pub fn from_open_file(file: File, path: &Path, writable: bool) -> io::Result<Self> {
+        Self::locked(file, path, writable)
+    }
+
+    /// Wrap a file opened elsewhere without taking locks (`force-share`).
+    pub fn from_open_file_shared(file: File, path: &Path) -> Self {
+        Self::from_file(file, path, false)
+    }
+
+    fn locked(file: File, path: &Path, writable: bool) -> io::Result<Self> {
+        let lock = lock_image(&file, path, writable)?;
+        let mut s = Self::from_file(file, path, writable);
+        s._lock = lock;
+        Ok(s)
     }
 
     /// Wrap a file the caller already opened read-write (e.g. an anonymous `O_TMPFILE` file that
@@ -70,6 +97,7 @@ impl FileStorage {
             seek_data: AtomicBool::new(true),
             punch: AtomicBool::new(true),
             no_sync: AtomicBool::new(false),
+            _lock: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! names its offset, so one storage can serve several threads at once.
 
 mod file;
+mod lock;
 mod mem;
 
 pub use file::FileStorage;

@@ -357,9 +357,13 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
             ));
         }
         let o = ctx.gate.open(Referral::DataFile, &ctx.path, &name, false)?;
-        Some(Box::new(FileStorage::from_open_file(
-            o.file, &o.path, false,
-        )))
+        let f = FileStorage::from_open_file(o.file, &o.path, false).map_err(|e| {
+            Error::io(
+                format!("opening external data file {}", o.path.display()),
+                e,
+            )
+        })?;
+        Some(Box::new(f))
     } else {
         None
     };

@@ -220,9 +220,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
         };
         let writable = ctx.writable && line.access == Access::ReadWrite;
         let o = ctx.gate.open(Referral::Extent, &ctx.path, name, writable)?;
-        files.push(Some(Box::new(FileStorage::from_open_file(
-            o.file, &o.path, writable,
-        ))));
+        let f = FileStorage::from_open_file(o.file, &o.path, writable)
+            .map_err(|e| Error::io(format!("opening extent file '{}'", name.escape_debug()), e))?;
+        files.push(Some(Box::new(f)));
     }
     Ok(Box::new(assemble(
         storage,
@@ -578,7 +578,8 @@ fn parent_cid(ctx: &CreateContext, spec: &BackingSpec) -> Result<u32> {
     let gate = Gate::new().allow_backing(true).rooted_at_image(&ctx.path);
     let o = gate.open(Referral::Backing, &ctx.path, &spec.name, false)?;
     let path = o.path;
-    let storage = FileStorage::from_open_file(o.file, &path, false);
+    let storage = FileStorage::from_open_file(o.file, &path, false)
+        .map_err(|e| Error::io(format!("opening backing file {}", path.display()), e))?;
     let octx = OpenContext {
         path: path.clone(),
         writable: false,
