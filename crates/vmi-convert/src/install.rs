@@ -249,7 +249,32 @@ pub fn convert_to_path(
         let b = open_target_backing(path, &spec.name, spec.format)?;
         dst.set_backing(Some(b));
     }
-    let stats = convert(src, &dst, opts).map_err(named)?;
+    let cloned = match reflink_source(src, target, opts) {
+        Some(sf) => {
+            let df = match &anonymous {
+                Some(f) => f.try_clone(),
+                None => std::fs::OpenOptions::new().write(true).open(&tmp_main),
+            };
+            df.and_then(|df| outfile::clone_file(sf, &df))
+                .map_err(|e| named(Error::io("cloning", e).with_path(&tmp_main)))?
+        }
+        None => false,
+    };
+    let stats = if cloned {
+        let size = src.virtual_size();
+        if let Some(cb) = &opts.progress {
+            cb(crate::Progress {
+                done: size,
+                total: size,
+            });
+        }
+        ConvertStats {
+            data_bytes: size,
+            zero_bytes: 0,
+        }
+    } else {
+        convert(src, &dst, opts).map_err(named)?
+    };
     dst.close().map_err(named)?;
 
     match &anonymous {
@@ -257,6 +282,29 @@ pub fn convert_to_path(
         None => install(&mut guard, &tmp_main, path, &dir, opts.cache.durable())?,
     }
     Ok(stats)
+}
+
+/// The source file of a raw → raw conversion that a reflink clone (`FICLONE`) may do whole: a
+/// plain raw file without backing, of exactly its virtual size, into a raw target of the same
+/// size without preallocation, zero detection on (`-S 0` asks for every byte to be allocated),
+/// no compression, nothing shallow. `None` when any of that does not hold.
+fn reflink_source<'a>(src: &'a Image, target: &Target, opts: &ConvertOptions) -> Option<&'a File> {
+    if src.format() != Format::Raw
+        || target.format != Format::Raw
+        || src.backing_image().is_some()
+        || target.create.backing.is_some()
+        || target.create.options.contains("preallocation")
+        || opts.compress
+        || opts.shallow
+        || opts.target_has_data
+        || opts.min_sparse == 0
+        || (target.create.size != 0 && target.create.size != src.virtual_size())
+    {
+        return None;
+    }
+    let f = src.driver().file(0).ok()?.host_file()?;
+    let len = f.metadata().ok()?.len();
+    (len == src.virtual_size()).then_some(f)
 }
 
 /// Give the finished anonymous file `f` the name `path`: linked straight to it when the name is

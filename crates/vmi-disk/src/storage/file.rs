@@ -157,13 +157,15 @@ impl Storage for FileStorage {
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
-        let len = self.len()?;
-        if offset >= len {
-            return Ok(None);
-        }
+        let everything = || -> io::Result<Option<(u64, u64)>> {
+            let len = self.len()?;
+            Ok((offset < len).then_some((offset, len)))
+        };
         if !self.seek_data.load(Ordering::Relaxed) {
-            return Ok(Some((offset, len)));
+            return everything();
         }
+        // No stat per call: SEEK_DATA answers ENXIO at or past the end, and SEEK_HOLE finds the
+        // end of the file as its last hole (this runs once per data extent of a raw source).
         let start = match self.lseek(offset, libc::SEEK_DATA) {
             Ok(Some(s)) => s,
             Ok(None) => return Ok(None),
@@ -174,11 +176,14 @@ impl Storage for FileStorage {
                 ) =>
             {
                 self.seek_data.store(false, Ordering::Relaxed);
-                return Ok(Some((offset, len)));
+                return everything();
             }
             Err(e) => return Err(e),
         };
-        let end = self.lseek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let end = match self.lseek(start, libc::SEEK_HOLE)? {
+            Some(e) => e,
+            None => self.len()?,
+        };
         Ok((start < end).then_some((start, end)))
     }
 
@@ -217,6 +222,10 @@ impl Storage for FileStorage {
 
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+
+    fn host_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

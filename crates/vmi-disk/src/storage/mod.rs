@@ -76,6 +76,12 @@ pub trait Storage: Send + Sync + Debug {
     fn path(&self) -> Option<&Path> {
         None
     }
+
+    /// The open host file, when the storage is one (for whole-file operations such as reflink
+    /// clones, which must act on the file that was opened, not on whatever its name names now).
+    fn host_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// A shared storage is a storage: lets tests keep a handle on a [`MemStorage`] (to inject faults or
@@ -113,6 +119,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn path(&self) -> Option<&Path> {
         (**self).path()
+    }
+    fn host_file(&self) -> Option<&std::fs::File> {
+        (**self).host_file()
     }
 }
 
