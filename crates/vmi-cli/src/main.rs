@@ -85,6 +85,8 @@ enum Command {
     Serve(vmi_registry::cli::ServeArgs),
     /// Talk to an image registry: list, show, create, upload, download, set, delete, share.
     Image(vmi_registry::cli::ImageArgs),
+    /// Administer a registry's projects, users and role assignments.
+    Admin(vmi_registry::admin_cli::AdminArgs),
 }
 
 fn main() -> ExitCode {
@@ -149,6 +151,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             .map(|()| 0)
             .map_err(Into::into),
         Command::Image(a) => vmi_registry::cli::run_image(a)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Admin(a) => vmi_registry::admin_cli::run_admin(a)
             .map(|()| 0)
             .map_err(Into::into),
     }
