@@ -89,6 +89,8 @@ enum Command {
     Image(vmi_registry::cli::ImageArgs),
     /// Inspect, sysprep, customize and sparsify the OS inside an image, without booting it.
     Guest(cmd::guest::Args),
+    /// Administer a registry's projects, users and role assignments.
+    Admin(vmi_registry::admin_cli::AdminArgs),
 }
 
 fn main() -> ExitCode {
@@ -163,6 +165,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             .map(|()| 0)
             .map_err(Into::into),
         Command::Guest(a) => cmd::guest::run(gate, a),
+        Command::Admin(a) => vmi_registry::admin_cli::run_admin(a)
+            .map(|()| 0)
+            .map_err(Into::into),
     }
 }
 

@@ -32,10 +32,12 @@ pub struct ServeArgs {
     /// Directory for the catalog and image data [default: ./vmi-data].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Catalog URL: sqlite://PATH [default: <data-dir>/catalog.db].
+    /// Catalog URL: sqlite://PATH, or postgres://USER@HOST:PORT/DB?sslmode=… (built with the
+    /// `postgres` feature) [default: sqlite://<data-dir>/catalog.db].
     #[arg(long, value_name = "URL")]
     pub database: Option<String>,
-    /// Image store URL: file://PATH [default: <data-dir>/images].
+    /// Image store URL: file://PATH, or s3://BUCKET/PREFIX (built with the `s3` feature; see the
+    /// [s3] table and AWS_* variables) [default: file://<data-dir>/images].
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
     /// Base URL clients reach the service at (used in the service catalog).
@@ -471,19 +473,37 @@ pub async fn image_command(
     {
         return crate::signing::cli::run_sign(out, file, key, key_id, hash, args.json);
     }
-    let url = args
-        .url
-        .clone()
+    let (url, auth) = connection(
+        args.url.as_deref(),
+        args.token.as_deref(),
+        args.user.as_deref(),
+        args.project.as_deref(),
+        vars,
+    )?;
+    let c = RegistryClient::connect(&url, &auth).await?;
+    image_with(args, c, out, progress).await
+}
+
+/// The registry URL and credentials from flags, else the environment `vars`.
+pub(crate) fn connection(
+    url: Option<&str>,
+    token: Option<&str>,
+    user: Option<&str>,
+    project: Option<&str>,
+    vars: &[(String, String)],
+) -> Result<(String, Auth)> {
+    let url = url
+        .map(str::to_string)
         .or_else(|| env_of(vars, "VMI_REGISTRY_URL"))
         .unwrap_or_else(|| "http://127.0.0.1:9292".into());
-    let token = args
-        .token
-        .clone()
+    let token = token
+        .map(str::to_string)
         .or_else(|| env_of(vars, "VMI_TOKEN"))
         .or_else(|| env_of(vars, "OS_AUTH_TOKEN"));
     let auth = match (
         token,
-        args.user.clone().or_else(|| env_of(vars, "OS_USERNAME")),
+        user.map(str::to_string)
+            .or_else(|| env_of(vars, "OS_USERNAME")),
     ) {
         (Some(t), _) => Auth::Token(t),
         (None, Some(user)) => Auth::Password {
@@ -491,9 +511,8 @@ pub async fn image_command(
             password: env_of(vars, "OS_PASSWORD").ok_or_else(|| {
                 RegistryError::BadRequest("set OS_PASSWORD for password authentication".into())
             })?,
-            project: args
-                .project
-                .clone()
+            project: project
+                .map(str::to_string)
                 .or_else(|| env_of(vars, "OS_PROJECT_NAME")),
         },
         (None, None) => {
@@ -503,7 +522,15 @@ pub async fn image_command(
             ))
         }
     };
-    let c = RegistryClient::connect(&url, &auth).await?;
+    Ok((url, auth))
+}
+
+async fn image_with(
+    args: &ImageArgs,
+    c: RegistryClient,
+    out: &mut dyn Write,
+    progress: bool,
+) -> Result<()> {
     let w = |out: &mut dyn Write, s: String| {
         writeln!(out, "{s}").map_err(|e| RegistryError::io("writing output", e))
     };

@@ -830,6 +830,22 @@ impl RegistryClient {
         .await
     }
 
+    /// `GET path` as JSON (identity administration and other plain JSON resources).
+    pub async fn get_json(&self, path: &str) -> Result<Value> {
+        self.json(self.req(reqwest::Method::GET, path), path).await
+    }
+
+    /// `POST path` with a JSON body, answered with JSON.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value> {
+        self.json(self.req(reqwest::Method::POST, path).json(body), path)
+            .await
+    }
+
+    /// `method path` without a body, answered without one (`PUT`/`DELETE` of a relation).
+    pub async fn send_empty(&self, method: reqwest::Method, path: &str) -> Result<()> {
+        self.empty(self.req(method, path), path).await
+    }
+
     /// Wait until image `id` is no longer `importing` (polling every `every`) and return it.
     pub async fn wait_imported(&self, id: &str, every: std::time::Duration) -> Result<Value> {
         loop {

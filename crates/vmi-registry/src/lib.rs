@@ -15,6 +15,7 @@
 //!   command-line arguments the `vmi` binary exposes; [`client`] is the HTTP client behind
 //!   `vmi image …`.
 
+pub mod admin_cli;
 pub mod api;
 pub mod audit;
 pub mod auth;

@@ -277,6 +277,7 @@ impl Registry {
                 }
             }
         }
+        crate::api::metadefs::load_standard(c.as_ref(), &project.id).await?;
         Ok(Bootstrap {
             user: user.name,
             project: project.name,

@@ -1788,10 +1788,10 @@ async fn info_endpoints_roles_and_head_requests_answer() {
     let r = t.get("/v2/info/import", ADMIN_TOKEN).await;
     assert_eq!(
         r.json()["import-methods"]["value"],
-        json!(["glance-direct", "web-download"])
+        json!(["glance-direct", "web-download", "copy-image"])
     );
     let r = t.get("/v2/info/stores", ADMIN_TOKEN).await;
-    assert_eq!(r.json()["stores"][0]["default"], true);
+    assert_eq!(r.json()["stores"][0]["default"], "true");
     let r = t.get("/v3/roles", ADMIN_TOKEN).await;
     assert_eq!(r.json()["roles"].as_array().unwrap().len(), 3);
     let id = t

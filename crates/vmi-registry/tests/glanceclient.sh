@@ -4,7 +4,8 @@
 # authentication (openstack CLI through /v3/auth/tokens and the service catalog).
 #
 # Steps: create, upload, list, show, set, download (checksum verified), share, accept,
-# deactivate, reactivate, delete.
+# deactivate, reactivate, delete; then project, user and role administration with the openstack
+# CLI (project create, user create --password, role add, role assignment list, role remove).
 #
 # Usage (from anywhere):  bash crates/vmi-registry/tests/glanceclient.sh
 # Environment:
@@ -162,6 +163,47 @@ step "openstack image list (as the member)" o_bob_lists "$oid"
 step "openstack image set --deactivate" os image set --deactivate "$oid"
 step "openstack image set --activate" os image set --activate "$oid"
 step "openstack image delete" os image delete "$oid"
+
+# A missing image: "not found", never a 400 about the os_hidden=True lookup the client makes.
+o_missing() {
+    local out
+    out=$(os image show no-such-image 2>&1) && return 1
+    ! grep -qi 'os_hidden\|bad request' <<<"$out"
+}
+step "openstack image show of a missing image says not found" o_missing
+
+# --- identity administration with the openstack CLI ---------------------------------------
+o_assigned() { os role assignment list --project gamma --user carol --names -f value | grep -q member; }
+o_carol_lists() {
+    OS_USERNAME=carol OS_PASSWORD=carolpw OS_PROJECT_NAME=gamma "$venv/bin/openstack" image list
+}
+o_carol_refused() {
+    ! OS_USERNAME=carol OS_PASSWORD=carolpw OS_PROJECT_NAME=gamma "$venv/bin/openstack" image list
+}
+step "openstack project create" os project create gamma
+step "openstack project show" os project show gamma
+step "openstack user create --password --project" \
+    os user create --project gamma --password carolpw carol
+step "openstack role add --project --user member" os role add --project gamma --user carol member
+step "openstack role assignment list" o_assigned
+step "the new user lists images in the new project" o_carol_lists
+step "openstack role remove" os role remove --project gamma --user carol member
+step "without a role the user's login is refused" o_carol_refused
+
+# --- the same with `vmi admin` -----------------------------------------------------------------
+vmi_bin=${VMI_SERVE% serve}
+vadmin() { "$vmi_bin" admin --url "$url" --token "$admin_token" "$@"; }
+v_user_create() { echo davepw | vadmin user create dave --project delta --password-stdin; }
+v_assigned() { vadmin role list --project delta --user dave | grep -q 'delta  dave  reader'; }
+v_dave_lists() {
+    OS_USERNAME=dave OS_PASSWORD=davepw OS_PROJECT_NAME=delta "$vmi_bin" image --url "$url" list
+}
+step "vmi admin project create" vadmin project create delta
+step "vmi admin user create --password-stdin" v_user_create
+step "vmi admin role add" vadmin role add --project delta --user dave reader
+step "vmi admin role list" v_assigned
+step "the new reader lists images with vmi image" v_dave_lists
+step "vmi admin role remove" vadmin role remove --project delta --user dave reader
 
 echo "glanceclient compatibility: $passed passed, $failed failed"
 if [ "$failed" -ne 0 ]; then

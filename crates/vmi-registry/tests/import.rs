@@ -171,7 +171,7 @@ async fn glance_direct_stages_then_imports_to_active_with_glance_digests() {
     let r = t.get("/v2/info/import").await;
     assert_eq!(
         r.json()["import-methods"]["value"],
-        json!(["glance-direct", "web-download"])
+        json!(["glance-direct", "web-download", "copy-image"])
     );
     let statuses = t.get("/v2/schemas/image").await.json()["properties"]["status"]["enum"].clone();
     assert!(statuses.as_array().unwrap().contains(&json!("importing")));

@@ -13,7 +13,7 @@ use crate::login::Verdict;
 use crate::model::{now, Project, Role, TokenKind, TokenRecord, User};
 use crate::server::App;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -40,9 +40,10 @@ pub fn router() -> Router<Arc<App>> {
         .route("/users", post(create_user))
         .route(
             "/projects/{project}/users/{user}/roles/{role}",
-            put(assign_role),
+            put(assign_role).delete(super::identity_admin::unassign_role),
         )
         .route("/roles", get(list_roles))
+        .merge(super::identity_admin::router())
 }
 
 async fn version(State(app): State<Arc<App>>, headers: HeaderMap) -> Json<Value> {
@@ -296,17 +297,17 @@ fn require_admin(ctx: &Context) -> Result<()> {
     }
 }
 
-fn project_json(p: &Project) -> Value {
-    json!({"id": p.id, "name": p.name, "domain_id": DOMAIN, "enabled": true})
-}
-
-/// `GET /v3/projects` (admin).
-async fn list_projects(State(app): State<Arc<App>>, ctx: Context) -> Result<Json<Value>> {
+/// `GET /v3/projects[?name=…]` (admin).
+async fn list_projects(
+    State(app): State<Arc<App>>,
+    ctx: Context,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>> {
     require_admin(&ctx)?;
     let ps = app.catalog.list_projects().await?;
-    Ok(Json(
-        json!({"projects": ps.iter().map(project_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(json!({"projects": ps.iter()
+        .filter(|p| q.get("name").is_none_or(|n| *n == p.name))
+        .map(super::identity_admin::project_json).collect::<Vec<_>>()})))
 }
 
 /// `POST /v3/projects` with `{"project": {"name": …}}` (admin).
@@ -329,7 +330,7 @@ async fn create_project(
     app.catalog.create_project(&p).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"project": project_json(&p)})),
+        Json(json!({"project": super::identity_admin::project_json(&p)})),
     ))
 }
 
@@ -377,11 +378,7 @@ async fn create_user(
     app.catalog.create_user(&user).await?;
     Ok((
         StatusCode::CREATED,
-        Json(
-            json!({"user": {"id": user.id, "name": user.name, "domain_id": DOMAIN,
-                             "enabled": user.enabled,
-                             "default_project_id": user.default_project_id}}),
-        ),
+        Json(json!({"user": super::identity_admin::user_json(&user)})),
     ))
 }
 
@@ -409,8 +406,12 @@ async fn assign_role(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v3/roles`
-async fn list_roles(_ctx: Context) -> Json<Value> {
+/// `GET /v3/roles[?name=…]`
+async fn list_roles(
+    _ctx: Context,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Json<Value> {
     Json(json!({"roles": Role::ALL.iter()
-        .map(|r| json!({"id": r.as_str(), "name": r.as_str()})).collect::<Vec<_>>()}))
+        .filter(|r| q.get("name").is_none_or(|n| n == r.as_str()))
+        .map(|r| super::identity_admin::role_json(*r)).collect::<Vec<_>>()}))
 }

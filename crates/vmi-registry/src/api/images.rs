@@ -102,6 +102,9 @@ pub fn image_json(img: &ImageRecord) -> Value {
     for (k, v) in fields {
         m.insert(k.into(), v);
     }
+    if let Some(stores) = crate::api::stores::image_stores(img) {
+        m.insert("stores".into(), json!(stores));
+    }
     Value::Object(m)
 }
 
@@ -433,11 +436,8 @@ pub async fn list(
                 }
             }
             "os_hidden" => {
-                q.os_hidden = Some(match v.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(bad("os_hidden must be true or false")),
-                })
+                q.os_hidden =
+                    Some(glance_bool(v).ok_or_else(|| bad("os_hidden must be true or false"))?)
             }
             "tag" => q.tags.push(v.clone()),
             "size_min" | "size_max" => {
@@ -455,7 +455,9 @@ pub async fn list(
             "protected" => q.filters.push(Filter {
                 field: Field::Protected,
                 cmp: Cmp::Eq,
-                value: v.clone(),
+                value: glance_bool(v)
+                    .ok_or_else(|| bad(format!("invalid protected filter '{v}'")))?
+                    .to_string(),
             }),
             "id" | "name" | "status" | "owner" | "disk_format" | "container_format" => {
                 let field = match k.as_str() {
@@ -527,6 +529,16 @@ pub async fn list(
     Ok(Json(body))
 }
 
+/// A boolean query parameter as Glance reads one (oslo's `bool_from_string`, strict): `true`,
+/// `True`, `1`, `yes`, `on`, … and their false counterparts, case-insensitively.
+pub(crate) fn glance_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "t" | "true" | "on" | "y" | "yes" => Some(true),
+        "0" | "f" | "false" | "off" | "n" | "no" => Some(false),
+        _ => None,
+    }
+}
+
 fn json_pointer_key(path: &str) -> Result<String> {
     let rest = path
         .strip_prefix('/')
@@ -537,7 +549,39 @@ fn json_pointer_key(path: &str) -> Result<String> {
     Ok(rest.replace("~1", "/").replace("~0", "~"))
 }
 
-/// `PATCH /v2/images/{id}` with `application/openstack-images-v2.1-json-patch`.
+/// The operation name and path of one patch operation: the 2.1 form
+/// (`{"op": "replace", "path": "/name"}`) or the 2.0 form (`{"replace": "/name"}`), whichever
+/// media type announced it, as Glance reads both.
+fn patch_operation(o: &Map<String, Value>) -> Result<(&str, &str)> {
+    if let Some(op) = o.get("op") {
+        let name = op.as_str().unwrap_or("");
+        let path = o
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("Unable to find 'path' in JSON Schema change"))?;
+        return Ok((name, path));
+    }
+    let mut found = None;
+    for name in ["add", "remove", "replace"] {
+        if let Some(p) = o.get(name) {
+            if found.is_some() {
+                return Err(bad(
+                    "Operation objects must contain only one member named \"add\", \"remove\", or \"replace\".",
+                ));
+            }
+            let path = p
+                .as_str()
+                .ok_or_else(|| bad(format!("the path of '{name}' must be a string")))?;
+            found = Some((name, path));
+        }
+    }
+    found.ok_or_else(|| {
+        bad("Operation objects must contain exactly one member named \"add\", \"remove\", or \"replace\".")
+    })
+}
+
+/// `PATCH /v2/images/{id}` with `application/openstack-images-v2.1-json-patch` (or the 2.0
+/// media type and its operation form).
 pub async fn update(
     State(app): State<Arc<App>>,
     ctx: Context,
@@ -564,11 +608,7 @@ pub async fn update(
         let o = op
             .as_object()
             .ok_or_else(|| bad("each patch operation must be an object"))?;
-        let name = o.get("op").and_then(Value::as_str).unwrap_or("");
-        let path = o
-            .get("path")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("each patch operation needs a path"))?;
+        let (name, path) = patch_operation(o)?;
         let key = json_pointer_key(path)?;
         match name {
             "add" | "replace" => {

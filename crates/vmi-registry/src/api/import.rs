@@ -12,7 +12,7 @@ use crate::import::convert::{convert_stored, DOWNLOAD_FORMATS};
 use crate::import::stream::{convert_streaming, STREAMABLE};
 use crate::import::{
     delete_quietly, fail, inspect_stored, mark_importing, start_task, store_stream, web,
-    GLANCE_DIRECT, STORE_ID, WEB_DOWNLOAD,
+    COPY_IMAGE, GLANCE_DIRECT, STORE_ID, WEB_DOWNLOAD,
 };
 use crate::model::{now, Status};
 use crate::policy;
@@ -163,7 +163,8 @@ fn check_stores(body: &Value) -> Result<()> {
     Ok(())
 }
 
-/// `POST /v2/images/{id}/import`: start a `glance-direct` or `web-download` import (202).
+/// `POST /v2/images/{id}/import`: start a `glance-direct` or `web-download` import (202),
+/// recorded as a task that `GET /v2/images/{id}/tasks` shows.
 pub async fn import(
     State(app): State<Arc<App>>,
     ctx: Context,
@@ -171,18 +172,29 @@ pub async fn import(
     body: Bytes,
 ) -> Result<StatusCode> {
     let v = parse_json(&body)?;
+    start_import(&app, &ctx, &id, &v).await?;
+    super::tasks::record(&app, &ctx, &id, super::tasks::IMAGE_IMPORT, v).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Start the import an import request `v` asks for.
+pub(crate) async fn start_import(app: &Arc<App>, ctx: &Context, id: &str, v: &Value) -> Result<()> {
+    let (app, ctx, id) = (app.clone(), ctx.clone(), id.to_string());
     let method = v
         .get("method")
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| bad("Import request requires a 'method' field with a 'name'"))?
         .to_string();
-    if method != GLANCE_DIRECT && method != WEB_DOWNLOAD {
+    if method != GLANCE_DIRECT && method != WEB_DOWNLOAD && method != COPY_IMAGE {
         return Err(bad(format!("Unknown import method name '{method}'")));
     }
     enabled(&app, &method)?;
-    check_stores(&v)?;
+    check_stores(v)?;
     let img = load_visible(&app, &ctx, &id).await?;
+    if method == COPY_IMAGE {
+        return copy_image(&app, &ctx, &img).await;
+    }
     policy::check_modify(&ctx, &img)?;
     if img.disk_format.is_none() || img.container_format.is_none() {
         return Err(RegistryError::Conflict(
@@ -216,7 +228,7 @@ pub async fn import(
             )));
         }
         start_task(&app, &id, WEB_DOWNLOAD, Some(uri.to_string()), None).await?;
-        return Ok(StatusCode::ACCEPTED);
+        return Ok(());
     }
     // glance-direct: the image must have staged data.
     let staged = app
@@ -249,7 +261,39 @@ pub async fn import(
         return Err(e);
     }
     start_task(&app, &id, GLANCE_DIRECT, None, Some((loc, size))).await?;
-    Ok(StatusCode::ACCEPTED)
+    Ok(())
+}
+
+/// `copy-image` (admin, as Glance's default policy): copy an active image's data into the
+/// requested stores (`stores`, or `all_stores`) that do not hold it. The one store holds the data
+/// of every active image, so there is nothing to copy: the request succeeds at once with
+/// `os_glance_importing_to_stores` and `os_glance_failed_import` empty, as Glance reports a copy
+/// that skipped every store.
+async fn copy_image(app: &App, ctx: &Context, img: &crate::model::ImageRecord) -> Result<()> {
+    if !ctx.is_admin() {
+        return Err(RegistryError::Forbidden(
+            "You are not authorized to copy images".into(),
+        ));
+    }
+    if img.status != Status::Active {
+        return Err(RegistryError::Conflict(format!(
+            "Image {} must be active to be copied, not {}",
+            img.id, img.status
+        )));
+    }
+    let mut done = img.clone();
+    done.properties
+        .insert(crate::import::PROP_IMPORTING.into(), String::new());
+    done.properties
+        .insert(crate::import::PROP_FAILED.into(), String::new());
+    done.updated_at = now();
+    match save_changes(app.catalog.as_ref(), img, &done, Status::Active).await? {
+        Some(_) => Ok(()),
+        None => Err(RegistryError::Conflict(format!(
+            "Image {} was changed by another request; retry",
+            img.id
+        ))),
+    }
 }
 
 /// `GET /v2/images/{id}/file[?format=…]`: the image data, or a converted copy of it.

@@ -7,13 +7,17 @@
 
 pub mod audit;
 pub mod identity;
+pub mod identity_admin;
 pub mod images;
 pub mod import;
 pub mod lifecycle;
 pub mod lineage;
 pub mod members;
+pub mod metadefs;
 pub mod schemas;
 pub mod signing;
+pub mod stores;
+pub mod tasks;
 pub mod uploads;
 
 use crate::error::{RegistryError, Result};
@@ -105,8 +109,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/images/{id}/import", post(import::import))
         .route("/info/import", get(import::info))
-        .route("/info/stores", get(info_stores))
-        .merge(lineage::router());
+        .route("/info/stores", get(stores::info))
+        .merge(lineage::router())
+        .merge(metadefs::router())
+        .merge(tasks::router());
     Router::new()
         .route("/", get(versions_multiple))
         .route("/versions", get(versions))
@@ -151,14 +157,6 @@ async fn versions_multiple(State(app): State<Arc<App>>, headers: HeaderMap) -> R
 /// `GET /versions`: the version list.
 async fn versions(State(app): State<Arc<App>>, headers: HeaderMap) -> Json<Value> {
     Json(versions_body(&app, &headers))
-}
-
-/// `GET /v2/info/stores`: one store.
-async fn info_stores(_ctx: crate::auth::Context) -> Json<Value> {
-    Json(
-        json!({"stores": [{"id": "default", "description": "vmi image store",
-                            "default": true}]}),
-    )
 }
 
 /// Parse a JSON request body.

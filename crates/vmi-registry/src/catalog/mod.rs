@@ -7,6 +7,7 @@
 //! image being deleted during an upload) is a compare-and-swap on the image status, so several
 //! service processes can share one database.
 
+pub mod identity_admin;
 pub mod import;
 pub mod lifecycle;
 #[cfg(feature = "postgres")]
@@ -15,6 +16,7 @@ mod lifecycle_sqlite;
 pub mod lineage;
 #[cfg(feature = "postgres")]
 pub mod lineage_postgres;
+pub mod metadefs;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]
@@ -25,6 +27,7 @@ mod signing_postgres;
 mod signing_sqlite;
 pub(crate) mod sql;
 pub mod sqlite;
+pub mod tasks;
 
 use crate::error::Result;
 use crate::model::{
@@ -209,6 +212,9 @@ pub trait Catalog:
     + lifecycle::LifecycleCatalog
     + signing::SigningCatalog
     + import::ImportCatalog
+    + metadefs::MetadefCatalog
+    + tasks::TaskCatalog
+    + identity_admin::IdentityAdminCatalog
     + Send
     + Sync
     + 'static

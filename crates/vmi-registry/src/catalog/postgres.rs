@@ -30,11 +30,17 @@ use tokio_postgres::{Client, GenericClient, Row};
 pub use super::postgres_tls::DEFAULT_POOL_SIZE;
 use super::postgres_tls::{ConnectOptions, PgTls};
 
+#[path = "identity_admin_postgres.rs"]
+mod identity_admin_postgres;
 #[path = "import_postgres.rs"]
 mod import_postgres;
+#[path = "metadefs_postgres.rs"]
+mod metadefs_postgres;
+#[path = "tasks_postgres.rs"]
+mod tasks_postgres;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 7] = [
+const MIGRATIONS: [(i64, &str); 8] = [
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_import.sql")),
     (
@@ -56,6 +62,10 @@ const MIGRATIONS: [(i64, &str); 7] = [
     (
         7,
         include_str!("../../migrations/postgres/0007_family_versions.sql"),
+    ),
+    (
+        9,
+        include_str!("../../migrations/postgres/0009_metadefs_tasks.sql"),
     ),
 ];
 

@@ -20,11 +20,17 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Tra
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+#[path = "identity_admin_sqlite.rs"]
+mod identity_admin_sqlite;
 #[path = "import_sqlite.rs"]
 mod import_sqlite;
+#[path = "metadefs_sqlite.rs"]
+mod metadefs_sqlite;
+#[path = "tasks_sqlite.rs"]
+mod tasks_sqlite;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 7] = [
+const MIGRATIONS: [(i64, &str); 8] = [
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_import.sql")),
     (3, include_str!("../../migrations/sqlite/0003_lineage.sql")),
@@ -37,6 +43,10 @@ const MIGRATIONS: [(i64, &str); 7] = [
     (
         7,
         include_str!("../../migrations/sqlite/0007_family_versions.sql"),
+    ),
+    (
+        9,
+        include_str!("../../migrations/sqlite/0009_metadefs_tasks.sql"),
     ),
 ];
 

@@ -39,6 +39,9 @@ use vmi_disk::Format;
 pub const GLANCE_DIRECT: &str = "glance-direct";
 /// Glance's name of the import method that downloads a URL.
 pub const WEB_DOWNLOAD: &str = "web-download";
+/// Import method: copy an active image's data into more stores (every requested store that
+/// does not hold it yet; with one store there is never anything to copy).
+pub const COPY_IMAGE: &str = "copy-image";
 /// The one store's id (as `/v2/info/stores` lists it).
 pub const STORE_ID: &str = "default";
 /// Glance's property: stores an import is still writing to (comma-separated).
@@ -146,7 +149,7 @@ pub struct ImportConfig {
 impl Default for ImportConfig {
     fn default() -> Self {
         ImportConfig {
-            enabled_methods: vec![GLANCE_DIRECT.into(), WEB_DOWNLOAD.into()],
+            enabled_methods: vec![GLANCE_DIRECT.into(), WEB_DOWNLOAD.into(), COPY_IMAGE.into()],
             convert_to: None,
             task_lease_secs: DEFAULT_TASK_LEASE_SECS,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
