@@ -8,6 +8,10 @@
 //! service processes can share one database.
 
 pub mod import;
+pub mod leases;
+#[cfg(feature = "postgres")]
+mod leases_postgres;
+mod leases_sqlite;
 pub mod lifecycle;
 #[cfg(feature = "postgres")]
 mod lifecycle_postgres;
@@ -209,6 +213,7 @@ pub trait Catalog:
     + lifecycle::LifecycleCatalog
     + signing::SigningCatalog
     + import::ImportCatalog
+    + leases::UploadLeaseCatalog
     + Send
     + Sync
     + 'static

@@ -34,7 +34,7 @@ use super::postgres_tls::{ConnectOptions, PgTls};
 mod import_postgres;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 7] = [
+const MIGRATIONS: [(i64, &str); 8] = [
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_import.sql")),
     (
@@ -56,6 +56,10 @@ const MIGRATIONS: [(i64, &str); 7] = [
     (
         7,
         include_str!("../../migrations/postgres/0007_family_versions.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/postgres/0008_upload_leases.sql"),
     ),
 ];
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 mod import_sqlite;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 7] = [
+const MIGRATIONS: [(i64, &str); 8] = [
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_import.sql")),
     (3, include_str!("../../migrations/sqlite/0003_lineage.sql")),
@@ -37,6 +37,10 @@ const MIGRATIONS: [(i64, &str); 7] = [
     (
         7,
         include_str!("../../migrations/sqlite/0007_family_versions.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/sqlite/0008_upload_leases.sql"),
     ),
 ];
 
