@@ -96,6 +96,8 @@ pub struct Config {
     pub import: crate::import::ImportConfig,
     /// Limits on password checks and login lockout (`[login]`).
     pub login: crate::login::LoginConfig,
+    /// Leases of direct uploads (`[uploads]`).
+    pub uploads: crate::leases::UploadsConfig,
 }
 
 impl Default for Config {
@@ -117,6 +119,7 @@ impl Default for Config {
             policies: Default::default(),
             import: crate::import::ImportConfig::default(),
             login: Default::default(),
+            uploads: Default::default(),
         }
     }
 }
@@ -145,7 +148,14 @@ pub enum StoreUrl {
 }
 
 /// Sections whose keys `VMI_<SECTION>_<KEY>` sets (see [`Config::apply_env`]).
-const ENV_SECTIONS: [&str; 5] = ["signing", "lifecycle", "policies", "import", "login"];
+const ENV_SECTIONS: [&str; 6] = [
+    "signing",
+    "lifecycle",
+    "policies",
+    "import",
+    "login",
+    "uploads",
+];
 
 fn parse_u64(key: &str, v: &str) -> Result<u64> {
     v.parse()

@@ -91,6 +91,13 @@ pub trait ImageData: Send + Sync + 'static {
     ) -> Result<Box<dyn UploadSink>>;
     /// Delete a session and its chunks.
     async fn session_delete(&self, image_id: &str, session: &str) -> Result<()>;
+
+    /// Delete what an interrupted direct upload of `image_id` left: its objects that are not
+    /// in `keep` (upload sessions excluded) and, in a local store, its unfinished staging
+    /// files. Only call it while nobody uploads to the image. Returns the count removed.
+    async fn discard_partial(&self, _image_id: &str, _keep: &HashSet<String>) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// One stored chunk of an upload session.
@@ -349,6 +356,55 @@ impl ImageData for WholeObjectData {
             }
         }
         Ok(())
+    }
+
+    async fn discard_partial(&self, image_id: &str, keep: &HashSet<String>) -> Result<usize> {
+        let dir = format!("{IMAGES_PREFIX}/{image_id}");
+        let sessions = format!("{dir}/sessions/");
+        let prefix = Self::path(&dir)?;
+        let mut doomed = Vec::new();
+        let mut objects = self.store.list(Some(&prefix));
+        while let Some(meta) = objects.next().await {
+            let meta = meta.map_err(|e| RegistryError::store("listing image data", e))?;
+            let loc = meta.location.as_ref();
+            if !loc.starts_with(&sessions) && !keep.contains(loc) {
+                doomed.push(meta.location);
+            }
+        }
+        let mut n = doomed.len();
+        for p in doomed {
+            match self.store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(RegistryError::store("removing partial upload data", e)),
+            }
+        }
+        if let Some(root) = self.local_root.clone() {
+            let local = root.join(&dir);
+            n += tokio::task::spawn_blocking(move || -> io::Result<usize> {
+                let entries = match std::fs::read_dir(&local) {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+                    Err(e) => return Err(e),
+                };
+                let mut n = 0;
+                for f in entries {
+                    let f = f?;
+                    if f.file_type()?.is_file() && is_staging_name(&f.file_name().to_string_lossy())
+                    {
+                        match std::fs::remove_file(f.path()) {
+                            Ok(()) => n += 1,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Ok(n)
+            })
+            .await
+            .map_err(|e| RegistryError::store("removing partial upload data", e))?
+            .map_err(|e| RegistryError::io("removing partial upload data", e))?;
+        }
+        Ok(n)
     }
 
     async fn reap(&self, keep: &HashSet<String>, grace: Duration) -> Result<usize> {

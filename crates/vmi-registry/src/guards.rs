@@ -19,6 +19,8 @@ pub struct Guards {
     pub login: LoginGuard,
     /// Conversions running per project.
     pub conversions: ConversionSlots,
+    /// This node's id in upload leases (random per process).
+    pub node_id: String,
 }
 
 impl Guards {
@@ -27,6 +29,7 @@ impl Guards {
         Guards {
             login: LoginGuard::new(config.login.clone()),
             conversions: ConversionSlots::new(config.import.max_conversions_per_project),
+            node_id: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 }

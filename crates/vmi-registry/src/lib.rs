@@ -29,6 +29,7 @@ pub mod digest;
 pub mod error;
 pub mod guards;
 pub mod import;
+pub mod leases;
 pub mod lifecycle;
 pub mod lineage;
 pub mod login;

@@ -348,6 +348,7 @@ impl Registry {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        crate::leases::spawn_sweeper(self.app.clone());
         let app = self
             .router()
             .into_make_service_with_connect_info::<std::net::SocketAddr>();

@@ -210,3 +210,158 @@ async fn a_client_address_is_locked_out_after_failures_across_user_names() {
     let r = login(&c, &srv.url, "admin", ADMIN_PASSWORD).await;
     assert_eq!(r.status(), 401, "this address is locked out");
 }
+
+/// With the `postgres` feature and `VMI_TEST_POSTGRES_URL`, a fresh PostgreSQL database for the
+/// test (see tests/postgres.sh); otherwise `None`: SQLite in the data directory.
+async fn test_database() -> Option<String> {
+    #[cfg(feature = "postgres")]
+    if let Ok(base) = std::env::var("VMI_TEST_POSTGRES_URL") {
+        let name = format!("vmi_t_{}", uuid::Uuid::new_v4().simple());
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test PostgreSQL server");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create a test database");
+        return Some(format!("{base}/{name}"));
+    }
+    None
+}
+
+const TOKEN: &str = "hardening-admin-token";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_node_was_killed_is_reclaimed_after_its_lease_and_a_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = vec![
+        ("VMI_ADMIN_TOKEN", TOKEN.to_string()),
+        ("VMI_UPLOADS_LEASE_SECS", "3".to_string()),
+        ("VMI_UPLOADS_HEARTBEAT_SECS", "1".to_string()),
+    ];
+    if let Some(db) = test_database().await {
+        env.push(("VMI_DATABASE", db));
+    }
+    let mut a = ChildServer::start(dir.path(), &env);
+    let c = reqwest::Client::new();
+    let r = c
+        .post(format!("{}/v2/images", a.url))
+        .header("x-auth-token", TOKEN)
+        .json(&json!({"name": "lease", "disk_format": "raw", "container_format": "bare"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image = |url: String| {
+        let c = c.clone();
+        let id = id.clone();
+        async move {
+            c.get(format!("{url}/v2/images/{id}"))
+                .header("x-auth-token", TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+
+    // An upload that sends 20 MiB, then nothing: node A is killed in the middle of it.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(32);
+    for _ in 0..20 {
+        tx.send(Ok(vec![1u8; 1 << 20])).await.unwrap();
+    }
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let upload = {
+        let c = c.clone();
+        let uri = format!("{}/v2/images/{id}/file", a.url);
+        tokio::spawn(async move {
+            c.put(uri)
+                .header("x-auth-token", TOKEN)
+                .header("content-type", "application/octet-stream")
+                .body(body)
+                .send()
+                .await
+        })
+    };
+    let partial = |dir: &std::path::Path| {
+        std::fs::read_dir(dir.join("images/images").join(&id))
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+    let mut status = Value::Null;
+    for _ in 0..400 {
+        status = image(a.url.clone()).await["status"].clone();
+        if status == "saving" && partial(dir.path()) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, "saving");
+    assert!(
+        partial(dir.path()) > 0,
+        "the upload has written part of its data"
+    );
+    a.kill();
+    drop(tx);
+    let _ = upload.await;
+
+    // Node B on the same catalog and store: a retry is refused while the dead upload's lease
+    // lasts, then the upload is reclaimed and the retry succeeds.
+    let b = ChildServer::start(dir.path(), &env);
+    let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    let mut answers = Vec::new();
+    for _ in 0..120 {
+        let r = c
+            .put(format!("{}/v2/images/{id}/file", b.url))
+            .header("x-auth-token", TOKEN)
+            .header("content-type", "application/octet-stream")
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        answers.push(r.status().as_u16());
+        if r.status() != 409 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        answers.last(),
+        Some(&204),
+        "answers to the retries: {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|s| *s == 409 || *s == 204),
+        "{answers:?}"
+    );
+    let v = image(b.url.clone()).await;
+    assert_eq!(v["status"], "active", "{v}");
+    assert_eq!(v["size"], data.len());
+    let got = c
+        .get(format!("{}/v2/images/{id}/file", b.url))
+        .header("x-auth-token", TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got == data, "the image's data is the retry's");
+    // The dead upload's partial data is gone: only the image's object is left.
+    let files: Vec<String> = std::fs::read_dir(dir.path().join("images/images").join(&id))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+}

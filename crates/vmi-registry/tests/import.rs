@@ -927,6 +927,7 @@ async fn vmi_image_import_stages_a_file_or_has_the_registry_download_a_url() {
     let t = setup_with(|c| {
         c.public_url = None;
         c.import.filtering.allowed_ports = vec![];
+        c.import.filtering.allowed_networks = vec!["127.0.0.0/8".into()];
     })
     .await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -66,4 +66,5 @@ VMI_TEST_POSTGRES_CLIENT_CERT="$dir/client.crt" \
 VMI_TEST_POSTGRES_CLIENT_KEY="$dir/client.key" \
 VMI_TEST_POSTGRES_SOCKET="host=$dir port=$port" \
     cargo test -p vmi-registry --features postgres --test api --test signing --test lifecycle \
+        --test hardening \
         --test import --test lineage

@@ -843,6 +843,12 @@ pub async fn upload(
     }
     let cap = app.config.image_size_cap;
     check_declared_length(&headers, cap)?;
+    // An upload whose node died (its lease ran out) is reclaimed first: back to queued.
+    let img = if img.status == Status::Saving && crate::leases::reclaim_image(&app, &id).await? {
+        load_visible(&app, &ctx, &id).await?
+    } else {
+        img
+    };
     let transition = || {
         RegistryError::Conflict(format!(
             "Image status transition from {} to saving is not allowed",
@@ -866,7 +872,19 @@ pub async fn upload(
         .into_data_stream()
         .map_err(|e| bad(format!("Error reading the request body: {e}")))
         .boxed();
-    match receive(&app, &saving, stream, cap, None).await {
+    let lease = crate::leases::hold(&app, &id).await;
+    let received = match &lease {
+        Ok(_) => receive(&app, &saving, stream, cap, None).await,
+        Err(_) => Ok(()),
+    };
+    let received = match lease {
+        Ok(l) => {
+            l.release().await;
+            received
+        }
+        Err(e) => Err(e),
+    };
+    match received {
         Ok(()) => Ok(StatusCode::NO_CONTENT),
         Err(e) => {
             let mut queued = saving.clone();

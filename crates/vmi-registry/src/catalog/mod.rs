@@ -9,6 +9,10 @@
 
 pub mod identity_admin;
 pub mod import;
+pub mod leases;
+#[cfg(feature = "postgres")]
+mod leases_postgres;
+mod leases_sqlite;
 pub mod lifecycle;
 #[cfg(feature = "postgres")]
 mod lifecycle_postgres;
@@ -215,6 +219,7 @@ pub trait Catalog:
     + metadefs::MetadefCatalog
     + tasks::TaskCatalog
     + identity_admin::IdentityAdminCatalog
+    + leases::UploadLeaseCatalog
     + Send
     + Sync
     + 'static

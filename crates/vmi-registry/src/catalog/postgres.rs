@@ -40,7 +40,7 @@ mod metadefs_postgres;
 mod tasks_postgres;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 8] = [
+const MIGRATIONS: [(i64, &str); 9] = [
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_import.sql")),
     (
@@ -62,6 +62,10 @@ const MIGRATIONS: [(i64, &str); 8] = [
     (
         7,
         include_str!("../../migrations/postgres/0007_family_versions.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/postgres/0008_upload_leases.sql"),
     ),
     (
         9,

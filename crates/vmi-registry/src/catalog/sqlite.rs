@@ -30,7 +30,7 @@ mod metadefs_sqlite;
 mod tasks_sqlite;
 
 /// The migration set, in order: (version, SQL).
-const MIGRATIONS: [(i64, &str); 8] = [
+const MIGRATIONS: [(i64, &str); 9] = [
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_import.sql")),
     (3, include_str!("../../migrations/sqlite/0003_lineage.sql")),
@@ -43,6 +43,10 @@ const MIGRATIONS: [(i64, &str); 8] = [
     (
         7,
         include_str!("../../migrations/sqlite/0007_family_versions.sql"),
+    ),
+    (
+        8,
+        include_str!("../../migrations/sqlite/0008_upload_leases.sql"),
     ),
     (
         9,

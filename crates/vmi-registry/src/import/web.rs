@@ -199,7 +199,9 @@ mod tests {
         };
         assert!(!ok(&f, "http://169.254.169.254/latest"));
         assert!(!ok(&f, "http://[::1]/x"));
-        assert!(ok(&f, "http://10.0.0.1/x"));
+        assert!(ok(&f, "http://93.184.216.34/x"));
+        // Private addresses need allowed_networks.
+        assert!(!ok(&f, "http://10.0.0.1/x"));
         let f = ImportFiltering {
             allowed_ports: vec![],
             disallowed_ports: vec![22],
