@@ -57,6 +57,7 @@ cat >"$work/vmi.toml" <<EOF
 [import.filtering]
 allowed_schemes = ["http"]
 allowed_hosts = ["127.0.0.1"]
+allowed_networks = ["127.0.0.1/32"]
 allowed_ports = [$web_port]
 
 EOF
