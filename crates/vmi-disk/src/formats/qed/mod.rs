@@ -465,22 +465,23 @@ impl Driver for QedDriver {
         let mut i = self.lock();
         let cs = i.cs();
         let nclusters = i.end / cs;
-        let mut used = vec![false; usize::try_from(nclusters).unwrap_or(usize::MAX)];
+        // One bit per host cluster, as qemu's check keeps it.
+        let mut used = Bitmap(vec![
+            0u64;
+            usize::try_from(nclusters.div_ceil(64)).unwrap_or(0)
+        ]);
         let mut r = CheckReport {
             total_clusters: Some(i.h.image_size.div_ceil(cs)),
             ..CheckReport::default()
         };
         let mut allocated = 0u64;
         let mut fragmented = 0u64;
-        let mark = |used: &mut Vec<bool>, r: &mut CheckReport, off: u64, n: u64| {
+        let mark = |used: &mut Bitmap, r: &mut CheckReport, off: u64, n: u64| {
             let mut ok = true;
             for c in off / cs..off / cs + n {
-                if let Some(u) = used.get_mut(c as usize) {
-                    if *u {
-                        r.corruptions += 1;
-                        ok = false;
-                    }
-                    *u = true;
+                if used.set(c) {
+                    r.corruptions += 1;
+                    ok = false;
                 }
             }
             ok
@@ -533,12 +534,8 @@ impl Driver for QedDriver {
                     }
                     continue;
                 }
-                let c = *e / cs;
-                if let Some(u) = used.get_mut(c as usize) {
-                    if *u {
-                        r.corruptions += 1;
-                    }
-                    *u = true;
+                if used.set(*e / cs) {
+                    r.corruptions += 1;
                 }
             }
             if fixed {
@@ -552,7 +549,7 @@ impl Driver for QedDriver {
                 .map_err(io("writing QED L1 table"))?;
         }
         let first = u64::from(i.h.header_size);
-        r.leaks = (first..nclusters).filter(|&c| !used[c as usize]).count() as u64;
+        r.leaks = (first..nclusters).filter(|&c| !used.get(c)).count() as u64;
         if r.leaks > 0 {
             r.messages.push(format!(
                 "{} leaked clusters were found on the image.",
@@ -573,6 +570,29 @@ impl Driver for QedDriver {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// A set of host cluster numbers.
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    /// Mark cluster `c`; true when it was marked already. Clusters past the end are ignored.
+    fn set(&mut self, c: u64) -> bool {
+        match self.0.get_mut((c / 64) as usize) {
+            Some(w) => {
+                let was = *w & (1 << (c % 64)) != 0;
+                *w |= 1 << (c % 64);
+                was
+            }
+            None => false,
+        }
+    }
+
+    fn get(&self, c: u64) -> bool {
+        self.0
+            .get((c / 64) as usize)
+            .is_some_and(|w| w & (1 << (c % 64)) != 0)
     }
 }
 
