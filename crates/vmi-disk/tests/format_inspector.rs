@@ -533,7 +533,6 @@ fn a_raw_disk_with_an_inconsistent_mbr_is_unsafe() {
 /// `_create_luks` / the LUKS inspector: a LUKS container is never a raw disk. Waiting for the LUKS
 /// probe (formats/luks), written beside this work.
 #[test]
-#[ignore = "waiting for the LUKS probe (formats/luks)"]
 fn a_luks_container_is_not_raw() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a.luks");

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vmi_disk::storage::{FileStorage, Storage};
-use vmi_disk::{BlockKind, ErrorKind, Format, Image, OpenOptions};
+use vmi_disk::{BlockKind, Image, OpenOptions};
 
 const CHUNK: u64 = 1 << 20;
 
@@ -87,17 +87,6 @@ fn assert_reads_like(img: &Image, raw: &Path, name: &str) {
 
 #[test]
 fn every_sample_image_qemu_reads_vmi_reads_identically_and_the_rest_are_refused() {
-    // Formats whose drivers are being written beside this work (formats/{parallels,bochs,cloop,
-    // dmg}): until they land, vmi refuses them as not supported. The merge turns these into
-    // read-identically cases.
-    let waiting: [(&str, Format); 6] = [
-        ("empty.bochs.bz2", Format::Bochs),
-        ("parallels-v1.bz2", Format::Parallels),
-        ("parallels-v2.bz2", Format::Parallels),
-        ("parallels-with-bitmap.bz2", Format::Parallels),
-        ("simple-dmg.dmg.bz2", Format::Dmg),
-        ("simple-pattern.cloop.bz2", Format::Cloop),
-    ];
     let dir = tempfile::tempdir().unwrap();
     let mut names: Vec<String> = std::fs::read_dir(fixtures())
         .unwrap()
@@ -108,13 +97,6 @@ fn every_sample_image_qemu_reads_vmi_reads_identically_and_the_rest_are_refused(
     assert!(names.len() >= 16, "{names:?}");
     for name in &names {
         let p = unpack(name, dir.path());
-        if let Some((_, f)) = waiting.iter().find(|(n, _)| n == name) {
-            let e = Image::open(&p, &OpenOptions::new().format(Some(*f))).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Unsupported, "{name}: {e}");
-            assert!(e.to_string().contains("is not supported"), "{name}: {e}");
-            std::fs::remove_file(&p).unwrap();
-            continue;
-        }
         let raw = dir.path().join("out.raw");
         let _ = std::fs::remove_file(&raw);
         let theirs = qemu_reads(&p, &raw);

@@ -301,7 +301,6 @@ fn luks(dir: &Path) -> PathBuf {
 
 /// Waiting for the LUKS probe (formats/luks), written beside this work.
 #[tokio::test]
-#[ignore = "waiting for the LUKS probe (formats/luks)"]
 async fn a_luks_container_declared_raw_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let reg = registry(dir.path()).await;
