@@ -5,7 +5,9 @@
 
 use crate::fixtures::pattern;
 use std::path::Path;
-use vmi_disk::{BlockKind, CreateOptions, Format, FormatOptions, Image, OpenOptions};
+use vmi_disk::{
+    BlockKind, CreateOptions, Format, FormatOptions, Image, OpenOptions, Secret, Secrets,
+};
 
 /// Virtual size of the conformance image: a few allocation units of every format plus an odd tail.
 pub const SIZE: u64 = 64 * 1024 * 1024;
@@ -19,14 +21,35 @@ pub struct Caps {
     pub grow: bool,
 }
 
-fn opts(o: &str, size: u64) -> CreateOptions {
+fn opts(o: &str, size: u64, key: Option<&Secret>) -> CreateOptions {
     let mut fo = FormatOptions::new();
     fo.parse(o).expect("valid -o");
+    if let Some(k) = key {
+        let mut s = Secrets::new();
+        s.insert(KEY_ID, k.clone()).expect("one secret");
+        fo.set_secrets(s);
+    }
     CreateOptions::new(size).options(fo)
 }
 
+/// The id under which [`run_keyed`] passes its key to `-o` (`key-secret=sec0`,
+/// `encrypt.key-secret=sec0`).
+pub const KEY_ID: &str = "sec0";
+
 /// Run the whole suite in `dir`.
 pub fn run(dir: &Path, format: Format, o: &str, caps: Caps) {
+    run_keyed(dir, format, o, caps, None);
+}
+
+/// The suite for an encrypted image: `o` names the key as [`KEY_ID`] (e.g.
+/// `key-secret=sec0`), and every reopen passes `key`.
+pub fn run_keyed(dir: &Path, format: Format, o: &str, caps: Caps, key: Option<Secret>) {
+    let open = |write: bool| {
+        OpenOptions::new()
+            .format(Some(format))
+            .write(write)
+            .secret(key.clone())
+    };
     let path = dir.join(format!("conf.{}", format.name()));
     // Writes at unaligned offsets, across unit boundaries, at the very end, and a zeroed range.
     let writes: Vec<(u64, Vec<u8>)> = if caps.random_writes {
@@ -48,7 +71,7 @@ pub fn run(dir: &Path, format: Format, o: &str, caps: Caps) {
     };
     let mut expect = vec![0u8; SIZE as usize];
     {
-        let img = Image::create(&path, format, &opts(o, SIZE)).expect("create");
+        let img = Image::create(&path, format, &opts(o, SIZE, key.as_ref())).expect("create");
         assert_eq!(img.virtual_size(), SIZE, "virtual size after create");
         for (off, data) in &writes {
             img.write_at(data, *off).expect("write");
@@ -68,7 +91,7 @@ pub fn run(dir: &Path, format: Format, o: &str, caps: Caps) {
         img.close().expect("close");
     }
     // Reopen and compare everything, and check the map agrees with the data.
-    let img = Image::open(&path, &OpenOptions::new().format(Some(format))).expect("reopen");
+    let img = Image::open(&path, &open(false)).expect("reopen");
     assert_eq!(img.virtual_size(), SIZE);
     let got = crate::fixtures::read_image(&img);
     if let Some(i) = got.iter().zip(&expect).position(|(a, b)| a != b) {
@@ -93,8 +116,7 @@ pub fn run(dir: &Path, format: Format, o: &str, caps: Caps) {
     }
     drop(img);
     if caps.grow {
-        let img = Image::open(&path, &OpenOptions::new().format(Some(format)).write(true))
-            .expect("open rw");
+        let img = Image::open(&path, &open(true)).expect("open rw");
         img.resize(SIZE * 2).expect("grow");
         let mut tail = vec![1u8; 65536];
         img.read_at(&mut tail, SIZE * 2 - 65536)
@@ -104,7 +126,7 @@ pub fn run(dir: &Path, format: Format, o: &str, caps: Caps) {
             "{format}: grown area must read as zero"
         );
         img.close().expect("close");
-        let img = Image::open(&path, &OpenOptions::new().format(Some(format))).expect("reopen");
+        let img = Image::open(&path, &open(false)).expect("reopen");
         assert_eq!(img.virtual_size(), SIZE * 2);
         let mut head = vec![0u8; 512];
         img.read_at(&mut head, 0).expect("read");
