@@ -260,12 +260,14 @@ pub fn open_ro(
     backing: BackingMode,
     force_share: bool,
 ) -> anyhow::Result<Image> {
+    let (path, format, secret) = resolve_image_arg(path, format)?;
     let opts = OpenOptions::new()
         .format(format)
         .gate(gate)
         .backing(backing)
-        .force_share(force_share);
-    Image::open(path, &opts).map_err(with_gate_hint)
+        .force_share(force_share)
+        .secret(secret);
+    Image::open(&path, &opts).map_err(with_gate_hint)
 }
 
 /// Add the flag that widens the gate to a refusal for a file outside the allowed folder (the
