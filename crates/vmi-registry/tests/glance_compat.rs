@@ -638,3 +638,105 @@ async fn an_import_request_is_an_image_task_and_a_refused_task_url_is_a_400() {
     let r = as_user(&t, &tok, Method::GET, "/v2/tasks", None).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn copy_image_of_an_active_image_succeeds_with_nothing_left_to_copy() {
+    let t = setup().await;
+    let id = t
+        .create(json!({"disk_format": "raw", "container_format": "bare"}))
+        .await;
+    t.upload(&id, vec![5u8; 4096]).await;
+    t.send_json(
+        Method::POST,
+        &format!("/v2/images/{id}/import"),
+        json!({"method": {"name": "copy-image"}, "all_stores": true,
+               "all_stores_must_succeed": false}),
+    )
+    .await
+    .expect(StatusCode::ACCEPTED);
+    let v = t
+        .get(&format!("/v2/images/{id}"))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(v["os_glance_importing_to_stores"], "");
+    assert_eq!(v["os_glance_failed_import"], "");
+    assert_eq!(v["status"], "active");
+    // Only admins copy.
+    let (pid, tok) = member_token(&t, "p1", "u1").await;
+    let own = as_user(
+        &t,
+        &tok,
+        Method::POST,
+        "/v2/images",
+        Some(json!({"disk_format": "raw", "container_format": "bare"})),
+    )
+    .await
+    .expect(StatusCode::CREATED);
+    assert_eq!(own["owner"], pid.as_str());
+    let r = as_user(
+        &t,
+        &tok,
+        Method::POST,
+        &format!("/v2/images/{}/import", own["id"].as_str().unwrap()),
+        Some(json!({"method": {"name": "copy-image"}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn keystone_lookups_assignments_and_role_removal_work_as_the_openstack_cli_uses_them() {
+    let t = setup().await;
+    let (pid, _) = member_token(&t, "p1", "u1").await;
+    let v = t.get("/v3/projects?name=p1").await.expect(StatusCode::OK);
+    assert_eq!(v["projects"].as_array().unwrap().len(), 1);
+    assert_eq!(v["projects"][0]["id"], pid.as_str());
+    let v = t.get("/v3/users?name=u1").await.expect(StatusCode::OK);
+    let uid = v["users"][0]["id"].as_str().unwrap().to_string();
+    assert!(v["users"][0].get("password").is_none());
+    t.get(&format!("/v3/users/{uid}"))
+        .await
+        .expect(StatusCode::OK);
+    t.get(&format!("/v3/projects/{pid}"))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(t.get("/v3/users/u1").await.status, StatusCode::NOT_FOUND);
+    let v = t.get("/v3/roles/member").await.expect(StatusCode::OK);
+    assert_eq!(v["role"]["name"], "member");
+    let v = t.get("/v3/roles?name=reader").await.expect(StatusCode::OK);
+    assert_eq!(v["roles"].as_array().unwrap().len(), 1);
+    t.get("/v3/domains/default").await.expect(StatusCode::OK);
+    let v = t
+        .get(&format!(
+            "/v3/role_assignments?scope.project.id={pid}&include_names"
+        ))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(v["role_assignments"].as_array().unwrap().len(), 1);
+    assert_eq!(v["role_assignments"][0]["user"]["name"], "u1");
+    assert_eq!(v["role_assignments"][0]["role"]["id"], "member");
+    let uri = format!("/v3/projects/{pid}/users/{uid}/roles/member");
+    t.delete(&uri).await.expect(StatusCode::NO_CONTENT);
+    assert_eq!(t.delete(&uri).await.status, StatusCode::NOT_FOUND);
+    let v = t
+        .get(&format!("/v3/role_assignments?user.id={uid}"))
+        .await
+        .expect(StatusCode::OK);
+    assert!(v["role_assignments"].as_array().unwrap().is_empty());
+    // Without a role, no login.
+    let r = support::send(
+        &t.reg,
+        Method::POST,
+        "/v3/auth/tokens",
+        None,
+        Some("application/json"),
+        Body::from(
+            json!({"auth": {"identity": {"methods": ["password"],
+                "password": {"user": {"name": "u1", "password": "pw"}}}}})
+            .to_string(),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}

@@ -188,15 +188,20 @@ async fn glance_direct_stages_then_imports_to_active_with_glance_digests() {
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text());
     assert_eq!(t.image(&id).await["status"], "uploading");
     assert_eq!(t.objects("staging"), 1);
-    // Staging again is refused; so are an unknown method and another store.
+    // Staging again is refused; so are an unknown method, copying an image that is not active
+    // yet, and another store.
     assert_eq!(
         t.put_data(&id, "stage", vec![1]).await.status,
         StatusCode::CONFLICT
     );
     let r = t
-        .import(&id, json!({"method": {"name": "copy-image"}}))
+        .import(&id, json!({"method": {"name": "glance-teleport"}}))
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = t
+        .import(&id, json!({"method": {"name": "copy-image"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
     let r = t
         .import(
             &id,
