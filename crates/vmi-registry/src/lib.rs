@@ -26,6 +26,8 @@ pub mod config;
 pub mod data;
 pub mod digest;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod import;
 pub mod lifecycle;
 pub mod lineage;
