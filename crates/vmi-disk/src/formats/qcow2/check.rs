@@ -255,7 +255,7 @@ fn scan(
         if off == 0 {
             continue;
         }
-        if off % cs != 0 || off + cs > file_len {
+        if off % cs != 0 || off.checked_add(cs).is_none_or(|end| end > file_len) {
             s.report.corruptions += 1;
             s.note(format!(
                 "ERROR refcount block {ti} at {off:#x} is not cluster aligned or lies outside the image"
