@@ -56,7 +56,7 @@ run_target() {
         # shellcheck disable=SC2086
         "$(fuzz_bin "$t")" $opts -max_total_time=$left "${budget[@]}" -print_final_stats=1 \
             -artifact_prefix="$arts" "$dir/corpus" "$FUZZ_DIR/corpus/$t" >>"$dir/log" 2>&1 || rc=$?
-        n=$(awk -F': *' '/^stat::number_of_executed_units/ { print $2 }' "$dir/log" | tail -1)
+        n=$(awk '/^stat::number_of_executed_units/ { print $NF }' "$dir/log" | tail -1)
         total=$((total + ${n:-0}))
         echo "== exit $rc after ${n:-0} executions" >>"$dir/log"
         [ $rc -ne 0 ] || break

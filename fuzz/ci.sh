@@ -27,7 +27,7 @@ for t in "${targets[@]}"; do
     "$(fuzz_bin "$t")" $(fuzz_opts "$t") -max_total_time="$secs" -print_final_stats=1 \
         -artifact_prefix="$out/$t/crash/" "$out/$t/corpus" "$FUZZ_DIR/corpus/$t" \
         >"$out/$t/log" 2>&1 || rc=$?
-    runs=$(awk -F': *' '/^stat::number_of_executed_units/ { print $2 }' "$out/$t/log" | tail -1)
+    runs=$(awk '/^stat::number_of_executed_units/ { print $NF }' "$out/$t/log" | tail -1)
     printf '%-12s %12s %8s\n' "$t" "${runs:-?}" "$secs"
     if [ $rc -ne 0 ] || [ -n "$(ls -A "$out/$t/crash")" ]; then
         failed+=("$t")
