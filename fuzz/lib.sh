@@ -1,8 +1,9 @@
 # Shared by seed.sh, ci.sh and campaign.sh (sourced, not run).
 #
 # Fuzzing runs on the stable toolchain: `cargo fuzz` with RUSTC_BOOTSTRAP=1 (it needs a few -Z
-# flags) and, by default, no sanitizer (safe Rust already traps out-of-bounds accesses and
-# overflows; FUZZ_SANITIZER=address works too but runs about three times slower).
+# flags) and, by default, no sanitizer (safe Rust already traps out-of-bounds accesses, and the
+# builds keep overflow checks and debug assertions). FUZZ_SANITIZER=address selects ASan, whose
+# runtime the stable toolchain ships; it costs a separate build and is slower.
 #
 # Environment:
 #   FUZZ_TARGET_DIR  cargo target directory for instrumented builds (default: <repo>/target/fuzz-run;
