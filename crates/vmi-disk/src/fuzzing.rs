@@ -52,3 +52,46 @@ pub fn exercise(format: Option<Format>, data: &[u8]) -> bool {
     let _ = img.driver().info();
     true
 }
+
+#[cfg(test)]
+mod tests {
+    //! Regression tests for what fuzzing found, each named after its finding.
+
+    use super::*;
+    use std::process::Command;
+
+    /// A 64 KiB qcow2 with 512-byte clusters, made by qemu-img.
+    fn small_qcow2() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"])
+            .arg(&p)
+            .arg("64K")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(&p).unwrap()
+    }
+
+    fn check_report(data: Vec<u8>) -> crate::check::CheckReport {
+        let img = Image::from_storage(
+            Box::new(MemStorage::from_bytes(data)),
+            Path::new("fuzz.img"),
+            Some(Format::Qcow2),
+            false,
+            &Gate::deny_all(),
+        )
+        .unwrap();
+        img.driver().check(CheckMode::ReadOnly).unwrap()
+    }
+
+    #[test]
+    fn fuzz_qcow2_check_reports_a_refcount_block_offset_near_2_pow_64_instead_of_overflowing() {
+        let mut data = small_qcow2();
+        let reftable = u64::from_be_bytes(data[48..56].try_into().unwrap()) as usize;
+        data[reftable + 8..reftable + 16].copy_from_slice(&0xffff_ffff_ffff_fe00u64.to_be_bytes());
+        assert!(exercise(Some(Format::Qcow2), &data));
+        assert!(check_report(data).corruptions >= 1);
+    }
+}

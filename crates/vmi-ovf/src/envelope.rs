@@ -883,10 +883,13 @@ fn remap_in_place(e: &mut Element, from: &str, to: &str) {
     }
     if e.name.ns == from {
         if e.name.local == "Section" || e.name.local == "Content" {
+            // An `xsi:type` that is no XML name (`" T"`) cannot become an element name.
             let kind = section_kind(e);
-            e.attrs
-                .retain(|a| !(a.name.ns == NS_XSI && a.name.local == "type"));
-            e.name.local = kind;
+            if crate::xml::is_ncname(&kind) {
+                e.attrs
+                    .retain(|a| !(a.name.ns == NS_XSI && a.name.local == "type"));
+                e.name.local = kind;
+            }
         }
         e.name.ns = to.to_string();
     }

@@ -284,6 +284,7 @@ fn start_element(
     for a in start.attributes() {
         let a = a.map_err(|e| OvfError::Xml(format!("attribute: {e}")))?;
         let key = String::from_utf8_lossy(a.key.as_ref()).into_owned();
+        check_name(&key)?;
         let value = a
             .unescape_value()
             .map_err(|e| OvfError::Xml(format!("attribute {key}: {e}")))?
@@ -299,6 +300,7 @@ fn start_element(
         }
     }
     let qname = String::from_utf8_lossy(start.name().as_ref()).into_owned();
+    check_name(&qname)?;
     let (prefix, local) = split_qname(&qname);
     // Some producers use prefixes they never declare; such names get a placeholder namespace so
     // the element is kept (and written back with a declaration) rather than losing the document.
@@ -321,6 +323,28 @@ fn start_element(
         decls,
     };
     Ok((el, scope))
+}
+
+/// Refuse an element or attribute name that is not an XML qualified name (`prefix:local`, each
+/// part starting with a letter or `_`, then letters, digits, `_`, `-`, `.`), so every name parsed
+/// can be written back and parsed again (quick-xml accepts e.g. `= w:x` as an attribute key).
+fn check_name(qname: &str) -> Result<()> {
+    let ok = match qname.split_once(':') {
+        Some((p, l)) => is_ncname(p) && is_ncname(l),
+        None => is_ncname(qname),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(OvfError::Xml(format!("invalid XML name {qname:?}")))
+    }
+}
+
+/// Whether `p` is an XML name without a colon (the part of a qualified name on either side of it).
+pub(crate) fn is_ncname(p: &str) -> bool {
+    let mut c = p.chars();
+    c.next().is_some_and(|f| f.is_alphabetic() || f == '_')
+        && c.all(|ch| ch.is_alphanumeric() || matches!(ch, '_' | '-' | '.'))
 }
 
 /// Placeholder namespace for an undeclared prefix.

@@ -27,6 +27,8 @@ pub mod config;
 pub mod data;
 pub mod digest;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guards;
 pub mod import;
 pub mod leases;

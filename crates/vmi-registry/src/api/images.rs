@@ -390,24 +390,19 @@ pub(crate) fn encode(s: &str) -> String {
     out
 }
 
-/// `GET /v2/images`
-pub async fn list(
-    State(app): State<Arc<App>>,
-    ctx: Context,
-    Query(params): Query<Vec<(String, String)>>,
-) -> Result<Json<Value>> {
-    let viewer = if ctx.is_admin() {
-        Viewer::Admin
-    } else {
-        Viewer::Project(ctx.project_id.clone())
-    };
+/// The listing query of `GET /v2/images` from its query parameters (filters, sort keys and
+/// directions, limit, visibility); also returns the marker image id, which the caller loads.
+pub(crate) fn parse_list_query(
+    params: &[(String, String)],
+    viewer: Viewer,
+) -> Result<(ImageQuery, Option<String>)> {
     let mut q = ImageQuery::new(viewer);
     q.limit = DEFAULT_LIMIT;
     let mut sort_keys = Vec::new();
     let mut sort_dirs = Vec::new();
     let mut sort_param = None;
     let mut marker = None;
-    for (k, v) in &params {
+    for (k, v) in params {
         match k.as_str() {
             "limit" => {
                 let n: i64 = v
@@ -498,6 +493,21 @@ pub async fn list(
         };
         q.sort = sort_keys.into_iter().zip(dirs).collect();
     }
+    Ok((q, marker))
+}
+
+/// `GET /v2/images`
+pub async fn list(
+    State(app): State<Arc<App>>,
+    ctx: Context,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Json<Value>> {
+    let viewer = if ctx.is_admin() {
+        Viewer::Admin
+    } else {
+        Viewer::Project(ctx.project_id.clone())
+    };
+    let (mut q, marker) = parse_list_query(&params, viewer)?;
     if let Some(m) = &marker {
         let img = load_visible(&app, &ctx, m)
             .await
@@ -580,27 +590,9 @@ fn patch_operation(o: &Map<String, Value>) -> Result<(&str, &str)> {
     })
 }
 
-/// `PATCH /v2/images/{id}` with `application/openstack-images-v2.1-json-patch` (or the 2.0
-/// media type and its operation form).
-pub async fn update(
-    State(app): State<Arc<App>>,
-    ctx: Context,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>> {
-    let mt = media_type(&headers).unwrap_or_default();
-    if !PATCH_MEDIA_TYPES.contains(&mt.as_str()) {
-        return Err(RegistryError::UnsupportedMediaType(format!(
-            "Unsupported Content-Type '{mt}'; use {}",
-            PATCH_MEDIA_TYPES[0]
-        )));
-    }
-    let mut img = load_visible(&app, &ctx, &id).await?;
-    policy::check_modify(&ctx, &img)?;
-    let expected = img.status;
-    let before = img.clone();
-    let ops = parse_json(&body)?;
+/// Apply a JSON patch (`body`, Glance's `openstack-images-v2.1-json-patch`) to `img` as `ctx`.
+pub(crate) fn apply_patch(ctx: &Context, img: &mut ImageRecord, body: &[u8]) -> Result<()> {
+    let ops = parse_json(body)?;
     let ops = ops
         .as_array()
         .ok_or_else(|| bad("a JSON patch must be an array of operations"))?;
@@ -623,12 +615,36 @@ pub async fn update(
                         "Property {key} does not exist."
                     )));
                 }
-                apply_attr(&ctx, &mut img, &key, Some(v), true)?;
+                apply_attr(ctx, img, &key, Some(v), true)?;
             }
-            "remove" => apply_attr(&ctx, &mut img, &key, None, true)?,
+            "remove" => apply_attr(ctx, img, &key, None, true)?,
             _ => return Err(bad(format!("Invalid operation: '{name}'"))),
         }
     }
+    Ok(())
+}
+
+/// `PATCH /v2/images/{id}` with `application/openstack-images-v2.1-json-patch` (or the 2.0
+/// media type and its operation form).
+pub async fn update(
+    State(app): State<Arc<App>>,
+    ctx: Context,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>> {
+    let mt = media_type(&headers).unwrap_or_default();
+    if !PATCH_MEDIA_TYPES.contains(&mt.as_str()) {
+        return Err(RegistryError::UnsupportedMediaType(format!(
+            "Unsupported Content-Type '{mt}'; use {}",
+            PATCH_MEDIA_TYPES[0]
+        )));
+    }
+    let mut img = load_visible(&app, &ctx, &id).await?;
+    policy::check_modify(&ctx, &img)?;
+    let expected = img.status;
+    let before = img.clone();
+    apply_patch(&ctx, &mut img, &body)?;
     crate::lineage::check_image_update(&app, &ctx, Some(&before), &img).await?;
     crate::policies::check_update(&app, &before, &img).await?;
     img.updated_at = now();
