@@ -94,4 +94,22 @@ mod tests {
         assert!(exercise(Some(Format::Qcow2), &data));
         assert!(check_report(data).corruptions >= 1);
     }
+
+    /// Inputs the fuzzers found, kept in their corpora (`fuzz/corpus/<target>/crash-*`) so every
+    /// fuzzing run replays them too.
+    #[test]
+    fn fuzz_qcow2_an_unaligned_l2_offset_at_the_end_of_the_address_space_does_not_overflow_check() {
+        let data = include_bytes!(
+            "../../../fuzz/corpus/qcow2/crash-8c98bf66e615b371946fb041ce155e28e5c0a387"
+        );
+        exercise(Some(Format::Qcow2), data);
+    }
+
+    #[test]
+    fn fuzz_qed_check_of_an_l2_entry_near_2_pow_64_does_not_overflow() {
+        let data = include_bytes!(
+            "../../../fuzz/corpus/probe/crash-312495107954953296b3ecd6167ecc8f2a981a7f"
+        );
+        exercise(None, data);
+    }
 }

@@ -74,7 +74,12 @@ fn bump(map: &mut HashMap<u64, u32>, cs: u64, off: u64, up: bool) {
         return;
     }
     let first = off / cs * cs;
-    let last = if off % cs == 0 { first } else { first + cs };
+    // An offset in the last cluster of the address space has no second cluster.
+    let last = if off % cs == 0 {
+        first
+    } else {
+        first.checked_add(cs).unwrap_or(first)
+    };
     for key in [first, last]
         .into_iter()
         .take(if first == last { 1 } else { 2 })
@@ -317,6 +322,17 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fuzz_qcow2_an_unaligned_table_in_the_last_cluster_of_the_address_space_is_indexed_without_overflow(
+    ) {
+        let mut map = HashMap::new();
+        let cs = 65536;
+        bump(&mut map, cs, u64::MAX - 511, true);
+        assert_eq!(map.get(&(u64::MAX - (cs - 1))), Some(&1));
+        bump(&mut map, cs, u64::MAX - 511, false);
+        assert!(map.is_empty());
+    }
 
     #[test]
     fn ranges_that_touch_do_not_overlap() {

@@ -520,7 +520,7 @@ impl Driver for QedDriver {
                     continue;
                 }
                 allocated += 1;
-                if last != 0 && last + cs != *e {
+                if last != 0 && last.checked_add(cs) != Some(*e) {
                     fragmented += 1;
                 }
                 last = *e;
