@@ -554,23 +554,27 @@ pub(crate) fn create(
         ));
     }
     let cs = 1u64 << n.cluster_bits;
-    let bytes = header::serialize(&header::NewHeader {
-        version: n.version,
-        cluster_bits: n.cluster_bits,
-        size: opts.size,
-        refcount_order: n.refcount_order,
-        compatible: if n.lazy {
-            header::COMPAT_LAZY_REFCOUNTS
-        } else {
-            0
-        },
-        compression: n.compression,
-        extended_l2: n.extended_l2,
-        refcount_table_offset: cs,
-        refcount_table_clusters: 1,
-        backing: n.backing.as_ref().map(|b| (b.name.as_str(), b.format)),
-        crypto: None,
-    })?;
+    // The header, without and (once its clusters are placed) with the LUKS header pointer.
+    let header_with = |crypto: Option<(u64, u64)>| {
+        header::serialize(&header::NewHeader {
+            version: n.version,
+            cluster_bits: n.cluster_bits,
+            size: opts.size,
+            refcount_order: n.refcount_order,
+            compatible: if n.lazy {
+                header::COMPAT_LAZY_REFCOUNTS
+            } else {
+                0
+            },
+            compression: n.compression,
+            extended_l2: n.extended_l2,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            backing: n.backing.as_ref().map(|b| (b.name.as_str(), b.format)),
+            crypto,
+        })
+    };
+    let bytes = header_with(None)?;
     let st: Arc<dyn Storage> = Arc::from(storage);
     // Only a file with old contents is truncated: on ext4 a truncate to size 0, even of a new
     // empty file, makes the last close start writeback of every dirty page and wait for block
@@ -639,23 +643,7 @@ pub(crate) fn create(
         let off = inner.alloc(len.div_ceil(cs))?;
         st.write_at(&area, off)
             .map_err(io_err("writing the LUKS header".into()))?;
-        let hdr = header::serialize(&header::NewHeader {
-            version: n.version,
-            cluster_bits: n.cluster_bits,
-            size: opts.size,
-            refcount_order: n.refcount_order,
-            compatible: if n.lazy {
-                header::COMPAT_LAZY_REFCOUNTS
-            } else {
-                0
-            },
-            compression: n.compression,
-            extended_l2: n.extended_l2,
-            refcount_table_offset: cs,
-            refcount_table_clusters: 1,
-            backing: n.backing.as_ref().map(|b| (b.name.as_str(), b.format)),
-            crypto: Some((off, len)),
-        })?;
+        let hdr = header_with(Some((off, len)))?;
         st.write_at(&hdr, 0)
             .map_err(io_err("writing qcow2 header".into()))?;
         inner.crypto_header = Some((off, len));
