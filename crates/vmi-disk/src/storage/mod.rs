@@ -140,6 +140,29 @@ pub fn write_zero_bytes<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io
     Ok(())
 }
 
+/// Read `count` little-endian 32-bit entries at `offset` (a VDI block map, a Parallels BAT), in
+/// reads of at most 1 MiB. The caller has bounded `count` and checked the extent against the file.
+pub fn read_le_u32_table<S: Storage + ?Sized>(
+    s: &S,
+    offset: u64,
+    count: usize,
+) -> io::Result<Vec<u32>> {
+    const CHUNK: usize = 1 << 20;
+    let mut table = Vec::with_capacity(count);
+    let mut buf = vec![0u8; CHUNK.min(count.saturating_mul(4))];
+    while table.len() < count {
+        let n = (count - table.len()).min(CHUNK / 4);
+        let chunk = &mut buf[..n * 4];
+        s.read_at(chunk, offset + table.len() as u64 * 4)?;
+        table.extend(
+            chunk
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    Ok(table)
+}
+
 /// True when every byte of `buf` is zero. Written to vectorise well; this is on the copy hot path.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (prefix, words, suffix) = {

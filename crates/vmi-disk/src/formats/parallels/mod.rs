@@ -37,8 +37,6 @@ use std::any::Any;
 use std::sync::{Mutex, MutexGuard};
 use zerocopy::IntoBytes;
 
-/// Bytes of BAT read or written per I/O.
-const BAT_CHUNK: usize = 1 << 20;
 /// Most BAT entries one `map` call walks when merging clusters, so one call stays cheap.
 const MAX_MAP_CLUSTERS: u64 = 1 << 16;
 /// Most host clusters the allocation bitmap of a writable image tracks (one bit each: 32 MiB).
@@ -176,23 +174,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
 
 /// Read the BAT (its extent was checked against the file and [`MAX_BAT_ENTRIES`]).
 fn read_bat(storage: &dyn Storage, entries: u32) -> Result<Vec<u32>> {
-    let count = entries as usize;
-    let mut bat = Vec::with_capacity(count);
-    let mut buf = vec![0u8; BAT_CHUNK.min(count * 4)];
-    while bat.len() < count {
-        let n = (count - bat.len()).min(BAT_CHUNK / 4);
-        let at = HEADER_LEN as u64 + bat.len() as u64 * 4;
-        let chunk = &mut buf[..n * 4];
-        storage
-            .read_at(chunk, at)
-            .map_err(|e| Error::io(format!("reading Parallels BAT at {at:#x}"), e))?;
-        bat.extend(
-            chunk
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
-    }
-    Ok(bat)
+    let at = HEADER_LEN as u64;
+    crate::storage::read_le_u32_table(storage, at, entries as usize)
+        .map_err(|e| Error::io(format!("reading Parallels BAT at {at:#x}"), e))
 }
 
 pub(crate) fn create(

@@ -128,23 +128,9 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenContext) -> Result<Box<d
 
 /// Read the block map (its extent was validated against the file and [`MAX_BLOCKS`]).
 fn read_bmap(storage: &dyn Storage, layout: &Layout) -> Result<Vec<u32>> {
-    let count = layout.blocks_in_image as usize;
-    let mut bmap = Vec::with_capacity(count);
-    let mut buf = vec![0u8; BMAP_CHUNK.min(count * 4)];
-    while bmap.len() < count {
-        let n = (count - bmap.len()).min(BMAP_CHUNK / 4);
-        let at = layout.offset_bmap + bmap.len() as u64 * 4;
-        let chunk = &mut buf[..n * 4];
-        storage
-            .read_at(chunk, at)
-            .map_err(|e| Error::io(format!("reading VDI block map at {at:#x}"), e))?;
-        bmap.extend(
-            chunk
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
-    }
-    Ok(bmap)
+    let at = layout.offset_bmap;
+    crate::storage::read_le_u32_table(storage, at, layout.blocks_in_image as usize)
+        .map_err(|e| Error::io(format!("reading VDI block map at {at:#x}"), e))
 }
 
 pub(crate) fn create(
